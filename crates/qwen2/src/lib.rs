@@ -1,0 +1,25 @@
+//! Qwen2 / Qwen2.5 causal language model on Burn, numerically matching Hugging Face transformers'
+//! `Qwen2ForCausalLM`, loading its checkpoints (single file or sharded; f32, bf16 or f16).
+//!
+//! The linear projections are [`lora_core::LoraLinear`], so a LoRA adapter attaches to this model
+//! without rewriting it; with no adapter attached they are plain linear layers.
+
+mod attention;
+mod config;
+mod error;
+mod load;
+mod mlp;
+mod model;
+mod norm;
+mod rope;
+
+pub use attention::Qwen2Attention;
+pub use config::{Qwen2Config, RopeParameters, TokenIds};
+pub use error::Qwen2Error;
+pub use load::{
+    load_model, load_safetensors_into, parameter_shapes, resolve_model_dir, weight_files, LoadReport, LoadedModel,
+};
+pub use mlp::Qwen2Mlp;
+pub use model::{attention_mask_4d, Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model};
+pub use norm::Qwen2RmsNorm;
+pub use rope::{inv_freq, RopeCache};

@@ -1,0 +1,38 @@
+//! SwiGLU MLP as HF `Qwen2MLP`: `down_proj(silu(gate_proj(x)) * up_proj(x))`, no biases.
+
+use burn::module::Module;
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use lora_core::LoraLinear;
+
+use crate::Qwen2Config;
+
+/// The feed-forward block of a decoder layer.
+#[derive(Module, Debug)]
+pub struct Qwen2Mlp<B: Backend> {
+    /// `[intermediate, hidden]`.
+    pub gate_proj: LoraLinear<B>,
+    /// `[intermediate, hidden]`.
+    pub up_proj: LoraLinear<B>,
+    /// `[hidden, intermediate]`.
+    pub down_proj: LoraLinear<B>,
+}
+
+impl<B: Backend> Qwen2Mlp<B> {
+    /// Lazily initialised random MLP.
+    pub fn new(cfg: &Qwen2Config, device: &B::Device) -> Self {
+        let (h, i, std) = (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range);
+        Self {
+            gate_proj: LoraLinear::new(h, i, false, std, device),
+            up_proj: LoraLinear::new(h, i, false, std, device),
+            down_proj: LoraLinear::new(i, h, false, std, device),
+        }
+    }
+
+    /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}

@@ -1,0 +1,180 @@
+//! Decoder layer, `Qwen2Model` and `Qwen2ForCausalLM`, mirroring HF `modeling_qwen2.py`.
+//!
+//! Field names are HF module names, so every parameter path equals its checkpoint key:
+//! `model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, `model.norm.weight`,
+//! `lm_head.weight` (absent when the embeddings are tied).
+
+use burn::module::{Initializer, Module};
+use burn::nn::Embedding;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor};
+use lora_core::LoraLinear;
+
+use crate::attention::Qwen2Attention;
+use crate::mlp::Qwen2Mlp;
+use crate::norm::Qwen2RmsNorm;
+use crate::rope::RopeCache;
+use crate::Qwen2Config;
+
+/// One pre-norm decoder block: attention and MLP, each with a residual connection.
+#[derive(Module, Debug)]
+pub struct Qwen2DecoderLayer<B: Backend> {
+    /// Attention block.
+    pub self_attn: Qwen2Attention<B>,
+    /// Feed-forward block.
+    pub mlp: Qwen2Mlp<B>,
+    /// Norm before attention.
+    pub input_layernorm: Qwen2RmsNorm<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: Qwen2RmsNorm<B>,
+}
+
+impl<B: Backend> Qwen2DecoderLayer<B> {
+    /// Lazily initialised random layer.
+    pub fn new(cfg: &Qwen2Config, device: &B::Device) -> Self {
+        Self {
+            self_attn: Qwen2Attention::new(cfg, device),
+            mlp: Qwen2Mlp::new(cfg, device),
+            input_layernorm: Qwen2RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, device),
+            post_attention_layernorm: Qwen2RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, device),
+        }
+    }
+
+    /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeCache<B>,
+        mask: &Tensor<B, 4, Bool>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The decoder stack without the output head (HF `Qwen2Model`).
+#[derive(Module, Debug)]
+pub struct Qwen2Model<B: Backend> {
+    /// Token embeddings `[vocab, hidden]`.
+    pub embed_tokens: Embedding<B>,
+    /// Decoder layers.
+    pub layers: Vec<Qwen2DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: Qwen2RmsNorm<B>,
+}
+
+/// HF `Qwen2ForCausalLM`: the decoder stack plus the language-model head.
+#[derive(Module, Debug)]
+pub struct Qwen2ForCausalLM<B: Backend> {
+    /// The decoder stack.
+    pub model: Qwen2Model<B>,
+    /// Output head `[vocab, hidden]`; `None` when tied to `model.embed_tokens`.
+    pub lm_head: Option<LoraLinear<B>>,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Width of one attention head.
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Qwen2ForCausalLM<B> {
+    /// A model with lazily initialised random weights (normal with `initializer_range`, norms at 1).
+    ///
+    /// Nothing is allocated until a parameter is first used, so loading a checkpoint into this model
+    /// never holds a second copy of the weights.
+    pub fn new(cfg: &Qwen2Config, device: &B::Device) -> Self {
+        let std = cfg.initializer_range;
+        let init = Initializer::Normal { mean: 0.0, std };
+        Self {
+            model: Qwen2Model {
+                embed_tokens: Embedding {
+                    weight: init.init([cfg.vocab_size, cfg.hidden_size], device),
+                },
+                layers: (0..cfg.num_hidden_layers)
+                    .map(|_| Qwen2DecoderLayer::new(cfg, device))
+                    .collect(),
+                norm: Qwen2RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, device),
+            },
+            lm_head: (!cfg.tie_word_embeddings)
+                .then(|| LoraLinear::new(cfg.hidden_size, cfg.vocab_size, false, std, device)),
+            rope_theta: cfg.rope_theta(),
+            head_dim: cfg.head_dim(),
+        }
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` (after `model.norm`), for callers that compute
+    /// their own head (e.g. a loss over supervised positions only).
+    ///
+    /// * `input_ids` `[batch, seq]`.
+    /// * `attention_mask` `[batch, seq]`, 1 for real tokens and 0 for padding (left or right);
+    ///   `None` means no padding.
+    /// * `position_ids` `[batch, seq]`; `None` means `0..seq` for every row, as transformers does
+    ///   when none are given (`generate` derives them from the mask instead).
+    pub fn forward_hidden(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        position_ids: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        let device = input_ids.device();
+        let [batch, seq] = input_ids.dims();
+        let position_ids = position_ids.unwrap_or_else(|| {
+            Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
+                .reshape([1, seq])
+                .expand([batch, seq])
+        });
+        let mut x = self.model.embed_tokens.forward(input_ids);
+        let rope = RopeCache::new(position_ids, self.rope_theta, self.head_dim, x.dtype());
+        let mask = attention_mask_4d(attention_mask, batch, seq, &device);
+        for layer in &self.model.layers {
+            x = layer.forward(x, &rope, &mask);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Logits `[batch, seq, vocab]` for hidden states `[batch, seq, hidden]`.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            // Tied: the head is the embedding matrix, `[vocab, hidden]`, used transposed.
+            None => hidden.matmul(
+                self.model
+                    .embed_tokens
+                    .weight
+                    .val()
+                    .transpose()
+                    .unsqueeze::<3>(),
+            ),
+        }
+    }
+
+    /// Logits `[batch, seq, vocab]`; arguments as in [`Self::forward_hidden`].
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        position_ids: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        self.logits(self.forward_hidden(input_ids, attention_mask, position_ids))
+    }
+}
+
+/// `[batch, 1, seq, seq]`, true where query `i` may not see key `j`: future keys, and padded keys.
+pub fn attention_mask_4d<B: Backend>(
+    attention_mask: Option<Tensor<B, 2, Int>>,
+    batch: usize,
+    seq: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    // tril_mask marks what lies outside the lower triangle: key index > query index.
+    let causal = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, device)
+        .reshape([1, 1, seq, seq])
+        .expand([batch, 1, seq, seq]);
+    match attention_mask {
+        None => causal,
+        Some(m) => {
+            // [batch, seq] -> [batch, 1, 1, seq]: a padded key is hidden from every query.
+            let pad = m.equal_elem(0).reshape([batch, 1, 1, seq]).expand([batch, 1, seq, seq]);
+            causal.bool_or(pad)
+        }
+    }
+}
