@@ -24,15 +24,36 @@ fn logits_match_transformers_f32() {
         let r = read_reference(&dir.join("reference.safetensors"));
         let loaded = load_model::<Cpu>(&dir, DType::F32, &Default::default()).unwrap();
         let m = &loaded.model;
-        let (ids, mask, pos) = (int2(&r["input_ids"]), int2(&r["attention_mask"]), int2(&r["position_ids"]));
+        let (ids, mask, pos) = (
+            int2(&r["input_ids"]),
+            int2(&r["attention_mask"]),
+            int2(&r["position_ids"]),
+        );
 
         let logits = to_vec3(m.forward(ids.clone(), Some(mask.clone()), None));
-        let e1 = assert_close(&format!("{name} logits"), &logits, &r["logits"].f32, F32_TOL);
+        let e1 = assert_close(
+            &format!("{name} logits"),
+            &logits,
+            &r["logits"].f32,
+            F32_TOL,
+        );
         let logits_pos = to_vec3(m.forward(ids.clone(), Some(mask.clone()), Some(pos)));
-        let e2 = assert_close(&format!("{name} logits_pos"), &logits_pos, &r["logits_pos"].f32, F32_TOL);
+        let e2 = assert_close(
+            &format!("{name} logits_pos"),
+            &logits_pos,
+            &r["logits_pos"].f32,
+            F32_TOL,
+        );
         let hidden = to_vec3(m.forward_hidden(ids, Some(mask), None));
-        let e3 = assert_close(&format!("{name} hidden"), &hidden, &r["hidden"].f32, F32_TOL);
-        println!("{name}: max abs error logits {e1:.2e}, with position_ids {e2:.2e}, hidden {e3:.2e}");
+        let e3 = assert_close(
+            &format!("{name} hidden"),
+            &hidden,
+            &r["hidden"].f32,
+            F32_TOL,
+        );
+        println!(
+            "{name}: max abs error logits {e1:.2e}, with position_ids {e2:.2e}, hidden {e3:.2e}"
+        );
     }
 }
 
@@ -44,7 +65,12 @@ fn logits_match_transformers_bf16_compute() {
         let loaded = load_model::<Cpu>(&dir, DType::BF16, &Default::default()).unwrap();
         let (ids, mask) = (int2(&r["input_ids"]), int2(&r["attention_mask"]));
         let logits = to_vec3(loaded.model.forward(ids, Some(mask), None));
-        let e = assert_close(&format!("{name} bf16 logits"), &logits, &r["logits_bf16"].f32, BF16_TOL);
+        let e = assert_close(
+            &format!("{name} bf16 logits"),
+            &logits,
+            &r["logits_bf16"].f32,
+            BF16_TOL,
+        );
         println!("{name}: bf16 compute max abs error {e:.2e}");
     }
 }
@@ -54,8 +80,9 @@ fn parameter_names_and_shapes_equal_checkpoint() {
     for name in FIXTURES {
         let dir = fixtures().join(name);
         let loaded = load_model::<Cpu>(&dir, DType::F32, &Default::default()).unwrap();
-        let ours: BTreeMap<String, Vec<usize>> =
-            parameter_shapes::<Cpu, _>(&loaded.model).into_iter().collect();
+        let ours: BTreeMap<String, Vec<usize>> = parameter_shapes::<Cpu, _>(&loaded.model)
+            .into_iter()
+            .collect();
         let mut file: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for f in weight_files(&dir).unwrap() {
             let bytes = std::fs::read(&f).unwrap();
@@ -64,12 +91,19 @@ fn parameter_names_and_shapes_equal_checkpoint() {
                 file.insert(k, v.shape().to_vec());
             }
         }
-        assert_eq!(ours, file, "{name}: module paths/shapes differ from checkpoint keys");
+        assert_eq!(
+            ours, file,
+            "{name}: module paths/shapes differ from checkpoint keys"
+        );
         assert_eq!(loaded.report.tensors, file.len());
         assert!(loaded.report.ignored.is_empty());
         let tied = loaded.config.tie_word_embeddings;
         assert_eq!(loaded.model.lm_head.is_none(), tied, "{name}");
-        assert_eq!(loaded.report.elements, loaded.config.num_parameters(), "{name}");
+        assert_eq!(
+            loaded.report.elements,
+            loaded.config.num_parameters(),
+            "{name}"
+        );
     }
 }
 
@@ -77,8 +111,13 @@ fn parameter_names_and_shapes_equal_checkpoint() {
 fn loads_in_requested_dtype() {
     let dir = fixtures().join("tiny-untied-bf16");
     for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let m = load_model::<Cpu>(&dir, dtype, &Default::default()).unwrap().model;
-        assert_eq!(m.model.layers[0].self_attn.q_proj.weight.val().dtype(), dtype);
+        let m = load_model::<Cpu>(&dir, dtype, &Default::default())
+            .unwrap()
+            .model;
+        assert_eq!(
+            m.model.layers[0].self_attn.q_proj.weight.val().dtype(),
+            dtype
+        );
         assert_eq!(m.model.embed_tokens.weight.val().dtype(), dtype);
     }
 }

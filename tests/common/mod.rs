@@ -98,7 +98,9 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
         }
     }
     if let Some((i, g, w)) = first_bad {
-        panic!("{what}: max abs error {max:e} > {tol:e}; first at flat index {i}: got {g}, want {w}");
+        panic!(
+            "{what}: max abs error {max:e} > {tol:e}; first at flat index {i}: got {g}, want {w}"
+        );
     }
     max
 }

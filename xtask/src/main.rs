@@ -1,1 +1,41 @@
-fn main(){}
+//! `cargo xtask <command>`: the project's commands (built in release by the alias in
+//! `.cargo/config.toml`).
+
+use clap::{Parser, Subcommand};
+
+mod info;
+mod mem;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "LoRA fine-tuning of Qwen2 models on Burn"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load a model directory and print its config, parameter count and load report.
+    Info(info::InfoArgs),
+    /// Measure peak memory while loading a (synthetic) checkpoint.
+    MemLoad(mem::MemLoadArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::MemLoad(a) => mem::run(a),
+    };
+    if let Err(e) = result {
+        // One clear line per cause, no backtrace: these are user-facing errors.
+        eprintln!("error: {e}");
+        for cause in e.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
+}

@@ -61,9 +61,21 @@ impl<B: Backend> Qwen2Attention<B> {
         let dtype = x.dtype();
 
         // [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, nh, d]).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, nkv, d]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, s, nkv, d]).swap_dims(1, 2);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, s, nh, d])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, s, nkv, d])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, s, nkv, d])
+            .swap_dims(1, 2);
         let q = rope.apply(q);
         let k = rope.apply(k);
         // [batch, kv_heads, seq, head_dim] -> [batch, heads, seq, head_dim]
@@ -71,7 +83,10 @@ impl<B: Backend> Qwen2Attention<B> {
         let v = repeat_kv(v, nh / nkv);
 
         // [batch, heads, seq, seq], in f32.
-        let scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32).mul_scalar(1.0 / (d as f64).sqrt());
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .cast(DType::F32)
+            .mul_scalar(1.0 / (d as f64).sqrt());
         let scores = scores.mask_fill(mask.clone().expand([b, nh, s, s]), f32::MIN);
         let probs = softmax(scores, 3).cast(dtype);
         // [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]

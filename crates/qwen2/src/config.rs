@@ -278,13 +278,20 @@ impl Qwen2Config {
             ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return bad(format!("`rms_norm_eps` is {}; it must be > 0", self.rms_norm_eps));
+            return bad(format!(
+                "`rms_norm_eps` is {}; it must be > 0",
+                self.rms_norm_eps
+            ));
         }
         let theta = self.rope_theta();
         if !(theta.is_finite() && theta > 0.0) {
             return bad(format!("`rope_theta` is {theta}; it must be > 0"));
         }
-        if let Some(t) = self.rope_parameters.as_ref().and_then(|p| p.rope_type.as_deref()) {
+        if let Some(t) = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_type.as_deref())
+        {
             if t != "default" {
                 return bad(format!(
                     "`rope_parameters.rope_type` is {t:?}; only \"default\" RoPE is implemented"
@@ -292,7 +299,10 @@ impl Qwen2Config {
             }
         }
         if let Some(s) = &self.rope_scaling {
-            let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str());
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(|v| v.as_str());
             if !s.is_null() && kind != Some("default") {
                 return bad(format!(
                     "`rope_scaling` {s} is not supported (only unscaled RoPE); remove it to run at the base context length"
@@ -300,13 +310,17 @@ impl Qwen2Config {
             }
         }
         if self.use_sliding_window {
-            return bad("`use_sliding_window` is true; sliding-window attention is not implemented \
+            return bad(
+                "`use_sliding_window` is true; sliding-window attention is not implemented \
                  (Qwen2.5 ships false)"
-                .into());
+                    .into(),
+            );
         }
         if let Some(mt) = &self.model_type {
             if mt != "qwen2" {
-                return bad(format!("`model_type` is {mt:?}; this crate loads \"qwen2\" models"));
+                return bad(format!(
+                    "`model_type` is {mt:?}; this crate loads \"qwen2\" models"
+                ));
             }
         }
         Ok(())

@@ -68,8 +68,10 @@ pub enum Qwen2Error {
         reason: String,
     },
     /// A parameter the model needs is in no file.
-    #[error("tensor `{key}` (shape {expected:?}) is missing from the checkpoint (looked in {files}); \
-             the checkpoint does not match config.json")]
+    #[error(
+        "tensor `{key}` (shape {expected:?}) is missing from the checkpoint (looked in {files}); \
+             the checkpoint does not match config.json"
+    )]
     MissingTensor {
         /// The checkpoint key / module path.
         key: String,
@@ -91,8 +93,10 @@ pub enum Qwen2Error {
         found: Vec<usize>,
     },
     /// A tensor in the checkpoint belongs to no parameter of the model.
-    #[error("tensor `{key}` in {file} is not a parameter of this model (config.json describes another \
-             architecture or size)")]
+    #[error(
+        "tensor `{key}` in {file} is not a parameter of this model (config.json describes another \
+             architecture or size)"
+    )]
     UnexpectedTensor {
         /// The checkpoint key.
         key: String,

@@ -17,7 +17,8 @@ pub use attention::Qwen2Attention;
 pub use config::{Qwen2Config, RopeParameters, TokenIds};
 pub use error::Qwen2Error;
 pub use load::{
-    load_model, load_safetensors_into, parameter_shapes, resolve_model_dir, weight_files, LoadReport, LoadedModel,
+    load_model, load_safetensors_into, parameter_shapes, resolve_model_dir, weight_files,
+    LoadReport, LoadedModel,
 };
 pub use mlp::Qwen2Mlp;
 pub use model::{attention_mask_4d, Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model};

@@ -74,9 +74,10 @@ pub fn resolve_model_dir(path: &Path) -> Result<PathBuf, Qwen2Error> {
         }
         return Err(Qwen2Error::ModelNotFound {
             path: path.to_path_buf(),
-            hint: "no such directory, and no Hugging Face or ModelScope cache entry for it; pass the \
+            hint:
+                "no such directory, and no Hugging Face or ModelScope cache entry for it; pass the \
                    directory that holds config.json and the *.safetensors files"
-                .into(),
+                    .into(),
         });
     }
     Err(Qwen2Error::ModelNotFound {
@@ -141,7 +142,10 @@ fn lookup_repo_id(id: &Path) -> Option<PathBuf> {
             }
         }
     }
-    let ms_roots = [env("MODELSCOPE_CACHE"), Some(xdg.join("modelscope").join("hub"))];
+    let ms_roots = [
+        env("MODELSCOPE_CACHE"),
+        Some(xdg.join("modelscope").join("hub")),
+    ];
     // ModelScope writes `.` in names as `___` in newer versions.
     let names = [name.to_string(), name.replace('.', "___")];
     for root in ms_roots.into_iter().flatten() {
@@ -228,7 +232,8 @@ pub fn parameter_shapes<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Ve
             self.stack.pop();
         }
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            self.out.push((self.stack.join("."), p.lazy_shape().to_vec()));
+            self.out
+                .push((self.stack.join("."), p.lazy_shape().to_vec()));
         }
     }
     let mut l = Lister {
@@ -259,7 +264,9 @@ fn read_header(file: &Path) -> Result<BTreeMap<String, Entry>, Qwen2Error> {
         reason,
     };
     if file_len < 8 {
-        return Err(bad(format!("{file_len} bytes, shorter than the 8-byte header length")));
+        return Err(bad(format!(
+            "{file_len} bytes, shorter than the 8-byte header length"
+        )));
     }
     // Mapping only to parse the header: the data pages are never touched through this map.
     // SAFETY: the map is read-only and dropped before this function returns; a concurrent
@@ -267,7 +274,9 @@ fn read_header(file: &Path) -> Result<BTreeMap<String, Entry>, Qwen2Error> {
     let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Qwen2Error::io(file, e))?;
     let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
         let header_len = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
-        bad(format!("{e} (file is {file_len} bytes, header length field says {header_len})"))
+        bad(format!(
+            "{e} (file is {file_len} bytes, header length field says {header_len})"
+        ))
     })?;
     let data_start = 8 + n as u64;
     let mut out = BTreeMap::new();
@@ -383,7 +392,11 @@ pub fn load_safetensors_into<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
             return Err(Qwen2Error::MissingTensor {
                 key: key.clone(),
                 expected: shape.clone(),
-                files: files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
+                files: files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         };
         if !matches!(e.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
@@ -436,7 +449,11 @@ pub fn load_safetensors_into<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
     }
     if result.applied.len() != expected.len() {
         return Err(Qwen2Error::Load {
-            key: result.missing.first().map(|m| m.0.clone()).unwrap_or_default(),
+            key: result
+                .missing
+                .first()
+                .map(|m| m.0.clone())
+                .unwrap_or_default(),
             file: files.first().cloned().unwrap_or_default(),
             reason: format!(
                 "{} of {} parameters applied",

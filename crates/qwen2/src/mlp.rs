@@ -22,7 +22,11 @@ pub struct Qwen2Mlp<B: Backend> {
 impl<B: Backend> Qwen2Mlp<B> {
     /// Lazily initialised random MLP.
     pub fn new(cfg: &Qwen2Config, device: &B::Device) -> Self {
-        let (h, i, std) = (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range);
+        let (h, i, std) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.initializer_range,
+        );
         Self {
             gate_proj: LoraLinear::new(h, i, false, std, device),
             up_proj: LoraLinear::new(h, i, false, std, device),

@@ -47,7 +47,10 @@ impl<B: Backend> Qwen2DecoderLayer<B> {
         rope: &RopeCache<B>,
         mask: &Tensor<B, 4, Bool>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask);
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, mask);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -173,7 +176,10 @@ pub fn attention_mask_4d<B: Backend>(
         None => causal,
         Some(m) => {
             // [batch, seq] -> [batch, 1, 1, seq]: a padded key is hidden from every query.
-            let pad = m.equal_elem(0).reshape([batch, 1, 1, seq]).expand([batch, 1, seq, seq]);
+            let pad = m
+                .equal_elem(0)
+                .reshape([batch, 1, 1, seq])
+                .expand([batch, 1, seq, seq]);
             causal.bool_or(pad)
         }
     }

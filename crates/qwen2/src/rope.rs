@@ -35,7 +35,10 @@ impl<B: Backend> RopeCache<B> {
         )
         .reshape([1, 1, half]);
         // [batch, seq, 1] * [1, 1, half] -> [batch, seq, half], in f32.
-        let pos = position_ids.float().cast(DType::F32).reshape([batch, seq, 1]);
+        let pos = position_ids
+            .float()
+            .cast(DType::F32)
+            .reshape([batch, seq, 1]);
         let freqs = pos * inv;
         // [batch, seq, head_dim]: the same angles for both halves.
         let emb = Tensor::cat(vec![freqs.clone(), freqs], 2);
