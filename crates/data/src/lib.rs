@@ -1,0 +1,34 @@
+//! `lora-data`: instruction and chat datasets for LoRA fine-tuning of Qwen2.5, the Rust side of
+//! `datasets.load_dataset(...).map(process_func)` plus `DataCollatorForSeq2Seq` and the Trainer's
+//! sampler.
+//!
+//! Pipeline: [`load_dataset`] (alpaca / sharegpt / messages, JSON or JSONL) → [`prepare`] (ChatML
+//! [`Template`], tokenization in parallel, truncation, [`Summary`]) → [`Sampler`] (epoch order,
+//! resumable) → [`Collator`] (padding, Burn Int tensors). The crate knows no model: it needs only a
+//! `tokenizer.json`.
+
+mod collate;
+mod error;
+mod format;
+mod prepare;
+mod sampler;
+mod template;
+
+pub use collate::{Batch, Collator, PaddedBatch};
+pub use error::{DataError, Location, Result};
+pub use format::{load_dataset, parse_dataset, Conversation, Dataset, Format, Message, Role};
+pub use prepare::{
+    prepare, write_jsonl, ChatTokenizer, PrepareOptions, Prepared, SkipReason, Summary,
+};
+pub use sampler::{Sampler, SamplerState};
+pub use template::{Template, IGNORE_INDEX, QWEN_DEFAULT_SYSTEM, SEED_DEFAULT_SYSTEM};
+
+/// One tokenized training record, as `process_func` returns it (and as `prepare` writes it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Example {
+    pub input_ids: Vec<u32>,
+    /// `input_ids` where supervised, [`IGNORE_INDEX`] (-100) elsewhere.
+    pub labels: Vec<i64>,
+    /// 1 for every token (padding is the collator's business).
+    pub attention_mask: Vec<u8>,
+}
