@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod info;
 mod mem;
+mod prepare;
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +23,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Measure peak memory while loading a (synthetic) checkpoint.
     MemLoad(mem::MemLoadArgs),
+    /// Tokenize a dataset with a ChatML template into input_ids/labels/attention_mask JSONL.
+    Prepare(prepare::PrepareArgs),
 }
 
 fn main() {
@@ -29,6 +32,7 @@ fn main() {
     let result = match cli.command {
         Command::Info(a) => info::run(a),
         Command::MemLoad(a) => mem::run(a),
+        Command::Prepare(a) => prepare::run(a),
     };
     if let Err(e) = result {
         // One clear line per cause, no backtrace: these are user-facing errors.

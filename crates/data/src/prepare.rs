@@ -292,11 +292,12 @@ pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let tmp = tempfile::Builder::new()
-        .prefix(".prepare-")
-        .suffix(".jsonl.tmp")
-        .tempfile_in(dir)
-        .map_err(io(dir))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".prepare-").suffix(".jsonl.tmp");
+    // tempfile creates 0600; the output should get the usual 0666 & !umask of a new file.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let tmp = builder.tempfile_in(dir).map_err(io(dir))?;
     let mut w = std::io::BufWriter::new(tmp.as_file());
     for ex in examples {
         serde_json::to_writer(&mut w, ex).map_err(|e| DataError::Io {

@@ -101,8 +101,10 @@ pub(crate) fn encode(
                 push_turn(&mut text, m.role, &m.content);
             }
             text.push_str("<|im_start|>assistant\n");
-            let prompt = tok.encode(text.as_str(), false).map_err(enc_err)?;
-            let response = tok.encode(last.content.as_str(), false).map_err(enc_err)?;
+            let prompt = tok.encode_fast(text.as_str(), false).map_err(enc_err)?;
+            let response = tok
+                .encode_fast(last.content.as_str(), false)
+                .map_err(enc_err)?;
             let (p, r) = (prompt.get_ids(), response.get_ids());
             let mut input_ids = Vec::with_capacity(p.len() + r.len() + 1);
             input_ids.extend_from_slice(p);

@@ -1,0 +1,69 @@
+//! `cargo xtask prepare`: tokenize a dataset with a ChatML template and write one JSON line per
+//! used record (`input_ids`, `labels`, `attention_mask`), in input order; the tutorial's
+//! `datasets.map(process_func)` as a command. See docs/data.md.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use lora_data::{ChatTokenizer, Format, PrepareOptions, Template};
+
+/// Arguments of `prepare`.
+#[derive(clap::Args)]
+pub struct PrepareArgs {
+    /// Dataset: a JSON array or JSONL of alpaca, sharegpt or messages records.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// `tokenizer.json`, or the directory holding it (and tokenizer_config.json for the pad token).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// `qwen` (Qwen2.5's chat template, answers end with <|im_end|>) or `seed` (the tutorial's
+    /// process_func, answers end with <|endoftext|>).
+    #[arg(long, default_value = "qwen")]
+    pub template: Template,
+    /// System prompt for records without one (default: the template's own).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Tokens kept per record; longer records are cut to the first N.
+    #[arg(long, default_value_t = 384)]
+    pub max_length: usize,
+    /// Record format, when detection from the first record's keys is not wanted:
+    /// alpaca, sharegpt or messages.
+    #[arg(long)]
+    pub format: Option<Format>,
+    /// Output JSONL (written to a temporary file beside it, then renamed).
+    #[arg(long)]
+    pub output: PathBuf,
+}
+
+pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let ds = lora_data::load_dataset(&a.data, a.format)?;
+    let tok = ChatTokenizer::load(&a.tokenizer)?;
+    let t_load = t0.elapsed();
+    let opts = PrepareOptions {
+        template: a.template,
+        system: a.system,
+        max_length: a.max_length,
+    };
+    let t1 = Instant::now();
+    let prepared = lora_data::prepare(&ds.conversations, &tok, &opts)?;
+    let t_tok = t1.elapsed();
+    lora_data::write_jsonl(&a.output, &prepared.examples)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    println!(
+        "{}: {} format, {} records",
+        a.data.display(),
+        ds.format.name(),
+        ds.conversations.len()
+    );
+    println!("{}", prepared.summary);
+    println!(
+        "wrote {} ({} lines); load {:.2?}, tokenize {:.2?}",
+        a.output.display(),
+        prepared.examples.len(),
+        t_load,
+        t_tok
+    );
+    Ok(())
+}
