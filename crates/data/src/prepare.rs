@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::error::{DataError, Result};
 use crate::format::Conversation;
-use crate::template::{self, Template, IGNORE_INDEX};
+use crate::template::{Encoder, Template, IGNORE_INDEX};
 use crate::Example;
 
 /// The tokenizer of the model, with the id used for padding (and appended by `seed`).
@@ -195,18 +195,12 @@ pub fn prepare(
         .system
         .as_deref()
         .unwrap_or(opts.template.default_system());
+    let encoder = Encoder::new(&tok.tokenizer, tok.pad_token_id, opts.template, system)?;
     let outcomes = conversations
         .par_iter()
         .enumerate()
         .map(|(i, conv)| {
-            let ex = template::encode(
-                &tok.tokenizer,
-                tok.pad_token_id,
-                opts.template,
-                system,
-                conv,
-                i,
-            )?;
+            let ex = encoder.encode(conv, i)?;
             let Some(mut ex) = ex else {
                 return Ok(Outcome::Skipped {
                     why: SkipReason::NoAssistantTurn,
