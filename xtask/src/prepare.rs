@@ -67,3 +67,84 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn shared_data() -> Option<PathBuf> {
+        let dir = std::env::var_os("FERROLORA_SHARED_DATA")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
+                p.is_dir().then_some(p)
+            });
+        if dir.is_none() {
+            assert!(
+                std::env::var("CI").map_or(true, |v| v != "true"),
+                "CI=true but ../shared/data is missing; set FERROLORA_SHARED_DATA"
+            );
+            eprintln!("skipping: shared data not found; set FERROLORA_SHARED_DATA");
+        }
+        dir
+    }
+
+    fn args(data: PathBuf, tokenizer: PathBuf, output: PathBuf) -> PrepareArgs {
+        PrepareArgs {
+            data,
+            tokenizer,
+            template: Template::Qwen,
+            system: None,
+            max_length: 384,
+            format: None,
+            output,
+        }
+    }
+
+    /// The command writes exactly the reference examples, one line each, in input order; a bad
+    /// dataset fails and writes nothing.
+    #[test]
+    fn prepare_writes_the_reference_lines() {
+        let Some(shared) = shared_data() else { return };
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/data");
+        let dir = std::env::temp_dir().join(format!("xtask-prepare-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out.jsonl");
+        let tokenizer = shared.join("qwen2.5-tokenizer");
+        run(args(
+            fixtures.join("chat_sharegpt.json"),
+            tokenizer.clone(),
+            out.clone(),
+        ))
+        .unwrap();
+        let reference: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures.join("chat_reference.json")).unwrap(),
+        )
+        .unwrap();
+        let want = reference["chat_sharegpt.json"]["qwen"].as_array().unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        let got: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            for key in ["input_ids", "labels", "attention_mask"] {
+                assert_eq!(g[key], w[key], "record {i} {key}");
+            }
+        }
+
+        let bad = dir.join("bad.jsonl");
+        std::fs::write(
+            &bad,
+            "{\"messages\": [{\"role\": \"tool\", \"content\": \"x\"}]}\n",
+        )
+        .unwrap();
+        let out2 = dir.join("never.jsonl");
+        let err = run(args(bad, tokenizer, out2.clone())).unwrap_err();
+        assert!(err.to_string().contains("unknown role \"tool\""), "{err}");
+        assert!(!out2.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
