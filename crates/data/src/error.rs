@@ -105,6 +105,16 @@ pub enum DataError {
     #[error("tokenizing record {index} failed: {reason}")]
     Encode { index: usize, reason: String },
 
+    #[error(
+        "{path}: line {line} is not a prepared example ({reason}); regenerate it with \
+         `cargo xtask prepare`"
+    )]
+    BadExample {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+
     #[error("max_length must be at least 1")]
     ZeroMaxLength,
 

@@ -18,7 +18,7 @@ pub use collate::{Batch, Collator, PaddedBatch};
 pub use error::{DataError, Location, Result};
 pub use format::{load_dataset, parse_dataset, Conversation, Dataset, Format, Message, Role};
 pub use prepare::{
-    prepare, write_jsonl, ChatTokenizer, PrepareOptions, Prepared, SkipReason, Summary,
+    prepare, read_jsonl, write_jsonl, ChatTokenizer, PrepareOptions, Prepared, SkipReason, Summary,
 };
 pub use sampler::{Sampler, SamplerState};
 pub use template::{Template, IGNORE_INDEX, QWEN_DEFAULT_SYSTEM, SEED_DEFAULT_SYSTEM};

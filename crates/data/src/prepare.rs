@@ -176,6 +176,13 @@ pub struct Prepared {
     pub summary: Summary,
 }
 
+impl Prepared {
+    /// Example lengths, in order: what [`crate::Sampler::new`] takes.
+    pub fn lengths(&self) -> Vec<usize> {
+        self.examples.iter().map(|e| e.input_ids.len()).collect()
+    }
+}
+
 enum Outcome {
     Used { ex: Example, truncated: bool },
     Skipped { why: SkipReason, truncated: bool },
@@ -273,6 +280,41 @@ fn percentile(sorted: &[usize], p: usize) -> usize {
     }
     let rank = (p * sorted.len()).div_ceil(100).max(1);
     sorted[rank - 1]
+}
+
+/// Reads what [`write_jsonl`] (and `cargo xtask prepare`) wrote, checking that each line's three
+/// lists have the same length.
+pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad = |line: usize, reason: String| DataError::BadExample {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    };
+    let mut out = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        if l.trim().is_empty() {
+            continue;
+        }
+        let ex: Example = serde_json::from_str(l).map_err(|e| bad(i + 1, e.to_string()))?;
+        let (n, nl, nm) = (ex.input_ids.len(), ex.labels.len(), ex.attention_mask.len());
+        if n == 0 || nl != n || nm != n {
+            return Err(bad(
+                i + 1,
+                format!("input_ids, labels, attention_mask lengths {n}, {nl}, {nm}"),
+            ));
+        }
+        out.push(ex);
+    }
+    if out.is_empty() {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(out)
 }
 
 /// Writes one JSON line per example (`input_ids`, `labels`, `attention_mask`) to a temporary file

@@ -169,3 +169,43 @@ fn tokenizer_config_and_default_system() {
         lora_data::QWEN_DEFAULT_SYSTEM
     )));
 }
+
+/// prepare → Sampler → Collator: each batch row is its example, right-padded.
+#[test]
+fn pipeline_from_file_to_tensors() {
+    use burn::backend::Flex;
+    let Some(shared) = shared_data() else { return };
+    let tok = tokenizer(&shared);
+    let ds = load_dataset(&fixtures().join("chat_messages.jsonl"), None).unwrap();
+    let p = prepare(&ds.conversations, &tok, &PrepareOptions::default()).unwrap();
+    let mut sampler = lora_data::Sampler::new(p.lengths(), 3);
+    let collator = lora_data::Collator::new(tok.pad_token_id).with_pad_to_multiple_of(Some(8));
+    let idx = sampler.next_batch(2);
+    let rows: Vec<&lora_data::Example> = idx.iter().map(|&i| &p.examples[i]).collect();
+    let batch = collator.collate::<Flex>(&rows, &Default::default());
+    let [b, s] = batch.input_ids.dims();
+    let longest = rows.iter().map(|e| e.input_ids.len()).max().unwrap();
+    assert_eq!((b, s), (2, longest.div_ceil(8) * 8));
+    let ids = batch
+        .input_ids
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap();
+    let labels = batch
+        .labels
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap();
+    for (r, e) in rows.iter().enumerate() {
+        let n = e.input_ids.len();
+        let row = &ids[r * s..(r + 1) * s];
+        assert!(row[..n]
+            .iter()
+            .zip(&e.input_ids)
+            .all(|(&a, &b)| a == i64::from(b)));
+        assert!(row[n..].iter().all(|&t| t == 151643));
+        assert_eq!(&labels[r * s..r * s + n], &e.labels[..]);
+    }
+}

@@ -2,7 +2,9 @@
 
 use burn::backend::Flex;
 use burn::tensor::Int;
-use lora_data::{write_jsonl, Collator, Example, Sampler, SamplerState, IGNORE_INDEX};
+use lora_data::{
+    read_jsonl, write_jsonl, Collator, DataError, Example, Sampler, SamplerState, IGNORE_INDEX,
+};
 
 fn ex(ids: &[u32], prompt: usize) -> Example {
     Example {
@@ -157,4 +159,31 @@ fn write_jsonl_writes_in_order_and_leaves_no_temp_file() {
         .collect();
     assert_eq!(names, ["out.jsonl"]);
     assert!(write_jsonl(&dir.path().join("no/such/dir/x.jsonl"), &exs).is_err());
+    assert_eq!(read_jsonl(&out).unwrap(), exs);
+}
+
+#[test]
+fn read_jsonl_rejects_mismatched_lists_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.jsonl");
+    std::fs::write(
+        &p,
+        "{\"input_ids\":[1],\"labels\":[1],\"attention_mask\":[1]}\n\n\
+         {\"input_ids\":[1,2],\"labels\":[1],\"attention_mask\":[1,1]}\n",
+    )
+    .unwrap();
+    match read_jsonl(&p).unwrap_err() {
+        DataError::BadExample { line, reason, .. } => {
+            assert_eq!(line, 3);
+            assert!(reason.contains("2, 1, 2"), "{reason}");
+        }
+        e => panic!("wrong error {e:?}"),
+    }
+    std::fs::write(&p, "{\"input_ids\":[1]}\n").unwrap();
+    assert!(matches!(
+        read_jsonl(&p),
+        Err(DataError::BadExample { line: 1, .. })
+    ));
+    std::fs::write(&p, "").unwrap();
+    assert!(matches!(read_jsonl(&p), Err(DataError::Empty { .. })));
 }
