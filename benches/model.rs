@@ -15,7 +15,7 @@ fn linear(c: &mut Criterion) {
     let mut g = c.benchmark_group("linear_forward");
     g.sample_size(10);
     // Qwen2.5-0.5B MLP up projection at one batch of 4 x 384 tokens.
-    for &(tokens, din, dout) in &[(1536usize, 896usize, 4864usize)] {
+    for &(tokens, din, dout) in &[(1536usize, 896usize, 4864usize), (384, 896, 4864)] {
         let layer = LoraLinear::<Cpu>::new(din, dout, false, 0.02, &dev);
         let x = Tensor::<Cpu, 3>::random([1, tokens, din], Distribution::Default, &dev);
         g.throughput(Throughput::Elements((2 * tokens * din * dout) as u64));

@@ -4,6 +4,7 @@
 //! tests (`tests/`) and benchmarks (`benches/`). Depend on the individual crates to take only a part.
 
 pub use lora_core;
+pub use lora_trainer;
 pub use qwen2;
 
 /// The CPU backend used by tests, benches and the CPU path of the commands.

@@ -5,10 +5,13 @@
 //! (strided GEMM), so no conversion happens at load time.
 #![allow(non_snake_case)] // `lora_A` / `lora_B`: the field names are PEFT's checkpoint keys.
 
-use burn::module::{Initializer, Module, Param};
+use burn::module::{Initializer, Module, Param, ParamId};
 use burn::nn::Dropout;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Distribution, Tensor};
+
+use crate::config::InitLoraWeights;
+use crate::error::LoraError;
 
 /// One LoRA factor; its parameter path ends in `lora_A.weight` / `lora_B.weight`, as in PEFT.
 #[derive(Module, Debug)]
@@ -32,6 +35,8 @@ pub struct LoraLinear<B: Backend> {
     pub lora_dropout: Option<Dropout>,
     /// `lora_alpha / r` (or `lora_alpha / sqrt(r)` with rsLoRA); unused without an adapter.
     pub scaling: f64,
+    /// Whether `scaling·B·A` is currently folded into `weight` (then forward skips the side path).
+    pub merged: bool,
 }
 
 impl<B: Backend> LoraLinear<B> {
@@ -57,7 +62,127 @@ impl<B: Backend> LoraLinear<B> {
             lora_B: None,
             lora_dropout: None,
             scaling: 1.0,
+            merged: false,
         }
+    }
+
+    /// Attaches a fresh adapter of rank `r` as PEFT's `update_layer` + `reset_lora_parameters`:
+    /// * `init = true`: A ~ Kaiming-uniform(a = √5) = U(±1/√in), B = 0 (the adapter starts as identity);
+    /// * `"gaussian"`: A ~ N(0, 1/r), B = 0;
+    /// * `false`: A ~ U(±1/√in), B ~ U(±1/√r) (nn.Linear's default init; for tests).
+    ///
+    /// Parameter ids derive from `module` (the module path), so they are the same in every run that
+    /// builds the same model: optimizer state saved by one run finds its parameters in another.
+    pub fn attach_adapter(
+        &mut self,
+        module: &str,
+        r: usize,
+        scaling: f64,
+        dropout: f64,
+        init: &InitLoraWeights,
+    ) {
+        let [out_f, in_f] = self.shape();
+        let device = self.weight.lazy_device();
+        let kaiming = |fan_in: usize| {
+            Distribution::Uniform(-1.0 / (fan_in as f64).sqrt(), 1.0 / (fan_in as f64).sqrt())
+        };
+        let (dist_a, dist_b) = match init {
+            InitLoraWeights::Bool(true) => (kaiming(in_f), None),
+            InitLoraWeights::Bool(false) => (kaiming(in_f), Some(kaiming(r))),
+            InitLoraWeights::Named(_) => (Distribution::Normal(0.0, 1.0 / r as f64), None),
+        };
+        let a = Tensor::<B, 2>::random([r, in_f], dist_a, &device);
+        let b = match dist_b {
+            Some(d) => Tensor::<B, 2>::random([out_f, r], d, &device),
+            None => Tensor::<B, 2>::zeros([out_f, r], &device),
+        };
+        self.lora_A = Some(LoraWeight {
+            weight: Param::initialized(
+                param_id(&format!("{module}.lora_A.weight")),
+                a.require_grad(),
+            ),
+        });
+        self.lora_B = Some(LoraWeight {
+            weight: Param::initialized(
+                param_id(&format!("{module}.lora_B.weight")),
+                b.require_grad(),
+            ),
+        });
+        self.lora_dropout = (dropout > 0.0).then_some(Dropout { prob: dropout });
+        self.scaling = scaling;
+        self.merged = false;
+    }
+
+    /// Removes the adapter (unmerging it first if merged).
+    pub fn detach_adapter(&mut self, module: &str) -> Result<(), LoraError> {
+        if self.merged {
+            self.unmerge(module)?;
+        }
+        self.lora_A = None;
+        self.lora_B = None;
+        self.lora_dropout = None;
+        Ok(())
+    }
+
+    /// `scaling · B·A`, `[out, in]`.
+    pub fn delta_weight(&self) -> Option<Tensor<B, 2>> {
+        let (a, b) = (self.lora_A.as_ref()?, self.lora_B.as_ref()?);
+        Some(
+            b.weight
+                .val()
+                .matmul(a.weight.val())
+                .mul_scalar(self.scaling),
+        )
+    }
+
+    /// Folds `scaling·B·A` into the base weight (PEFT `merge(safe_merge=True)`): refuses a result
+    /// with NaN/Inf, leaving the layer unchanged.
+    pub fn merge(&mut self, module: &str) -> Result<(), LoraError> {
+        self.fold(module, true)
+    }
+
+    /// Subtracts `scaling·B·A` from the merged base weight (PEFT `unmerge`).
+    pub fn unmerge(&mut self, module: &str) -> Result<(), LoraError> {
+        self.fold(module, false)
+    }
+
+    fn fold(&mut self, module: &str, merge: bool) -> Result<(), LoraError> {
+        let state = |reason: &str| LoraError::MergeState {
+            module: module.to_string(),
+            reason: reason.to_string(),
+        };
+        if self.merged == merge {
+            return Err(state(if merge {
+                "already merged"
+            } else {
+                "not merged"
+            }));
+        }
+        let delta = self
+            .delta_weight()
+            .ok_or_else(|| state("no adapter attached"))?;
+        let w = self.weight.val();
+        let (dtype, rg) = (w.dtype(), w.is_require_grad());
+        let delta = delta.detach().cast(dtype);
+        let new = if merge { w + delta } else { w - delta };
+        let finite = new.clone().is_nan().bool_or(new.clone().is_inf()).any();
+        if finite
+            .into_data()
+            .to_vec::<bool>()
+            .map(|v| v[0])
+            .unwrap_or(true)
+        {
+            return Err(LoraError::NonFiniteMerge {
+                module: module.to_string(),
+            });
+        }
+        // The base stays frozen: detach from the adapter's graph, keep the flag it had.
+        self.weight = self
+            .weight
+            .clone()
+            .map(|_| new.detach().set_require_grad(rg));
+        self.merged = merge;
+        Ok(())
     }
 
     /// `[out_features, in_features]` without materializing a lazy weight.
@@ -82,7 +207,7 @@ impl<B: Backend> LoraLinear<B> {
 
     /// `x·Wᵀ + b + scaling · (dropout(x)·Aᵀ)·Bᵀ`; the base alone when no adapter is attached.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let (Some(a), Some(b)) = (&self.lora_A, &self.lora_B) else {
+        let (Some(a), Some(b), false) = (&self.lora_A, &self.lora_B, self.merged) else {
             return self.forward_base(x);
         };
         let xd = match &self.lora_dropout {
@@ -94,4 +219,14 @@ impl<B: Backend> LoraLinear<B> {
         let side = low.matmul(b.weight.val().transpose().unsqueeze::<D>()); // [.., out]
         self.forward_base(x) + side.mul_scalar(self.scaling)
     }
+}
+
+/// A stable parameter id from a parameter path (FNV-1a, 64 bit).
+pub fn param_id(path: &str) -> ParamId {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in path.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    ParamId::from(h)
 }

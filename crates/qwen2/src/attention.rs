@@ -1,14 +1,16 @@
 //! Grouped-query self-attention as HF `Qwen2Attention` (eager path).
 //!
 //! q/k/v projections carry biases, o_proj does not. Scores are computed, masked and soft-maxed in f32
-//! whatever the compute dtype, as HF's eager attention does (`softmax(..., dtype=float32)`). Masked
-//! scores are set to `f32::MIN` rather than `-inf`, as HF's masks do: a row with every key masked (a
-//! left-padding query) then attends uniformly instead of producing NaN.
+//! whatever the compute dtype, as HF's eager attention does (`softmax(..., dtype=float32)`). The mask
+//! is additive, `0` or `f32::MIN`, exactly as HF's: a row with every key masked (a left-padding query)
+//! then attends uniformly instead of producing NaN, and gradients flow through masked scores as they
+//! do in PyTorch (zero wherever a key has any unmasked competitor), so even the loss terms of such rows
+//! get transformers' gradients.
 
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::{DType, Tensor};
 use lora_core::LoraLinear;
 
 use crate::rope::RopeCache;
@@ -49,12 +51,13 @@ impl<B: Backend> Qwen2Attention<B> {
         }
     }
 
-    /// `x` `[batch, seq, hidden]`; `mask` `[batch, 1, seq, seq]`, true where a key is hidden.
+    /// `x` `[batch, seq, hidden]`; `mask` `[batch, 1, seq, seq]` f32, `f32::MIN` where a key is
+    /// hidden and 0 elsewhere.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeCache<B>,
-        mask: &Tensor<B, 4, Bool>,
+        mask: &Tensor<B, 4>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -87,7 +90,7 @@ impl<B: Backend> Qwen2Attention<B> {
             .matmul(k.swap_dims(2, 3))
             .cast(DType::F32)
             .mul_scalar(1.0 / (d as f64).sqrt());
-        let scores = scores.mask_fill(mask.clone().expand([b, nh, s, s]), f32::MIN);
+        let scores = scores + mask.clone().expand([b, nh, s, s]);
         let probs = softmax(scores, 3).cast(dtype);
         // [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, nh * d]);

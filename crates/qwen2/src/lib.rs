@@ -21,6 +21,8 @@ pub use load::{
     LoadReport, LoadedModel,
 };
 pub use mlp::Qwen2Mlp;
-pub use model::{attention_mask_4d, Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model};
+pub use model::{
+    additive_mask, attention_mask_4d, Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model,
+};
 pub use norm::Qwen2RmsNorm;
 pub use rope::{inv_freq, RopeCache};

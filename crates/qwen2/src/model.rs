@@ -7,7 +7,7 @@
 use burn::module::{Initializer, Module};
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, DType, Int, Tensor};
 use lora_core::LoraLinear;
 
 use crate::attention::Qwen2Attention;
@@ -45,7 +45,7 @@ impl<B: Backend> Qwen2DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RopeCache<B>,
-        mask: &Tensor<B, 4, Bool>,
+        mask: &Tensor<B, 4>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
@@ -127,7 +127,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         });
         let mut x = self.model.embed_tokens.forward(input_ids);
         let rope = RopeCache::new(position_ids, self.rope_theta, self.head_dim, x.dtype());
-        let mask = attention_mask_4d(attention_mask, batch, seq, &device);
+        let mask = additive_mask(attention_mask_4d(attention_mask, batch, seq, &device));
         for layer in &self.model.layers {
             x = layer.forward(x, &rope, &mask);
         }
@@ -161,6 +161,12 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     }
 }
 
+/// HF's additive form of a boolean mask, in f32: `f32::MIN` where masked, 0 elsewhere.
+pub fn additive_mask<B: Backend>(mask: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
+    let device = mask.device();
+    Tensor::<B, 4>::zeros(mask.dims(), (&device, DType::F32)).mask_fill(mask, f32::MIN)
+}
+
 /// `[batch, 1, seq, seq]`, true where query `i` may not see key `j`: future keys, and padded keys.
 pub fn attention_mask_4d<B: Backend>(
     attention_mask: Option<Tensor<B, 2, Int>>,
@@ -182,5 +188,35 @@ pub fn attention_mask_4d<B: Backend>(
                 .expand([batch, 1, seq, seq]);
             causal.bool_or(pad)
         }
+    }
+}
+
+impl<B: Backend> lora_core::LoraModel<B> for Qwen2ForCausalLM<B> {
+    /// In `named_modules` order: per layer q, k, v, o, then gate, up, down; `lm_head` last.
+    fn lora_linears(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+        let mut out = Vec::with_capacity(self.model.layers.len() * 7 + 1);
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        if let Some(head) = self.lm_head.as_mut() {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
+    fn output_head(&self) -> Option<String> {
+        self.lm_head.as_ref().map(|_| "lm_head".to_string())
     }
 }

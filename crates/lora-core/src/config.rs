@@ -1,0 +1,289 @@
+//! `LoraConfig`: a serde mirror of PEFT's `adapter_config.json` (`peft.LoraConfig`).
+//!
+//! Field names, defaults and matching rules are PEFT's. Fields this crate does not interpret are kept
+//! in `extra` (and written back), so a config read from PEFT round-trips; features that change the
+//! math and are not implemented (DoRA, LoRA bias, `modules_to_save`, ...) are refused by
+//! [`LoraConfig::validate`] with their names, never silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::LoraError;
+
+/// `target_modules` / `exclude_modules`: a list of names (matched exactly or as a `.suffix`), or one
+/// string that must match the whole module path as a regex (`"all-linear"` is special).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ModuleSelector {
+    /// Exact names or dotted suffixes.
+    List(Vec<String>),
+    /// A regex matched against the full module path, or `"all-linear"`.
+    Regex(String),
+}
+
+/// `layers_to_transform`: one layer index or several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayerSelector {
+    /// A single layer.
+    One(usize),
+    /// Several layers.
+    Many(Vec<usize>),
+}
+
+/// `init_lora_weights`: `true` (PEFT default), `false`, or a named scheme (`"gaussian"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitLoraWeights {
+    /// `true`: A Kaiming-uniform (a = √5), B zero; `false`: both Kaiming-uniform (for tests).
+    Bool(bool),
+    /// `"gaussian"`: A normal with std 1/r, B zero. Other names are refused by `validate`.
+    Named(String),
+}
+
+/// PEFT's LoRA configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Always `"LORA"`.
+    #[serde(default = "d_peft_type")]
+    pub peft_type: String,
+    /// PEFT task type; `"CAUSAL_LM"` for language models.
+    #[serde(default)]
+    pub task_type: Option<String>,
+    /// Rank of the update (`lora_A` has `r` rows).
+    #[serde(default = "d_r")]
+    pub r: usize,
+    /// Scale numerator: the update is multiplied by `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA).
+    #[serde(default = "d_alpha")]
+    pub lora_alpha: f64,
+    /// Dropout probability on the adapter's input.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Which modules get an adapter.
+    #[serde(default)]
+    pub target_modules: Option<ModuleSelector>,
+    /// Modules never adapted, even when targeted.
+    #[serde(default)]
+    pub exclude_modules: Option<ModuleSelector>,
+    /// Restrict list-targeted modules to these layer indices.
+    #[serde(default)]
+    pub layers_to_transform: Option<LayerSelector>,
+    /// The name of the layer list in module paths (default: any `name.<index>.` segment).
+    #[serde(default)]
+    pub layers_pattern: Option<ModuleSelector>,
+    /// Per-module rank overrides: regex (matched as a path suffix) → rank.
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides: regex (matched as a path suffix) → alpha.
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// rsLoRA: scale by `lora_alpha / sqrt(r)`.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// DoRA (not supported: refused).
+    #[serde(default)]
+    pub use_dora: bool,
+    /// Which biases train: only `"none"` is supported.
+    #[serde(default = "d_bias")]
+    pub bias: String,
+    /// Adapter initialization.
+    #[serde(default = "d_init")]
+    pub init_lora_weights: InitLoraWeights,
+    /// Modules trained and saved in full (not supported: refused when non-empty).
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// Base weight stored `[in, out]` (GPT-2 Conv1D); only `false` is supported.
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// The base model this adapter was trained on.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// Base model revision.
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// Whether the adapter was saved for inference.
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// Every other field of the file, kept as read and written back.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+fn d_peft_type() -> String {
+    "LORA".into()
+}
+fn d_r() -> usize {
+    8
+}
+fn d_alpha() -> f64 {
+    8.0
+}
+fn d_bias() -> String {
+    "none".into()
+}
+fn d_init() -> InitLoraWeights {
+    InitLoraWeights::Bool(true)
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("all fields have defaults")
+    }
+}
+
+/// Keys of `extra` that are harmless at their PEFT default values; anything else non-default in
+/// them changes the adapter's math and is refused.
+const EXTRA_DEFAULTS: &[(&str, &str)] = &[
+    ("lora_bias", "false"),
+    ("layer_replication", "null"),
+    ("loftq_config", "{}"),
+    ("megatron_config", "null"),
+    ("trainable_token_indices", "null"),
+    ("target_parameters", "null"),
+    ("use_qalora", "false"),
+    ("alora_invocation_tokens", "null"),
+    ("arrow_config", "null"),
+    ("runtime_config", "{\"ephemeral_gpu_offload\": false}"),
+];
+
+impl LoraConfig {
+    /// The tutorial's config: r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down, causal LM.
+    pub fn tutorial() -> Self {
+        Self {
+            task_type: Some("CAUSAL_LM".into()),
+            r: 8,
+            lora_alpha: 32.0,
+            lora_dropout: 0.1,
+            target_modules: Some(ModuleSelector::List(
+                [
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ]
+                .map(String::from)
+                .to_vec(),
+            )),
+            ..Self::default()
+        }
+    }
+
+    /// Reads and validates an `adapter_config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, LoraError> {
+        let text = std::fs::read_to_string(path).map_err(|e| LoraError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| LoraError::ConfigParse {
+            path: Some(path.to_path_buf()),
+            reason: e.to_string(),
+        })?;
+        cfg.validate().map_err(|e| e.with_path(path))?;
+        Ok(cfg)
+    }
+
+    /// Rejects impossible values and PEFT features this crate does not implement, naming them.
+    pub fn validate(&self) -> Result<(), LoraError> {
+        let bad = |reason: String| Err(LoraError::InvalidConfig { path: None, reason });
+        if self.peft_type != "LORA" {
+            return bad(format!(
+                "`peft_type` is {:?}; only \"LORA\" adapters are supported",
+                self.peft_type
+            ));
+        }
+        if self.r == 0 {
+            return bad("`r` is 0; the rank must be at least 1".into());
+        }
+        if let Some((k, _)) = self.rank_pattern.iter().find(|(_, r)| **r == 0) {
+            return bad(format!("`rank_pattern.{k}` is 0; ranks must be at least 1"));
+        }
+        if !self.lora_alpha.is_finite() {
+            return bad(format!(
+                "`lora_alpha` is {}; it must be finite",
+                self.lora_alpha
+            ));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad(format!(
+                "`lora_dropout` is {}; it must be in [0, 1)",
+                self.lora_dropout
+            ));
+        }
+        if self.target_modules.is_none() {
+            return bad("`target_modules` is missing: name the modules to adapt (e.g. [\"q_proj\", \"v_proj\"] or \"all-linear\")".into());
+        }
+        if let InitLoraWeights::Named(n) = &self.init_lora_weights {
+            if n != "gaussian" {
+                return bad(format!(
+                    "`init_lora_weights` {n:?} is not supported (use true, false or \"gaussian\")"
+                ));
+            }
+        }
+        let mut unsupported = Vec::new();
+        if self.use_dora {
+            unsupported.push("use_dora (DoRA)".to_string());
+        }
+        if self.bias != "none" {
+            unsupported.push(format!("bias = {:?} (only \"none\")", self.bias));
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            unsupported.push(format!(
+                "modules_to_save = {:?}",
+                self.modules_to_save.as_ref().unwrap()
+            ));
+        }
+        if self.fan_in_fan_out {
+            unsupported.push("fan_in_fan_out = true".into());
+        }
+        for (key, default) in EXTRA_DEFAULTS {
+            if let Some(v) = self.extra.get(*key) {
+                let d: serde_json::Value = serde_json::from_str(default).expect("valid default");
+                let is_default = *v == d
+                    || v.is_null()
+                    || (v.is_object() && v.as_object().is_some_and(|o| o.is_empty()));
+                if !is_default {
+                    unsupported.push(format!("{key} = {v}"));
+                }
+            }
+        }
+        if !unsupported.is_empty() {
+            return Err(LoraError::Unsupported {
+                features: unsupported,
+            });
+        }
+        Ok(())
+    }
+
+    /// Rank for a module path (`rank_pattern` first, as PEFT).
+    pub fn rank_for(&self, path: &str) -> usize {
+        pattern_value(&self.rank_pattern, path).unwrap_or(self.r)
+    }
+
+    /// Alpha for a module path (`alpha_pattern` first, as PEFT).
+    pub fn alpha_for(&self, path: &str) -> f64 {
+        pattern_value(&self.alpha_pattern, path).unwrap_or(self.lora_alpha)
+    }
+
+    /// The scaling applied to the update of the module at `path`.
+    pub fn scaling_for(&self, path: &str) -> f64 {
+        let (r, alpha) = (self.rank_for(path) as f64, self.alpha_for(path));
+        if self.use_rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }
+    }
+}
+
+/// PEFT `get_pattern_key`: the first pattern `p` with `re.match(rf"(.*\.)?({p})$", path)`.
+fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Option<T> {
+    patterns.iter().find_map(|(p, v)| {
+        let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{p})$")).ok()?;
+        re.is_match(path).then_some(*v)
+    })
+}

@@ -1,0 +1,221 @@
+//! Targeting and applying: PEFT's `check_target_module_exists` and `inject_adapter`, for any model
+//! that lists its [`LoraLinear`] layers.
+
+use std::fmt;
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use regex::Regex;
+
+use crate::config::{LayerSelector, LoraConfig, ModuleSelector};
+use crate::error::LoraError;
+use crate::linear::LoraLinear;
+use crate::param_count;
+
+/// A model whose linear layers can carry adapters. Implemented by the model crate (a few lines:
+/// list each `LoraLinear` with its module path); nothing else is needed to use this crate.
+pub trait LoraModel<B: Backend>: Module<B> {
+    /// Every adaptable linear layer with its module path (`model.layers.0.self_attn.q_proj`), in
+    /// the order PyTorch's `named_modules` would list them.
+    fn lora_linears(&mut self) -> Vec<(String, &mut LoraLinear<B>)>;
+
+    /// Path of the output head, which `target_modules = "all-linear"` leaves out (PEFT excludes the
+    /// output embeddings). `None` when the model has no separate head module.
+    fn output_head(&self) -> Option<String> {
+        None
+    }
+}
+
+/// PEFT's `print_trainable_parameters` numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraReport {
+    /// Elements of the adapter parameters (`lora_A`, `lora_B`).
+    pub trainable: usize,
+    /// Elements of every parameter, base and adapter.
+    pub all: usize,
+    /// The adapted module paths, in model order.
+    pub targeted: Vec<String>,
+}
+
+impl fmt::Display for LoraReport {
+    /// Exactly PEFT's line: `trainable params: 20,185,088 || all params: 7,635,801,600 || trainable%: 0.2643`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            thousands(self.trainable),
+            thousands(self.all),
+            100.0 * self.trainable as f64 / self.all.max(1) as f64
+        )
+    }
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl LoraReport {
+    /// Counts a model's parameters (without materializing lazy ones).
+    pub fn of<B: Backend, M: Module<B>>(model: &M, targeted: Vec<String>) -> Self {
+        let (trainable, all) = param_count(model);
+        Self {
+            trainable,
+            all,
+            targeted,
+        }
+    }
+}
+
+fn full_match(pattern: &str, text: &str) -> bool {
+    Regex::new(&format!("^(?:{pattern})$")).is_ok_and(|re| re.is_match(text))
+}
+
+fn selector_matches(sel: &ModuleSelector, key: &str) -> bool {
+    match sel {
+        ModuleSelector::Regex(p) => full_match(p, key),
+        ModuleSelector::List(names) => names
+            .iter()
+            .any(|t| key == t || key.ends_with(&format!(".{t}"))),
+    }
+}
+
+/// Whether PEFT would put an adapter on the module at `key` (`check_target_module_exists`).
+pub fn is_targeted(cfg: &LoraConfig, key: &str, output_head: Option<&str>) -> bool {
+    if let Some(ex) = &cfg.exclude_modules {
+        if selector_matches(ex, key) {
+            return false;
+        }
+    }
+    let Some(target) = &cfg.target_modules else {
+        return false;
+    };
+    match target {
+        // "all-linear": every linear layer except the output head.
+        ModuleSelector::Regex(s) if s == "all-linear" => Some(key) != output_head,
+        ModuleSelector::Regex(p) => full_match(p, key),
+        ModuleSelector::List(names) => {
+            if names.iter().any(|t| t == key) {
+                return true;
+            }
+            if !names.iter().any(|t| key.ends_with(&format!(".{t}"))) {
+                return false;
+            }
+            let Some(layers) = &cfg.layers_to_transform else {
+                return true;
+            };
+            // The layer index: `<anything>.<list name>.<index>.` as PEFT extracts it.
+            let patterns: Vec<String> = match &cfg.layers_pattern {
+                None => vec![r"[^.]*".into()],
+                Some(ModuleSelector::Regex(p)) => vec![p.clone()],
+                Some(ModuleSelector::List(v)) if v.is_empty() => vec![r"[^.]*".into()],
+                Some(ModuleSelector::List(v)) => v.clone(),
+            };
+            let index = patterns.iter().find_map(|p| {
+                let re = Regex::new(&format!(r"^.*\.{p}\.(\d+)\.")).ok()?;
+                re.captures(key)?.get(1)?.as_str().parse::<usize>().ok()
+            });
+            match (index, layers) {
+                (None, _) => false,
+                (Some(i), LayerSelector::One(l)) => i == *l,
+                (Some(i), LayerSelector::Many(ls)) => ls.is_empty() || ls.contains(&i),
+            }
+        }
+    }
+}
+
+/// Applies `cfg` to `model` in one call (PEFT `get_peft_model`): freezes every base parameter,
+/// attaches a fresh adapter to each targeted linear, and reports the parameter counts.
+///
+/// Adapters are drawn from the backend's RNG in model order, so seeding the backend first
+/// (`B::seed(&device, seed)`) makes the initialization reproducible.
+pub fn apply_lora<B: Backend, M: LoraModel<B>>(
+    model: M,
+    cfg: &LoraConfig,
+) -> Result<(M, LoraReport), LoraError> {
+    cfg.validate()?;
+    let mut model = freeze(model);
+    let head = model.output_head();
+    let mut available = Vec::new();
+    let mut targeted = Vec::new();
+    for (path, linear) in model.lora_linears() {
+        if is_targeted(cfg, &path, head.as_deref()) {
+            let r = cfg.rank_for(&path);
+            linear.attach_adapter(
+                &path,
+                r,
+                cfg.scaling_for(&path),
+                cfg.lora_dropout,
+                &cfg.init_lora_weights,
+            );
+            targeted.push(path.clone());
+        }
+        available.push(path);
+    }
+    if targeted.is_empty() {
+        return Err(LoraError::NoTarget {
+            targets: serde_json::to_string(&cfg.target_modules).unwrap_or_default(),
+            available: summarize(&available),
+        });
+    }
+    let report = LoraReport::of(&model, targeted);
+    Ok((model, report))
+}
+
+/// Marks every parameter as not requiring gradients without materializing lazy ones
+/// (`Module::no_grad` maps tensor values, which would allocate every lazy parameter).
+fn freeze<B: Backend, M: Module<B>>(model: M) -> M {
+    struct Freeze;
+    impl<B: Backend> burn::module::ModuleMapper<B> for Freeze {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<burn::tensor::Tensor<B, D>>,
+        ) -> burn::module::Param<burn::tensor::Tensor<B, D>> {
+            param.set_require_grad(false)
+        }
+    }
+    model.map(&mut Freeze)
+}
+
+/// Module paths, shortened: the distinct names (`q_proj`, ...) plus a few full paths.
+fn summarize(paths: &[String]) -> String {
+    let mut names: Vec<&str> = paths
+        .iter()
+        .map(|p| p.rsplit('.').next().unwrap_or(p))
+        .collect();
+    names.sort();
+    names.dedup();
+    let examples: Vec<&str> = paths.iter().take(3).map(String::as_str).collect();
+    format!("names {names:?} (e.g. {})", examples.join(", "))
+}
+
+/// Merges every attached adapter into its base weight (PEFT `merge_adapter`).
+pub fn merge_all<B: Backend, M: LoraModel<B>>(model: &mut M) -> Result<usize, LoraError> {
+    let mut n = 0;
+    for (path, l) in model.lora_linears() {
+        if l.has_adapter() && !l.merged {
+            l.merge(&path)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Unmerges every merged adapter (PEFT `unmerge_adapter`).
+pub fn unmerge_all<B: Backend, M: LoraModel<B>>(model: &mut M) -> Result<usize, LoraError> {
+    let mut n = 0;
+    for (path, l) in model.lora_linears() {
+        if l.merged {
+            l.unmerge(&path)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
