@@ -517,3 +517,78 @@ fn peft_adapter_config_round_trips() {
         );
     }
 }
+
+/// A Rust-initialized adapter (ours, not PEFT's) with our logits, for the reverse check: PEFT (current
+/// and the tutorial's 0.11.1) loads it and reproduces these logits (`scripts/check_peft_loads_ours.py`).
+const RUST_ADAPTER: &str = "rust-adapter-tiny-tied";
+
+fn rust_adapter_cfg() -> LoraConfig {
+    LoraConfig {
+        task_type: Some("CAUSAL_LM".into()),
+        r: 4,
+        lora_alpha: 16.0,
+        target_modules: Some(ModuleSelector::Regex("all-linear".into())),
+        init_lora_weights: InitLoraWeights::Bool(false),
+        base_model_name_or_path: Some("tests/fixtures/tiny-tied-f32".into()),
+        ..LoraConfig::default()
+    }
+}
+
+/// Regenerates the fixture: `cargo test --release --test lora -- --ignored write_rust_adapter_fixture`.
+#[test]
+#[ignore]
+fn write_rust_adapter_fixture() {
+    use burn::tensor::backend::Backend;
+    Cpu::seed(&Default::default(), 2026);
+    let base = load_model::<Cpu>(
+        &fixtures().join("tiny-tied-f32"),
+        DType::F32,
+        &Default::default(),
+    )
+    .unwrap()
+    .model;
+    let (model, _) = apply_lora(base, &rust_adapter_cfg()).unwrap();
+    let dir = fixtures().join(RUST_ADAPTER);
+    save_adapter(&model, &rust_adapter_cfg(), &dir).unwrap();
+    let r = read_reference(&fixtures().join("tiny-tied-f32/reference.safetensors"));
+    let logits = floats(model.forward(
+        int2(&r["input_ids"]),
+        Some(int2(&r["attention_mask"])),
+        None,
+    ));
+    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        r["logits"].shape.clone(),
+        &bytes,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("reference.safetensors"),
+        safetensors::serialize([("logits", view)], None).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn rust_adapter_fixture_reloads_to_its_logits() {
+    let dir = fixtures().join(RUST_ADAPTER);
+    let base = load_model::<Cpu>(
+        &fixtures().join("tiny-tied-f32"),
+        DType::F32,
+        &Default::default(),
+    )
+    .unwrap()
+    .model;
+    let (model, cfg, report) = load_adapter(base, &dir).unwrap();
+    assert_eq!(cfg.target_modules, rust_adapter_cfg().target_modules);
+    assert_eq!(report.targeted.len(), 14);
+    let inputs = read_reference(&fixtures().join("tiny-tied-f32/reference.safetensors"));
+    let want = read_reference(&dir.join("reference.safetensors"));
+    let got = floats(model.forward(
+        int2(&inputs["input_ids"]),
+        Some(int2(&inputs["attention_mask"])),
+        None,
+    ));
+    assert_close("rust adapter logits", &got, &want["logits"].f32, 0.0);
+}

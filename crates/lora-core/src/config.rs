@@ -64,8 +64,9 @@ pub struct LoraConfig {
     /// Which modules get an adapter.
     #[serde(default)]
     pub target_modules: Option<ModuleSelector>,
-    /// Modules never adapted, even when targeted.
-    #[serde(default)]
+    /// Modules never adapted, even when targeted. Omitted from the file when unset: PEFT releases
+    /// before 0.14 (the tutorial's 0.11.1 among them) refuse configs with fields they do not know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exclude_modules: Option<ModuleSelector>,
     /// Restrict list-targeted modules to these layer indices.
     #[serde(default)]
