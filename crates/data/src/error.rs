@@ -105,6 +105,9 @@ pub enum DataError {
     #[error("tokenizing record {index} failed: {reason}")]
     Encode { index: usize, reason: String },
 
+    #[error("tokenizing the system prompt failed: {reason}")]
+    EncodeSystem { reason: String },
+
     #[error(
         "{path}: line {line} is not a prepared example ({reason}); regenerate it with \
          `cargo xtask prepare`"

@@ -36,6 +36,7 @@ impl Role {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub role: Role,
+    /// The text, exactly as in the file (nothing trimmed).
     pub content: String,
 }
 
@@ -99,7 +100,9 @@ impl FromStr for Format {
 /// A dataset file read into conversations, in file order.
 #[derive(Debug, Clone)]
 pub struct Dataset {
+    /// The format detected (or given).
     pub format: Format,
+    /// One per record, in file order.
     pub conversations: Vec<Conversation>,
 }
 

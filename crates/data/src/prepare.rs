@@ -19,7 +19,9 @@ use crate::Example;
 
 /// The tokenizer of the model, with the id used for padding (and appended by `seed`).
 pub struct ChatTokenizer {
+    /// The model's `tokenizer.json`.
     pub tokenizer: tokenizers::Tokenizer,
+    /// Id of the pad token (Qwen2.5: `<|endoftext|>`, 151643).
     pub pad_token_id: u32,
 }
 
@@ -76,6 +78,7 @@ fn read_pad_token(path: &Path) -> Result<Option<String>> {
 
 #[derive(Debug, Clone)]
 pub struct PrepareOptions {
+    /// How conversations become ids and labels (`qwen` by default).
     pub template: Template,
     /// System prompt for records that carry none; `None` uses the template's default.
     pub system: Option<String>,
@@ -171,7 +174,9 @@ impl fmt::Display for Summary {
 /// The tokenized dataset: examples in input order, each with the index of the record it came from.
 #[derive(Debug, Clone)]
 pub struct Prepared {
+    /// Used records, in input order.
     pub examples: Vec<Example>,
+    /// For each example, the 0-based index of the record it came from.
     pub source_index: Vec<usize>,
     pub summary: Summary,
 }

@@ -13,7 +13,9 @@ use crate::error::{DataError, Result};
 /// Where the sampler stands: the epoch, and how many samples of it were already handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SamplerState {
+    /// 0-based epoch.
     pub epoch: u64,
+    /// Samples of this epoch already handed out (the position in its order).
     pub index: usize,
 }
 

@@ -100,12 +100,11 @@ impl<'a> Encoder<'a> {
         });
         let prefix = if splits_cleanly {
             let text = format!("<|im_start|>system\n{system}<|im_end|>\n");
-            let enc = tok
-                .encode_fast(text.as_str(), false)
-                .map_err(|e| DataError::Encode {
-                    index: 0,
-                    reason: format!("system prompt: {e}"),
-                })?;
+            let enc =
+                tok.encode_fast(text.as_str(), false)
+                    .map_err(|e| DataError::EncodeSystem {
+                        reason: e.to_string(),
+                    })?;
             Some(enc.get_ids().to_vec())
         } else {
             None
