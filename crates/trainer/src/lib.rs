@@ -1,5 +1,18 @@
-//! `lora-trainer`: the training loop for LoRA fine-tuning (loss, optimizer step, checkpoints).
+//! `lora-trainer`: the LoRA fine-tuning loop (transformers `Trainer` semantics for a PEFT model):
+//! masked causal-LM loss, gradient accumulation normalized by the step's supervised tokens, global
+//! gradient clipping, AdamW with HF defaults, linear/cosine/constant schedules with warmup, logging,
+//! atomic checkpoints and exact resume.
 
+mod args;
+pub mod checkpoint;
+mod clip;
+mod error;
 mod loss;
+mod train;
 
+pub use args::{SchedulerType, TrainingArguments};
+pub use checkpoint::{LogEntry, TrainerState};
+pub use clip::clip_global_norm;
+pub use error::TrainError;
 pub use loss::{causal_lm_loss, causal_lm_loss_sum, IGNORE_INDEX};
+pub use train::{train, TrainEvent, TrainOutcome, TrainableLm};

@@ -1,0 +1,207 @@
+//! `TrainingArguments`: the options of the loop, with transformers' names and defaults.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::TrainError;
+
+/// Learning-rate schedule (`lr_scheduler_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedulerType {
+    /// Linear warmup, then linear decay to 0 at the last step (HF default).
+    #[default]
+    Linear,
+    /// Linear warmup, then half a cosine to 0.
+    Cosine,
+    /// Linear warmup, then constant.
+    Constant,
+}
+
+/// Options of the training loop. Field names and defaults are transformers' `TrainingArguments`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainingArguments {
+    /// Where checkpoints, metrics and the final adapter go.
+    pub output_dir: PathBuf,
+    /// Examples per micro-batch.
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Epochs over the training set (ignored when `max_steps` is set).
+    pub num_train_epochs: f64,
+    /// Total optimizer steps; overrides `num_train_epochs` when set.
+    pub max_steps: Option<usize>,
+    /// Learning-rate schedule.
+    pub lr_scheduler_type: SchedulerType,
+    /// Warmup steps (wins over `warmup_ratio` when non-zero).
+    pub warmup_steps: usize,
+    /// Warmup as a fraction of the total steps.
+    pub warmup_ratio: f64,
+    /// Decoupled weight decay (AdamW).
+    pub weight_decay: f64,
+    /// AdamW β1.
+    pub adam_beta1: f64,
+    /// AdamW β2.
+    pub adam_beta2: f64,
+    /// AdamW ε.
+    pub adam_epsilon: f64,
+    /// Global gradient-norm clip (over all adapter gradients together); 0 disables.
+    pub max_grad_norm: f64,
+    /// Log every this many optimizer steps.
+    pub logging_steps: usize,
+    /// Save a checkpoint every this many optimizer steps (0: only the final adapter).
+    pub save_steps: usize,
+    /// Keep at most this many checkpoints (oldest pruned).
+    pub save_total_limit: Option<usize>,
+    /// Seed of the sampler and of dropout.
+    pub seed: u64,
+    /// Shuffle the training set each epoch.
+    pub shuffle: bool,
+    /// Recompute activations in backward (not implemented yet: accepted and reported).
+    pub gradient_checkpointing: bool,
+    /// A checkpoint directory to continue from, or `latest` (the newest complete one in `output_dir`).
+    pub resume_from_checkpoint: Option<String>,
+}
+
+impl Default for TrainingArguments {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("output"),
+            per_device_train_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            learning_rate: 5e-5,
+            num_train_epochs: 3.0,
+            max_steps: None,
+            lr_scheduler_type: SchedulerType::Linear,
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            logging_steps: 500,
+            save_steps: 500,
+            save_total_limit: None,
+            seed: 42,
+            shuffle: true,
+            gradient_checkpointing: false,
+            resume_from_checkpoint: None,
+        }
+    }
+}
+
+impl TrainingArguments {
+    /// The tutorial's recipe: batch 4 × accumulation 4, lr 1e-4, 3 epochs, log 10, save 100.
+    pub fn tutorial(output_dir: PathBuf) -> Self {
+        Self {
+            output_dir,
+            per_device_train_batch_size: 4,
+            gradient_accumulation_steps: 4,
+            learning_rate: 1e-4,
+            num_train_epochs: 3.0,
+            logging_steps: 10,
+            save_steps: 100,
+            gradient_checkpointing: true,
+            ..Self::default()
+        }
+    }
+
+    /// Rejects impossible values, naming the option.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |option: &str, reason: String| {
+            Err(TrainError::BadOption {
+                option: option.into(),
+                reason,
+            })
+        };
+        if self.per_device_train_batch_size == 0 {
+            return bad(
+                "per_device_train_batch_size",
+                "is 0; it must be at least 1".into(),
+            );
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return bad(
+                "gradient_accumulation_steps",
+                "is 0; it must be at least 1".into(),
+            );
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad(
+                "learning_rate",
+                format!("is {}; it must be > 0", self.learning_rate),
+            );
+        }
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && self.num_train_epochs <= 0.0) {
+            return bad(
+                "num_train_epochs / max_steps",
+                "leave no step to train".into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return bad(
+                "warmup_ratio",
+                format!("is {}; it must be in [0, 1]", self.warmup_ratio),
+            );
+        }
+        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
+            return bad("adam_beta1 / adam_beta2", "must be in [0, 1)".into());
+        }
+        if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 || self.adam_epsilon <= 0.0 {
+            return bad(
+                "weight_decay / max_grad_norm / adam_epsilon",
+                "must not be negative (epsilon > 0)".into(),
+            );
+        }
+        if self.save_total_limit == Some(0) {
+            return bad(
+                "save_total_limit",
+                "is 0; use at least 1, or leave it unset to keep all".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Optimizer steps for `batches_per_epoch` micro-batches per epoch. The last step of an epoch
+    /// takes what is left (fewer micro-batches), as transformers does.
+    pub fn total_steps(&self, batches_per_epoch: usize) -> usize {
+        if let Some(m) = self.max_steps {
+            return m;
+        }
+        let per_epoch = batches_per_epoch
+            .div_ceil(self.gradient_accumulation_steps)
+            .max(1);
+        (self.num_train_epochs * per_epoch as f64).ceil() as usize
+    }
+
+    /// Warmup steps: `warmup_steps` if set, else `ceil(warmup_ratio · total)`.
+    pub fn warmup(&self, total: usize) -> usize {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (self.warmup_ratio * total as f64).ceil() as usize
+        }
+    }
+
+    /// The learning rate for (0-based) optimizer step `step` of `total`, as transformers' schedulers.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        let warmup = self.warmup(total);
+        let base = self.learning_rate;
+        if step < warmup {
+            return base * step as f64 / warmup.max(1) as f64;
+        }
+        let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+        match self.lr_scheduler_type {
+            SchedulerType::Constant => base,
+            SchedulerType::Linear => base * (1.0 - progress).max(0.0),
+            SchedulerType::Cosine => {
+                base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()).max(0.0)
+            }
+        }
+    }
+}

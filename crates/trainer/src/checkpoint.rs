@@ -1,0 +1,126 @@
+//! Checkpoints as transformers' Trainer lays them out: `output_dir/checkpoint-{step}/` with the PEFT
+//! adapter files, the optimizer state and `trainer_state.json` (step, sampler position, log).
+//!
+//! A checkpoint is written under a temporary name and renamed when complete, so a crash never leaves
+//! a directory that `latest` would pick but cannot resume from.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use lora_data::SamplerState;
+
+use crate::error::TrainError;
+
+/// One logged line (also a line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Optimizer step (1-based).
+    pub step: usize,
+    /// Fractional epoch at this step.
+    pub epoch: f64,
+    /// Mean token loss over the steps since the previous log line.
+    pub loss: f64,
+    /// Global gradient norm before clipping, at this step.
+    pub grad_norm: f64,
+    /// Learning rate used at this step.
+    pub learning_rate: f64,
+    /// Tokens (padding included) processed per second since the previous log line.
+    pub tokens_per_s: f64,
+}
+
+/// `trainer_state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub global_step: usize,
+    /// Steps the run was planned for.
+    pub max_steps: usize,
+    /// Fractional epoch.
+    pub epoch: f64,
+    /// Where the sampler stands (resume continues mid-epoch from here).
+    pub sampler: SamplerState,
+    /// The run's seed (dropout is reseeded from it at every step).
+    pub seed: u64,
+    /// Every step's mean token loss, in order.
+    pub step_losses: Vec<f64>,
+    /// The logged lines.
+    pub log_history: Vec<LogEntry>,
+}
+
+/// File names inside a checkpoint.
+pub const STATE_FILE: &str = "trainer_state.json";
+/// Optimizer state (Burn binary recorder; the `.bin` extension is the recorder's).
+pub const OPTIMIZER_FILE: &str = "optimizer";
+
+/// `checkpoint-{step}` directories of `output_dir` that are complete, oldest first.
+pub fn checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(output_dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(usize, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            let p = e.path();
+            p.join(STATE_FILE).is_file().then_some((step, p))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Resolves `--resume-from-checkpoint`: `latest` or a directory.
+pub fn resolve_resume(arg: &str, output_dir: &Path) -> Result<PathBuf, TrainError> {
+    if arg == "latest" {
+        return checkpoints(output_dir)
+            .pop()
+            .map(|(_, p)| p)
+            .ok_or_else(|| TrainError::BadCheckpoint {
+                path: output_dir.to_path_buf(),
+                reason: "no complete checkpoint-* directory in it".into(),
+            });
+    }
+    let p = PathBuf::from(arg);
+    if !p.join(STATE_FILE).is_file() {
+        return Err(TrainError::BadCheckpoint {
+            path: p,
+            reason: format!("no {STATE_FILE}: not a complete checkpoint directory"),
+        });
+    }
+    Ok(p)
+}
+
+/// Reads `trainer_state.json`.
+pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
+    let p = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&p).map_err(|e| TrainError::io(&p, e))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::BadCheckpoint {
+        path: dir.to_path_buf(),
+        reason: format!("{STATE_FILE}: {e}"),
+    })
+}
+
+/// Writes `trainer_state.json` into `dir`.
+pub fn write_state(dir: &Path, state: &TrainerState) -> Result<(), TrainError> {
+    let p = dir.join(STATE_FILE);
+    let json = serde_json::to_string_pretty(state).expect("state serializes");
+    std::fs::write(&p, json).map_err(|e| TrainError::io(&p, e))
+}
+
+/// Removes the oldest complete checkpoints beyond `limit`.
+pub fn prune(output_dir: &Path, limit: Option<usize>) -> Result<Vec<PathBuf>, TrainError> {
+    let Some(limit) = limit else {
+        return Ok(Vec::new());
+    };
+    let all = checkpoints(output_dir);
+    let mut removed = Vec::new();
+    if all.len() > limit {
+        for (_, p) in &all[..all.len() - limit] {
+            std::fs::remove_dir_all(p).map_err(|e| TrainError::io(p, e))?;
+            removed.push(p.clone());
+        }
+    }
+    Ok(removed)
+}

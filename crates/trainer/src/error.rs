@@ -1,0 +1,70 @@
+//! Errors of the trainer: each names the option, step, file or checkpoint involved.
+
+use std::path::PathBuf;
+
+/// Everything that can stop training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// An impossible option value.
+    #[error("option `{option}` {reason}")]
+    BadOption {
+        /// The option's name.
+        option: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The training set is empty.
+    #[error("no training examples: every record was skipped or the file is empty")]
+    NoData,
+    /// A non-finite loss or gradient norm.
+    #[error("training stopped at step {step}: the {what} is {value} (diverged); the last good checkpoint is {last_checkpoint}; lower the learning rate or check the data")]
+    NonFinite {
+        /// The optimizer step (1-based).
+        step: usize,
+        /// `loss` or `gradient norm`.
+        what: String,
+        /// The value.
+        value: f64,
+        /// The newest complete checkpoint, or a note that there is none.
+        last_checkpoint: String,
+    },
+    /// A checkpoint cannot be used to resume.
+    #[error("cannot resume from {path}: {reason}")]
+    BadCheckpoint {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file could not be written or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An adapter error (saving, loading, applying).
+    #[error(transparent)]
+    Lora(#[from] lora_core::LoraError),
+    /// A data error (sampler state).
+    #[error(transparent)]
+    Data(#[from] lora_data::DataError),
+    /// A Burn recorder error (optimizer state).
+    #[error("{path}: optimizer state: {reason}")]
+    Record {
+        /// The file.
+        path: PathBuf,
+        /// The recorder's message.
+        reason: String,
+    },
+}
+
+impl TrainError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! The training loop: a plain explicit loop (not Burn's `Learner`) that does what transformers'
+//! `Trainer.train` does for a PEFT model, with the 2024 gradient-accumulation fix: every micro-batch's
+//! summed token loss is divided by the supervised tokens of the *whole optimizer step*, so k
+//! micro-batches of n/k examples give exactly the gradient of one batch of n.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
+use lora_core::{load_adapter, save_adapter, LoraConfig, LoraModel};
+use lora_data::{Batch, Collator, Example, Sampler, SamplerState, IGNORE_INDEX};
+use qwen2::Qwen2ForCausalLM;
+
+use crate::args::TrainingArguments;
+use crate::checkpoint::{self, LogEntry, TrainerState, OPTIMIZER_FILE};
+use crate::clip::clip_global_norm;
+use crate::error::TrainError;
+use crate::loss::causal_lm_loss_sum;
+
+/// A causal language model the trainer can fine-tune.
+pub trait TrainableLm<B: AutodiffBackend>: LoraModel<B> + AutodiffModule<B> {
+    /// Sum of token losses over the supervised positions of `batch` (labels shifted inside).
+    fn loss_sum(&self, batch: &Batch<B>) -> Tensor<B, 1>;
+}
+
+impl<B: AutodiffBackend> TrainableLm<B> for Qwen2ForCausalLM<B> {
+    fn loss_sum(&self, batch: &Batch<B>) -> Tensor<B, 1> {
+        let logits = self.forward(
+            batch.input_ids.clone(),
+            Some(batch.attention_mask.clone()),
+            None,
+        );
+        causal_lm_loss_sum(logits, batch.labels.clone()).0
+    }
+}
+
+/// What the loop reports as it goes (for progress bars and printing).
+#[derive(Debug, Clone)]
+pub enum TrainEvent {
+    /// Training starts (or resumes) at `step` of `total`.
+    Start {
+        /// First step to run (0-based).
+        step: usize,
+        /// Total optimizer steps.
+        total: usize,
+    },
+    /// One optimizer step finished.
+    Step {
+        /// Steps done (1-based).
+        step: usize,
+        /// Total.
+        total: usize,
+        /// The step's mean token loss.
+        loss: f64,
+        /// Learning rate used.
+        lr: f64,
+    },
+    /// A log line (also appended to `metrics.jsonl`).
+    Log(LogEntry),
+    /// A checkpoint was written.
+    Saved(PathBuf),
+}
+
+/// What a finished run leaves.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// Final state (also in `output_dir/trainer_state.json`).
+    pub state: TrainerState,
+    /// Where the final adapter was written (`output_dir`).
+    pub adapter_dir: PathBuf,
+    /// Whether `on_event` stopped the run before the last step.
+    pub stopped: bool,
+}
+
+/// Supervised tokens an example contributes after the shift (labels at positions 1..).
+fn supervised(e: &Example) -> usize {
+    e.labels
+        .iter()
+        .skip(1)
+        .filter(|&&l| l != IGNORE_INDEX)
+        .count()
+}
+
+/// A per-step seed for dropout, so a resumed run draws exactly what the uninterrupted one did.
+fn step_seed(seed: u64, step: usize) -> u64 {
+    let mut z = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z ^ (z >> 27)
+}
+
+/// Trains the adapters of `model` (already applied with `lora_cfg`) on `examples`.
+///
+/// `on_event` sees every event; returning `false` stops the run cleanly after the current step
+/// (Ctrl-C handling, tests of interruption): the outcome then has `stopped = true` and no final
+/// adapter is written (the checkpoints are the record).
+///
+/// Resumes from `args.resume_from_checkpoint` when set: adapter weights, optimizer state, sampler
+/// position and step counter come from the checkpoint, and the per-step losses continue exactly as
+/// in an uninterrupted run (bitwise on CPU). Checkpoints and the final adapter are PEFT directories.
+pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
+    mut model: M,
+    lora_cfg: &LoraConfig,
+    examples: &[Example],
+    collator: Collator,
+    args: &TrainingArguments,
+    device: &B::Device,
+    on_event: &mut dyn FnMut(&TrainEvent) -> bool,
+) -> Result<(M, TrainOutcome), TrainError> {
+    args.validate()?;
+    if examples.is_empty() {
+        return Err(TrainError::NoData);
+    }
+    let out = &args.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    let bs = args.per_device_train_batch_size;
+    let batches_per_epoch = examples.len().div_ceil(bs);
+    let total = args.total_steps(batches_per_epoch);
+
+    let mut sampler = Sampler::new(
+        examples.iter().map(|e| e.input_ids.len()).collect(),
+        args.seed,
+    );
+    if !args.shuffle {
+        sampler = sampler.sequential();
+    }
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(args.adam_beta1 as f32)
+        .with_beta_2(args.adam_beta2 as f32)
+        .with_epsilon(args.adam_epsilon as f32)
+        .with_weight_decay(args.weight_decay as f32)
+        .with_grad_clipping(None)
+        .init::<B, M>();
+    let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+
+    let mut state = TrainerState {
+        global_step: 0,
+        max_steps: total,
+        epoch: 0.0,
+        sampler: SamplerState::default(),
+        seed: args.seed,
+        step_losses: Vec::new(),
+        log_history: Vec::new(),
+    };
+    if let Some(arg) = &args.resume_from_checkpoint {
+        let dir = checkpoint::resolve_resume(arg, out)?;
+        let saved = checkpoint::read_state(&dir)?;
+        if saved.seed != args.seed {
+            return Err(TrainError::BadCheckpoint {
+                path: dir,
+                reason: format!(
+                    "it was trained with seed {}, this run has {}",
+                    saved.seed, args.seed
+                ),
+            });
+        }
+        let (m, _, _) = load_adapter(model, &dir)?;
+        model = m;
+        let rec = recorder
+            .load(dir.join(OPTIMIZER_FILE), device)
+            .map_err(|e| TrainError::Record {
+                path: dir.join(OPTIMIZER_FILE),
+                reason: e.to_string(),
+            })?;
+        optim = optim.load_record(rec);
+        sampler = sampler.resume(saved.sampler)?;
+        state = saved;
+        state.max_steps = total;
+    }
+
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| TrainError::io(&metrics_path, e))?;
+
+    let mut go_on = on_event(&TrainEvent::Start {
+        step: state.global_step,
+        total,
+    });
+    let (mut window_loss, mut window_steps, mut window_tokens) = (0.0f64, 0usize, 0usize);
+    let mut window_start = Instant::now();
+    while go_on && state.global_step < total {
+        // The step's micro-batches; an epoch boundary ends the step early, as transformers does.
+        let mut micro: Vec<Vec<usize>> = Vec::with_capacity(args.gradient_accumulation_steps);
+        for _ in 0..args.gradient_accumulation_steps {
+            let epoch = sampler.state().epoch;
+            micro.push(sampler.next_batch(bs));
+            if sampler.state().epoch != epoch {
+                break;
+            }
+        }
+        let n_sup: usize = micro
+            .iter()
+            .flatten()
+            .map(|&i| supervised(&examples[i]))
+            .sum();
+        let norm = n_sup.max(1) as f64;
+
+        B::seed(device, step_seed(args.seed, state.global_step));
+        let mut acc = GradientsAccumulator::<M>::new();
+        let mut step_loss = 0.0f64;
+        for idx in &micro {
+            let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
+            let batch = collator.collate::<B>(&refs, device);
+            window_tokens += batch.input_ids.dims().iter().product::<usize>();
+            let loss = model.loss_sum(&batch).div_scalar(norm);
+            step_loss += loss.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            acc.accumulate(&model, grads);
+        }
+        let mut grads = acc.grads();
+        let grad_norm = clip_global_norm(&model, &mut grads, args.max_grad_norm);
+        let step = state.global_step + 1;
+        let last_ckpt = || {
+            checkpoint::checkpoints(out)
+                .pop()
+                .map(|(_, p)| p.display().to_string())
+                .unwrap_or_else(|| "none (no checkpoint was written yet)".into())
+        };
+        if !step_loss.is_finite() {
+            return Err(TrainError::NonFinite {
+                step,
+                what: "loss".into(),
+                value: step_loss,
+                last_checkpoint: last_ckpt(),
+            });
+        }
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite {
+                step,
+                what: "gradient norm".into(),
+                value: grad_norm,
+                last_checkpoint: last_ckpt(),
+            });
+        }
+        let lr = args.lr_at(state.global_step, total);
+        model = optim.step(lr, model, grads);
+
+        state.global_step = step;
+        state.sampler = sampler.state();
+        state.epoch =
+            state.sampler.epoch as f64 + state.sampler.index as f64 / examples.len() as f64;
+        state.step_losses.push(step_loss);
+        window_loss += step_loss;
+        window_steps += 1;
+        go_on &= on_event(&TrainEvent::Step {
+            step,
+            total,
+            loss: step_loss,
+            lr,
+        });
+
+        if step % args.logging_steps.max(1) == 0 || step == total {
+            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+            let entry = LogEntry {
+                step,
+                epoch: state.epoch,
+                loss: window_loss / window_steps as f64,
+                grad_norm,
+                learning_rate: lr,
+                tokens_per_s: window_tokens as f64 / secs,
+            };
+            let line = serde_json::to_string(&entry).expect("log entry serializes");
+            writeln!(metrics, "{line}").map_err(|e| TrainError::io(&metrics_path, e))?;
+            state.log_history.push(entry.clone());
+            go_on &= on_event(&TrainEvent::Log(entry));
+            (window_loss, window_steps, window_tokens) = (0.0, 0, 0);
+            window_start = Instant::now();
+        }
+        if args.save_steps > 0 && step % args.save_steps == 0 {
+            let dir = save_checkpoint(&model, lora_cfg, &optim, &recorder, &state, out)?;
+            checkpoint::prune(out, args.save_total_limit)?;
+            go_on &= on_event(&TrainEvent::Saved(dir));
+        }
+    }
+    let stopped = state.global_step < total;
+    if !stopped {
+        save_adapter(&model, lora_cfg, out)?;
+        checkpoint::write_state(out, &state)?;
+    }
+    Ok((
+        model,
+        TrainOutcome {
+            state,
+            adapter_dir: out.clone(),
+            stopped,
+        },
+    ))
+}
+
+/// Writes `checkpoint-{step}` atomically (temporary directory, then rename).
+fn save_checkpoint<B: AutodiffBackend, M: TrainableLm<B>, O: Optimizer<M, B>>(
+    model: &M,
+    lora_cfg: &LoraConfig,
+    optim: &O,
+    recorder: &BinFileRecorder<FullPrecisionSettings>,
+    state: &TrainerState,
+    out: &Path,
+) -> Result<PathBuf, TrainError> {
+    let final_dir = out.join(format!("checkpoint-{}", state.global_step));
+    let tmp = out.join(format!(".checkpoint-{}.partial", state.global_step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    }
+    save_adapter(model, lora_cfg, &tmp)?;
+    recorder
+        .record(optim.to_record(), tmp.join(OPTIMIZER_FILE))
+        .map_err(|e| TrainError::Record {
+            path: tmp.join(OPTIMIZER_FILE),
+            reason: e.to_string(),
+        })?;
+    // The state file last: a directory without it is never picked for resuming.
+    checkpoint::write_state(&tmp, state)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+    Ok(final_dir)
+}

@@ -1,0 +1,315 @@
+//! The loop's contracts on the tiny fixture model: accumulation equivalence, bitwise resume,
+//! NaN stop, checkpoint pruning and layout.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::DType;
+use lora_core::{adapter_tensors, apply_lora, LoraConfig};
+use lora_data::{Collator, Example};
+use lora_trainer::{train, TrainError, TrainEvent, TrainingArguments};
+use qwen2::Qwen2ForCausalLM;
+
+type Ad = Autodiff<Flex>;
+
+/// Burn's CPU RNG is one global stream: tests that seed it and draw from it (adapter init, dropout)
+/// must not interleave, so each takes this lock.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-untied-f32-sharded")
+}
+
+/// Deterministic toy examples for the 256-token fixture vocabulary: the first 3 tokens are prompt.
+fn examples(n: usize) -> Vec<Example> {
+    let mut s = 12345u64;
+    (0..n)
+        .map(|i| {
+            let len = 6 + (i * 5) % 9;
+            let ids: Vec<u32> = (0..len)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    1 + ((s >> 33) % 255) as u32
+                })
+                .collect();
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(j, &t)| if j < 3 { -100 } else { t as i64 })
+                .collect();
+            Example {
+                attention_mask: vec![1; len],
+                input_ids: ids,
+                labels,
+            }
+        })
+        .collect()
+}
+
+fn model(cfg: &LoraConfig) -> Qwen2ForCausalLM<Ad> {
+    use burn::tensor::backend::Backend;
+    Ad::seed(&Default::default(), 1);
+    let base = qwen2::load_model::<Ad>(&fixture(), DType::F32, &Default::default())
+        .unwrap()
+        .model;
+    apply_lora(base, cfg).unwrap().0
+}
+
+fn lora_cfg(dropout: f64) -> LoraConfig {
+    LoraConfig {
+        lora_dropout: dropout,
+        init_lora_weights: lora_core::InitLoraWeights::Bool(false),
+        ..LoraConfig::tutorial()
+    }
+}
+
+fn args(dir: &Path) -> TrainingArguments {
+    TrainingArguments {
+        output_dir: dir.to_path_buf(),
+        per_device_train_batch_size: 2,
+        gradient_accumulation_steps: 2,
+        learning_rate: 1e-3,
+        max_steps: Some(6),
+        logging_steps: 2,
+        save_steps: 2,
+        seed: 3,
+        ..TrainingArguments::default()
+    }
+}
+
+fn values(m: &Qwen2ForCausalLM<Ad>) -> Vec<(String, Vec<f32>)> {
+    adapter_tensors(m)
+        .into_iter()
+        .map(|(k, t)| (k, t.into_data().convert::<f32>().to_vec::<f32>().unwrap()))
+        .collect()
+}
+
+fn run(
+    cfg: &LoraConfig,
+    ex: &[Example],
+    a: &TrainingArguments,
+    stop_after: Option<usize>,
+) -> Result<(Qwen2ForCausalLM<Ad>, lora_trainer::TrainOutcome), TrainError> {
+    let mut cb = |e: &TrainEvent| !matches!((e, stop_after), (TrainEvent::Step { step, .. }, Some(s)) if *step >= s);
+    train(
+        model(cfg),
+        cfg,
+        ex,
+        Collator::new(0),
+        a,
+        &Default::default(),
+        &mut cb,
+    )
+}
+
+#[test]
+fn accumulating_k_micro_batches_equals_one_batch() {
+    let _rng = rng_lock();
+    let cfg = lora_cfg(0.0);
+    let ex = examples(8);
+    let tmp = tempfile::tempdir().unwrap();
+    let base = TrainingArguments {
+        shuffle: false,
+        max_steps: Some(1),
+        save_steps: 0,
+        ..args(tmp.path())
+    };
+    let one = TrainingArguments {
+        per_device_train_batch_size: 8,
+        gradient_accumulation_steps: 1,
+        ..base.clone()
+    };
+    let four = TrainingArguments {
+        per_device_train_batch_size: 2,
+        gradient_accumulation_steps: 4,
+        ..base.clone()
+    };
+    let (m1, o1) = run(&cfg, &ex, &one, None).unwrap();
+    let (m4, o4) = run(&cfg, &ex, &four, None).unwrap();
+    let (l1, l4) = (o1.state.step_losses[0], o4.state.step_losses[0]);
+    assert!((l1 - l4).abs() <= 1e-6 * l1.abs(), "step loss {l1} vs {l4}");
+    let mut worst = 0f32;
+    for ((k, a), (_, b)) in values(&m1).iter().zip(values(&m4).iter()) {
+        for (x, y) in a.iter().zip(b) {
+            let d = (x - y).abs() / x.abs().max(1e-3);
+            assert!(d <= 1e-4, "{k}: {x} vs {y}");
+            worst = worst.max(d);
+        }
+    }
+    println!("1x8 vs 4x2: loss {l1} vs {l4}, worst adapter relative difference {worst:e}");
+}
+
+#[test]
+fn resumed_run_is_bitwise_identical() {
+    let _rng = rng_lock();
+    let cfg = lora_cfg(0.1); // dropout on: the RNG must resume too
+    let ex = examples(10);
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ma, oa) = run(&cfg, &ex, &args(a_dir.path()), None).unwrap();
+    assert_eq!(oa.state.step_losses.len(), 6);
+
+    // Interrupted after step 3: the newest checkpoint is step 2.
+    let (_, ob) = run(&cfg, &ex, &args(b_dir.path()), Some(3)).unwrap();
+    assert!(ob.stopped);
+    assert_eq!(ob.state.global_step, 3);
+    let resumed = TrainingArguments {
+        resume_from_checkpoint: Some("latest".into()),
+        ..args(b_dir.path())
+    };
+    let (mb, oc) = run(&cfg, &ex, &resumed, None).unwrap();
+    assert_eq!(
+        oc.state.step_losses, oa.state.step_losses,
+        "per-step losses differ after resume"
+    );
+    assert!(
+        values(&ma) == values(&mb),
+        "final adapters differ after resume"
+    );
+    let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(bytes(a_dir.path()), bytes(b_dir.path()));
+}
+
+#[test]
+fn checkpoints_are_complete_and_pruned() {
+    let _rng = rng_lock();
+    let cfg = lora_cfg(0.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let a = TrainingArguments {
+        save_steps: 1,
+        save_total_limit: Some(2),
+        max_steps: Some(5),
+        ..args(tmp.path())
+    };
+    run(&cfg, &examples(6), &a, None).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "checkpoint-4",
+            "checkpoint-5",
+            "metrics.jsonl",
+            "trainer_state.json"
+        ]
+    );
+    let mut inside: Vec<String> = std::fs::read_dir(tmp.path().join("checkpoint-5"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    inside.sort();
+    assert_eq!(
+        inside,
+        [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "optimizer.bin",
+            "trainer_state.json"
+        ]
+    );
+    let lines = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    for k in [
+        "step",
+        "epoch",
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "tokens_per_s",
+    ] {
+        assert!(first.get(k).is_some(), "metrics line lacks {k}: {first}");
+    }
+}
+
+#[test]
+fn non_finite_loss_stops_with_step_and_keeps_checkpoint() {
+    let _rng = rng_lock();
+    let cfg = lora_cfg(0.0);
+    let tmp = tempfile::tempdir().unwrap();
+    // A poisoned adapter: every forward gives NaN.
+    let mut m = model(&cfg);
+    let b = m.model.layers[0].mlp.up_proj.lora_B.as_mut().unwrap();
+    b.weight = b.weight.clone().map(|t| t.mul_scalar(f32::NAN));
+    let a = args(tmp.path());
+    let mut cb = |_: &TrainEvent| true;
+    let e = train(
+        m,
+        &cfg,
+        &examples(6),
+        Collator::new(0),
+        &a,
+        &Default::default(),
+        &mut cb,
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, TrainError::NonFinite { step: 1, .. }), "{msg}");
+    assert!(msg.contains("step 1") && msg.contains("loss"), "{msg}");
+    assert!(
+        !tmp.path().join("adapter_model.safetensors").exists(),
+        "no final adapter from a diverged run"
+    );
+}
+
+#[test]
+fn impossible_options_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (a, name) in [
+        (
+            TrainingArguments {
+                per_device_train_batch_size: 0,
+                ..args(tmp.path())
+            },
+            "per_device_train_batch_size",
+        ),
+        (
+            TrainingArguments {
+                learning_rate: -1.0,
+                ..args(tmp.path())
+            },
+            "learning_rate",
+        ),
+        (
+            TrainingArguments {
+                gradient_accumulation_steps: 0,
+                ..args(tmp.path())
+            },
+            "gradient_accumulation_steps",
+        ),
+    ] {
+        let msg = a.validate().unwrap_err().to_string();
+        assert!(msg.contains(name), "{msg}");
+    }
+}
+
+#[test]
+fn schedules_match_transformers() {
+    let a = TrainingArguments {
+        learning_rate: 1.0,
+        warmup_steps: 2,
+        ..TrainingArguments::default()
+    };
+    // get_linear_schedule_with_warmup(warmup=2, total=6): 0, .5, 1, .75, .5, .25
+    let lrs: Vec<f64> = (0..6).map(|s| a.lr_at(s, 6)).collect();
+    assert_eq!(lrs, [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]);
+    let c = TrainingArguments {
+        lr_scheduler_type: lora_trainer::SchedulerType::Cosine,
+        ..a.clone()
+    };
+    assert!((c.lr_at(4, 6) - 0.5).abs() < 1e-12);
+    // The tutorial: 3,729 records, batch 4 -> 933 micro-batches, accumulation 4 -> 234 steps an epoch.
+    assert_eq!(
+        TrainingArguments::tutorial("o".into()).total_steps(933),
+        702
+    );
+}
