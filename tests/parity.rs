@@ -121,3 +121,21 @@ fn loads_in_requested_dtype() {
         assert_eq!(m.model.embed_tokens.weight.val().dtype(), dtype);
     }
 }
+
+#[test]
+fn save_model_round_trips_exactly() {
+    let dir = fixtures().join("tiny-untied-bf16");
+    let r = read_reference(&dir.join("reference.safetensors"));
+    let loaded = load_model::<Cpu>(&dir, DType::F32, &Default::default()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    qwen2::save_model(&loaded.model, &loaded.config, tmp.path()).unwrap();
+    let again = load_model::<Cpu>(tmp.path(), DType::F32, &Default::default()).unwrap();
+    let (ids, mask) = (int2(&r["input_ids"]), int2(&r["attention_mask"]));
+    let a = to_vec3(loaded.model.forward(ids.clone(), Some(mask.clone()), None));
+    let b = to_vec3(again.model.forward(ids, Some(mask), None));
+    assert_eq!(a, b);
+    assert_eq!(
+        again.config.num_parameters(),
+        loaded.config.num_parameters()
+    );
+}

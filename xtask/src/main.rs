@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod finetune;
 mod info;
 mod mem;
 mod prepare;
@@ -19,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune a model with LoRA (the tutorial's recipe by default) and write a PEFT adapter.
+    Finetune(Box<finetune::FinetuneArgs>),
     /// Load a model directory and print its config, parameter count and load report.
     Info(info::InfoArgs),
     /// Measure peak memory while loading a (synthetic) checkpoint.
@@ -30,6 +33,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Finetune(a) => finetune::run(*a),
         Command::Info(a) => info::run(a),
         Command::MemLoad(a) => mem::run(a),
         Command::Prepare(a) => prepare::run(a),

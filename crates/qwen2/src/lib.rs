@@ -12,6 +12,7 @@ mod mlp;
 mod model;
 mod norm;
 mod rope;
+mod save;
 
 pub use attention::Qwen2Attention;
 pub use config::{Qwen2Config, RopeParameters, TokenIds};
@@ -26,3 +27,4 @@ pub use model::{
 };
 pub use norm::Qwen2RmsNorm;
 pub use rope::{inv_freq, RopeCache};
+pub use save::save_model;

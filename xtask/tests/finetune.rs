@@ -1,0 +1,170 @@
+//! End to end through the command line: prepare -> finetune (a few steps, a tiny random model with
+//! the real Qwen2.5 vocabulary) -> PEFT adapter and checkpoint written -> adapter reloads; and bad
+//! input fails with a message and exit code 1, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::backend::Flex;
+use burn::tensor::DType;
+use qwen2::{Qwen2Config, Qwen2ForCausalLM};
+
+/// `FERROLORA_SHARED_DATA`, else `../shared/data`; skip outside CI when absent, fail under CI.
+fn shared_data() -> Option<PathBuf> {
+    let p = std::env::var_os("FERROLORA_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
+    if p.is_dir() {
+        return Some(p);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but the shared data directory is missing; set FERROLORA_SHARED_DATA");
+    }
+    eprintln!("skipping: shared data not found; set FERROLORA_SHARED_DATA to the directory holding qwen2.5-tokenizer/ and huanhuan/");
+    None
+}
+
+/// A random Qwen2 with the real vocabulary and a tiny body, written as a model directory.
+fn tiny_model(dir: &Path) -> Qwen2Config {
+    let cfg = Qwen2Config::new(151_936, 16, 32, 1, 2, 1, true);
+    let m = Qwen2ForCausalLM::<Flex>::new(&cfg, &Default::default());
+    qwen2::save_model(&m, &cfg, dir).unwrap();
+    cfg
+}
+
+fn xtask(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn finetune_writes_a_reloadable_peft_adapter() {
+    let Some(shared) = shared_data() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, out, data) = (
+        tmp.path().join("model"),
+        tmp.path().join("out"),
+        tmp.path().join("data.json"),
+    );
+    tiny_model(&model);
+    let all: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(shared.join("huanhuan/huanhuan.json")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(&data, serde_json::to_string(&all[..12]).unwrap()).unwrap();
+    let tok = shared.join("qwen2.5-tokenizer");
+    let (ok, stdout, stderr) = xtask(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "3",
+        "--per-device-train-batch-size",
+        "2",
+        "--gradient-accumulation-steps",
+        "2",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--max-length",
+        "64",
+        "--gradient-checkpointing",
+        "false",
+        "--learning-rate",
+        "1e-2",
+    ]);
+    assert!(ok, "finetune failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("trainable params: "), "{stdout}");
+    assert_eq!(
+        stdout.matches("\"loss\"").count(),
+        3,
+        "one log line per step:\n{stdout}"
+    );
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "metrics.jsonl",
+        "checkpoint-2/optimizer.bin",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let base = qwen2::load_model::<Flex>(&model, DType::F32, &Default::default())
+        .unwrap()
+        .model;
+    let (m, cfg, report) = lora_core::load_adapter(base, &out).unwrap();
+    assert_eq!((cfg.r, cfg.lora_alpha, report.targeted.len()), (8, 32.0, 7));
+    let b = m.model.layers[0]
+        .mlp
+        .up_proj
+        .lora_B
+        .as_ref()
+        .unwrap()
+        .weight
+        .val();
+    let b = b.into_data().to_vec::<f32>().unwrap();
+    assert!(
+        b.iter().any(|v| *v != 0.0),
+        "training moved lora_B away from zero"
+    );
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    tiny_model(&model);
+    let m = model.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["finetune", "--model", m, "--data", "no/such/data.json"],
+            "no/such/data.json",
+        ),
+        (
+            &["finetune", "--model", "no/such/model", "--data", "x.json"],
+            "no/such/model",
+        ),
+        (
+            &[
+                "finetune", "--model", m, "--data", "x.json", "--device", "cuda",
+            ],
+            "CUDA",
+        ),
+        (
+            &[
+                "finetune",
+                "--model",
+                m,
+                "--data",
+                "x.json",
+                "--per-device-train-batch-size",
+                "0",
+            ],
+            "per_device_train_batch_size",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (ok, stdout, stderr) = xtask(args);
+        assert!(!ok, "{args:?} succeeded:\n{stdout}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: stderr lacks {needle:?}:\n{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+    }
+}
