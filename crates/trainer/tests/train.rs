@@ -313,3 +313,106 @@ fn schedules_match_transformers() {
         702
     );
 }
+
+/// Per-step loss vs the PyTorch reference loop: relative error.
+const STEP_LOSS_REL_TOL: f64 = 1e-4;
+/// Final adapter weights vs the reference: max abs error relative to each tensor's max magnitude.
+const FINAL_WEIGHT_REL_TOL: f32 = 1e-4;
+
+#[test]
+fn ten_steps_match_pytorch_reference_loop() {
+    let _rng = rng_lock();
+    let dir = fixture().join("../train-tiny");
+    let ex: Vec<Example> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("examples.json")).unwrap()).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("losses.json")).unwrap()).unwrap();
+    let base = qwen2::load_model::<Ad>(&fixture(), DType::F32, &Default::default())
+        .unwrap()
+        .model;
+    let (m, cfg, _) =
+        lora_core::load_adapter(base, &fixture().join("../peft-tiny-untied")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = TrainingArguments {
+        output_dir: tmp.path().to_path_buf(),
+        per_device_train_batch_size: 2,
+        gradient_accumulation_steps: 2,
+        learning_rate: 1e-3,
+        warmup_steps: 2,
+        max_steps: Some(10),
+        max_grad_norm: 1.0,
+        shuffle: false,
+        save_steps: 0,
+        logging_steps: 1,
+        ..TrainingArguments::default()
+    };
+    let mut norms = Vec::new();
+    let mut cb = |e: &TrainEvent| {
+        if let TrainEvent::Log(l) = e {
+            norms.push(l.grad_norm);
+        }
+        true
+    };
+    let (m, out) = train(
+        m,
+        &cfg,
+        &ex,
+        Collator::new(0),
+        &a,
+        &Default::default(),
+        &mut cb,
+    )
+    .unwrap();
+    let mut worst_loss = 0f64;
+    for (i, (got, want)) in out
+        .state
+        .step_losses
+        .iter()
+        .zip(want["loss"].as_array().unwrap())
+        .enumerate()
+    {
+        let want = want.as_f64().unwrap();
+        let rel = (got - want).abs() / want.abs();
+        assert!(
+            rel <= STEP_LOSS_REL_TOL,
+            "step {}: loss {got} vs PyTorch {want} (rel {rel:e})",
+            i + 1
+        );
+        worst_loss = worst_loss.max(rel);
+    }
+    for (i, (got, want)) in norms
+        .iter()
+        .zip(want["grad_norm"].as_array().unwrap())
+        .enumerate()
+    {
+        let want = want.as_f64().unwrap();
+        assert!(
+            (got - want).abs() / want <= 1e-4,
+            "step {}: grad norm {got} vs {want}",
+            i + 1
+        );
+    }
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut worst_w = 0f32;
+    for (path, v) in values(&m) {
+        let r = st.tensor(&format!("final.{path}")).unwrap();
+        let r: Vec<f32> = r
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let scale = r.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let err = v
+            .iter()
+            .zip(&r)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()))
+            / scale;
+        assert!(
+            err <= FINAL_WEIGHT_REL_TOL,
+            "{path}: final weights differ by {err:e} (relative)"
+        );
+        worst_w = worst_w.max(err);
+    }
+    println!("10 steps vs PyTorch: worst step-loss rel error {worst_loss:.2e}, worst final-weight rel error {worst_w:.2e}");
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Writes the training-loop reference under tests/fixtures/train-tiny/: 10 optimizer steps in PyTorch.
+
+Pinned environment (the versions these fixtures were generated with):
+    torch==2.15.0  transformers==5.24.0  peft==0.21.2  safetensors==0.8.0  (Python 3.11)
+
+Regenerate (from the repository root, after scripts/make_fixtures.py and make_lora_fixtures.py):
+    .venv/bin/python scripts/make_train_fixtures.py
+
+The loop is transformers' Trainer arithmetic for a PEFT model, written out so every choice is visible:
+base tests/fixtures/tiny-untied-f32-sharded + the PEFT adapter tests/fixtures/peft-tiny-untied
+(dropout 0), 12 fixed examples (examples.json), no shuffle, per-device batch 2, gradient accumulation
+2 (one optimizer step = 4 examples; 3 steps an epoch), right padding with pad id 0 and labels -100
+(DataCollatorForSeq2Seq), each micro-batch's summed token loss divided by the supervised tokens of
+the whole step (transformers >= 4.46, `num_items_in_batch`), clip_grad_norm_(1.0) over all adapter
+gradients, torch.optim.AdamW(lr 1e-3, betas 0.9/0.999, eps 1e-8, weight_decay 0), and
+get_linear_schedule_with_warmup(2 warmup steps, 10 total). Writes reference.safetensors:
+    loss            [10]  mean token loss of each optimizer step (before its update)
+    grad_norm       [10]  global gradient norm before clipping
+    final.<path>    every lora_A / lora_B after the 10th step, keyed by our module path
+"""
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from safetensors.torch import save_file
+from transformers import Qwen2ForCausalLM, get_linear_schedule_with_warmup
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+BASE = os.path.join("tests", "fixtures", "tiny-untied-f32-sharded")
+ADAPTER = os.path.join("tests", "fixtures", "peft-tiny-untied")
+OUT = os.path.join("tests", "fixtures", "train-tiny")
+STEPS, BS, ACCUM, LR, WARMUP, MAX_NORM = 10, 2, 2, 1e-3, 2, 1.0
+
+
+def examples():
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for i in range(12):
+        n = 6 + (i * 5) % 9
+        ids = torch.randint(1, 256, (n,), generator=g).tolist()
+        labels = [-100 if j < 3 else t for j, t in enumerate(ids)]
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * n})
+    return out
+
+
+def collate(batch):
+    seq = max(len(e["input_ids"]) for e in batch)
+    pad = lambda v, x: v + [x] * (seq - len(v))
+    ids = torch.tensor([pad(e["input_ids"], 0) for e in batch])
+    mask = torch.tensor([pad(e["attention_mask"], 0) for e in batch])
+    labels = torch.tensor([pad(e["labels"], -100) for e in batch])
+    return ids, mask, labels
+
+
+def loss_sum(model, ids, mask, labels):
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+
+
+def main():
+    os.chdir(ROOT)
+    os.makedirs(OUT, exist_ok=True)
+    data = examples()
+    with open(os.path.join(OUT, "examples.json"), "w") as f:
+        json.dump(data, f)
+    base = Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, ADAPTER, is_trainable=True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = get_linear_schedule_with_warmup(opt, WARMUP, STEPS)
+    micro = [data[i:i + BS] for i in range(0, len(data), BS)]  # sequential, 6 micro-batches an epoch
+    losses, norms, k = [], [], 0
+    for _ in range(STEPS):
+        group = [micro[(k + j) % len(micro)] for j in range(ACCUM)]
+        k += ACCUM
+        n_sup = sum(sum(1 for l in e["labels"][1:] if l != -100) for b in group for e in b)
+        total = 0.0
+        for b in group:
+            loss = loss_sum(model, *collate(b)) / n_sup
+            loss.backward()
+            total += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+        norms.append(norm.item())
+    tensors = {"loss": torch.tensor(losses, dtype=torch.float64).float(),
+               "grad_norm": torch.tensor(norms).float()}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            path = name.replace("base_model.model.", "", 1).replace(".default", "")
+            tensors[f"final.{path}"] = p.detach().clone()
+    # Losses in f64 text too: the f32 tensor above rounds them.
+    with open(os.path.join(OUT, "losses.json"), "w") as f:
+        json.dump({"loss": losses, "grad_norm": norms}, f, indent=1)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "reference.safetensors"))
+    print("losses", [round(x, 5) for x in losses])
+    print("grad norms", [round(x, 4) for x in norms])
+
+
+if __name__ == "__main__":
+    main()
