@@ -123,6 +123,22 @@ pub enum Qwen2Error {
         /// The stored dtype.
         dtype: String,
     },
+    /// `generation_config.json` is malformed or holds impossible values.
+    #[error("{}: invalid generation config: {reason}", display_path(.path))]
+    GenerationConfig {
+        /// The file, when known.
+        path: Option<PathBuf>,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Writing an exported model failed.
+    #[error("cannot write {path}: {reason}")]
+    Write {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS or serializer error, and what to do.
+        reason: String,
+    },
     /// A failure while converting tensor data after all checks passed.
     #[error("loading `{key}` from {file} failed: {reason}")]
     Load {

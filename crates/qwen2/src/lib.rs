@@ -2,21 +2,27 @@
 //! `Qwen2ForCausalLM`, loading its checkpoints (single file or sharded; f32, bf16 or f16).
 //!
 //! The linear projections are [`lora_core::LoraLinear`], so a LoRA adapter attaches to this model
-//! without rewriting it; with no adapter attached they are plain linear layers.
+//! without rewriting it; with no adapter attached they are plain linear layers. Generation (KV
+//! cache, HF's sampling) and export of a (merged) model as an HF checkpoint live here too.
 
 mod attention;
 mod config;
 mod error;
+mod export;
+mod generate;
 mod load;
 mod mlp;
 mod model;
 mod norm;
 mod rope;
+mod sampling;
 mod save;
 
 pub use attention::Qwen2Attention;
 pub use config::{Qwen2Config, RopeParameters, TokenIds};
 pub use error::Qwen2Error;
+pub use export::{export_weights, parse_size, ExportReport};
+pub use generate::{generate, Generation, KvCache, StopReason};
 pub use load::{
     load_model, load_safetensors_into, parameter_shapes, resolve_model_dir, weight_files,
     LoadReport, LoadedModel,
@@ -27,4 +33,8 @@ pub use model::{
 };
 pub use norm::Qwen2RmsNorm;
 pub use rope::{inv_freq, RopeCache};
+pub use sampling::{
+    argmax, repetition_penalty, softmax, top_k, top_p, GenerationConfig, SplitMix64, TokenSampler,
+    GENERATION_CONFIG,
+};
 pub use save::save_model;
