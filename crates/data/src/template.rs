@@ -16,7 +16,7 @@
 use std::str::FromStr;
 
 use crate::error::{DataError, Result};
-use crate::format::{Conversation, Role};
+use crate::format::{Conversation, Message, Role};
 use crate::Example;
 
 /// The label value the loss ignores (PyTorch's `CrossEntropyLoss` `ignore_index`).
@@ -67,6 +67,31 @@ impl FromStr for Template {
                 expected: "seed, qwen",
             }),
         }
+    }
+}
+
+impl Template {
+    /// The text of a prompt for generation, as Qwen2.5's `apply_chat_template(messages,
+    /// add_generation_prompt=True)` renders it: a system block (the first message when it is a
+    /// system message, else `default_system`), every turn in ChatML, then `<|im_start|>assistant\n`.
+    /// Both templates render prompts alike; they differ only in how training answers end.
+    pub fn render_prompt(self, messages: &[Message], default_system: &str) -> String {
+        let mut text = String::new();
+        let body = match messages.first() {
+            Some(m) if m.role == Role::System => {
+                push_turn(&mut text, Role::System, &m.content);
+                &messages[1..]
+            }
+            _ => {
+                push_turn(&mut text, Role::System, default_system);
+                messages
+            }
+        };
+        for m in body {
+            push_turn(&mut text, m.role, &m.content);
+        }
+        text.push_str("<|im_start|>assistant\n");
+        text
     }
 }
 
@@ -254,6 +279,35 @@ mod tests {
             eprintln!("skipping: shared data not found; set FERROLORA_SHARED_DATA");
         }
         dir
+    }
+
+    /// What Qwen2.5's chat template renders for a system + user + assistant + user history with
+    /// `add_generation_prompt=True`, and its default system block when there is none.
+    #[test]
+    fn render_prompt_is_qwen_chat_template() {
+        let m = |role, content: &str| Message {
+            role,
+            content: content.to_string(),
+        };
+        let msgs = [
+            m(Role::System, "S"),
+            m(Role::User, "你是谁？"),
+            m(Role::Assistant, "A"),
+            m(Role::User, "U2"),
+        ];
+        assert_eq!(
+            Template::Qwen.render_prompt(&msgs, "ignored"),
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n你是谁？<|im_end|>\n\
+             <|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nU2<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+        assert_eq!(
+            Template::Qwen.render_prompt(&msgs[1..2], QWEN_DEFAULT_SYSTEM),
+            format!(
+                "<|im_start|>system\n{QWEN_DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n你是谁？\
+                 <|im_end|>\n<|im_start|>assistant\n"
+            )
+        );
     }
 
     /// The cached system block is used for Qwen2.5's tokenizer, and gives exactly the ids of
