@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::DType;
 use lora_core::{apply_lora, load_adapter, LoraConfig, ModuleSelector};
-use lora_data::{ChatTokenizer, Collator, Format, PrepareOptions, Template};
+use lora_data::{ChatTokenizer, Collator, Example, Format, PrepareOptions, Template};
 use lora_trainer::{train, SchedulerType, TrainEvent, TrainingArguments};
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +45,10 @@ pub struct FinetuneOptions {
     pub use_rslora: bool,
     /// Start from this PEFT adapter instead of a fresh one.
     pub init_adapter: Option<PathBuf>,
+    /// Evaluation data (same formats as `data`).
+    pub eval_data: Option<PathBuf>,
+    /// Hold out this fraction of `data` for evaluation instead (seeded shuffle).
+    pub eval_split: Option<f64>,
     /// `cpu` or `cuda[:N]`.
     pub device: String,
     /// The loop's options (transformers' names).
@@ -78,6 +82,8 @@ impl Default for FinetuneOptions {
             .to_vec(),
             use_rslora: false,
             init_adapter: None,
+            eval_data: None,
+            eval_split: None,
             device: "cpu".into(),
             training: TrainingArguments::tutorial(PathBuf::from("output")),
         }
@@ -124,6 +130,15 @@ pub struct FinetuneArgs {
     use_rslora: bool,
     #[arg(long)]
     init_adapter: Option<PathBuf>,
+    /// Evaluation data file.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Hold out this fraction of --data for evaluation.
+    #[arg(long)]
+    eval_split: Option<f64>,
+    /// Evaluate every N steps (and at the end).
+    #[arg(long)]
+    eval_steps: Option<usize>,
     /// cpu | cuda[:N]
     #[arg(long)]
     device: Option<String>,
@@ -193,6 +208,7 @@ impl FinetuneArgs {
         }
         set_opt!(model => o.model, data => o.data, tokenizer => o.tokenizer, system => o.system,
             format => o.format, init_adapter => o.init_adapter, max_steps => o.training.max_steps,
+            eval_data => o.eval_data, eval_split => o.eval_split, eval_steps => o.training.eval_steps,
             save_total_limit => o.training.save_total_limit,
             resume_from_checkpoint => o.training.resume_from_checkpoint);
         set!(output => o.training.output_dir, template => o.template, max_length => o.max_length,
@@ -270,10 +286,77 @@ fn run_cuda(_: &FinetuneOptions, d: &str) -> anyhow::Result<()> {
     bail!("--device {d}: this build has no CUDA support; rebuild with `--features cuda` (needs the CUDA toolkit)")
 }
 
-fn tokenizer_path(o: &FinetuneOptions, model_dir: &Path) -> PathBuf {
-    o.tokenizer
-        .clone()
-        .unwrap_or_else(|| model_dir.to_path_buf())
+/// How to turn a data file into examples (shared by `finetune` and `eval`).
+pub struct DataSpec<'a> {
+    pub tokenizer: &'a Path,
+    pub template: &'a str,
+    pub system: Option<String>,
+    pub max_length: usize,
+    pub format: Option<&'a str>,
+}
+
+/// Loads, templates and tokenizes a data file; prints its summary under `label` (stderr).
+pub fn prepare_file(
+    file: &Path,
+    spec: &DataSpec,
+    label: &str,
+) -> anyhow::Result<(lora_data::Prepared, ChatTokenizer)> {
+    let template = match spec.template {
+        "seed" => Template::Seed,
+        "qwen" => Template::Qwen,
+        t => bail!("--template {t:?}: use seed or qwen"),
+    };
+    let format = match spec.format {
+        None => None,
+        Some("alpaca") => Some(Format::Alpaca),
+        Some("sharegpt") => Some(Format::ShareGpt),
+        Some("messages") => Some(Format::Messages),
+        Some(f) => bail!("--format {f:?}: use alpaca, sharegpt or messages"),
+    };
+    let ds = lora_data::load_dataset(file, format)?;
+    let tok = ChatTokenizer::load(spec.tokenizer)?;
+    let opts = PrepareOptions {
+        template,
+        system: spec.system.clone(),
+        max_length: spec.max_length,
+    };
+    let prepared = lora_data::prepare(&ds.conversations, &tok, &opts)?;
+    eprintln!("{label}: {}", prepared.summary);
+    Ok((prepared, tok))
+}
+
+/// Splits off `ratio` of the examples (a seeded shuffle) for evaluation, keeping input order.
+fn split(
+    examples: Vec<Example>,
+    ratio: f64,
+    seed: u64,
+) -> anyhow::Result<(Vec<Example>, Vec<Example>)> {
+    if !(ratio > 0.0 && ratio < 1.0) {
+        bail!("--eval-split {ratio}: use a fraction in (0, 1)");
+    }
+    let n = examples.len();
+    let n_eval = ((n as f64) * ratio).ceil() as usize;
+    if n_eval == 0 || n_eval >= n {
+        bail!("--eval-split {ratio} leaves no training or no eval example of {n}");
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut s = seed ^ 0x5DEE_CE66_D1CE_4E5B;
+    for i in (1..n).rev() {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        order.swap(i, ((s >> 33) % (i as u64 + 1)) as usize);
+    }
+    let eval_idx: std::collections::HashSet<usize> = order[n - n_eval..].iter().copied().collect();
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (i, e) in examples.into_iter().enumerate() {
+        if eval_idx.contains(&i) {
+            eval.push(e);
+        } else {
+            train.push(e);
+        }
+    }
+    Ok((train, eval))
 }
 
 fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow::Result<()> {
@@ -285,18 +368,6 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         bail!("--data FILE is required (alpaca / sharegpt / messages, JSON or JSONL)");
     };
     let model_dir = qwen2::resolve_model_dir(model_arg)?;
-    let template = match o.template.as_str() {
-        "seed" => Template::Seed,
-        "qwen" => Template::Qwen,
-        t => bail!("--template {t:?}: use seed or qwen"),
-    };
-    let format = match o.format.as_deref() {
-        None => None,
-        Some("alpaca") => Some(Format::Alpaca),
-        Some("sharegpt") => Some(Format::ShareGpt),
-        Some("messages") => Some(Format::Messages),
-        Some(f) => bail!("--format {f:?}: use alpaca, sharegpt or messages"),
-    };
     if o.training.gradient_checkpointing {
         eprintln!(
             "note: gradient_checkpointing is not implemented yet; training keeps all activations \
@@ -305,15 +376,24 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
     }
 
     // Data.
-    let ds = lora_data::load_dataset(data, format)?;
-    let tok = ChatTokenizer::load(&tokenizer_path(o, &model_dir))?;
-    let opts = PrepareOptions {
-        template,
+    let tok_path = o.tokenizer.clone().unwrap_or_else(|| model_dir.clone());
+    let spec = DataSpec {
+        tokenizer: &tok_path,
+        template: &o.template,
         system: o.system.clone(),
         max_length: o.max_length,
+        format: o.format.as_deref(),
     };
-    let prepared = lora_data::prepare(&ds.conversations, &tok, &opts)?;
-    println!("{}", prepared.summary);
+    let (prepared, tok) = prepare_file(data, &spec, "train data")?;
+    let (train_ex, eval_ex) = match (&o.eval_data, o.eval_split) {
+        (Some(_), Some(_)) => bail!("give --eval-data or --eval-split, not both"),
+        (Some(f), None) => (
+            prepared.examples,
+            prepare_file(f, &spec, "eval data")?.0.examples,
+        ),
+        (None, Some(r)) => split(prepared.examples, r, o.training.seed)?,
+        (None, None) => (prepared.examples, Vec::new()),
+    };
 
     // Model and adapter.
     let t = Instant::now();
@@ -331,32 +411,52 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
     };
     println!("{report}");
 
-    // Train.
+    // Train. Log lines go to stdout (one JSON object each); the progress bar to stderr.
     let started = Instant::now();
     let collator = Collator::new(tok.pad_token_id);
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    let mut tok_s = 0.0;
     let mut on_event = |e: &TrainEvent| {
         match e {
-            TrainEvent::Start { step, total } => println!("training: step {step} of {total}"),
-            TrainEvent::Log(l) => println!(
-                "{{\"step\": {}, \"epoch\": {:.3}, \"loss\": {:.4}, \"grad_norm\": {:.4}, \"learning_rate\": {:.3e}, \"tokens_per_s\": {:.1}}}",
-                l.step, l.epoch, l.loss, l.grad_norm, l.learning_rate, l.tokens_per_s
-            ),
-            TrainEvent::Saved(p) => println!("saved {}", p.display()),
-            TrainEvent::Step { .. } => {}
+            TrainEvent::Start { step, total } => {
+                bar.set_length(*total as u64);
+                bar.set_position(*step as u64);
+                bar.reset_eta();
+            }
+            TrainEvent::Step { loss, lr, .. } => {
+                bar.inc(1);
+                bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
+            }
+            TrainEvent::Log(l) => {
+                tok_s = l.tokens_per_s;
+                bar.suspend(|| println!("{}", serde_json::to_string(l).expect("serializes")));
+            }
+            TrainEvent::Eval(x) => {
+                bar.suspend(|| println!("{}", serde_json::to_string(x).expect("serializes")))
+            }
+            TrainEvent::Saved(p) => bar.suspend(|| eprintln!("saved {}", p.display())),
         }
         true
     };
     let (_, outcome) = train(
         model,
         &lora_cfg,
-        &prepared.examples,
+        &train_ex,
+        &eval_ex,
         collator,
         &o.training,
         device,
         &mut on_event,
     )?;
+    bar.finish_and_clear();
     println!(
-        "done: {} steps in {:.1?}; adapter written to {} (adapter_model.safetensors, adapter_config.json)",
+        "done: {} steps in {:.1?}; adapter written to {} (adapter_model.safetensors, adapter_config.json; metrics.jsonl, loss.svg)",
         outcome.state.global_step,
         started.elapsed(),
         outcome.adapter_dir.display()

@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod eval;
 mod finetune;
 mod info;
 mod mem;
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Fine-tune a model with LoRA (the tutorial's recipe by default) and write a PEFT adapter.
     Finetune(Box<finetune::FinetuneArgs>),
+    /// Mean causal-LM loss and perplexity of a model (+ adapter) over a data file.
+    Eval(eval::EvalArgs),
     /// Load a model directory and print its config, parameter count and load report.
     Info(info::InfoArgs),
     /// Measure peak memory while loading a (synthetic) checkpoint.
@@ -34,6 +37,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Finetune(a) => finetune::run(*a),
+        Command::Eval(a) => eval::run(a),
         Command::Info(a) => info::run(a),
         Command::MemLoad(a) => mem::run(a),
         Command::Prepare(a) => prepare::run(a),

@@ -88,6 +88,10 @@ fn finetune_writes_a_reloadable_peft_adapter() {
         "false",
         "--learning-rate",
         "1e-2",
+        "--eval-split",
+        "0.25",
+        "--eval-steps",
+        "2",
     ]);
     assert!(ok, "finetune failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("trainable params: "), "{stdout}");
@@ -95,6 +99,45 @@ fn finetune_writes_a_reloadable_peft_adapter() {
         stdout.matches("\"loss\"").count(),
         3,
         "one log line per step:\n{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("\"eval_loss\"").count(),
+        2,
+        "eval at step 2 and at the end:\n{stdout}"
+    );
+    assert!(out.join("loss.svg").is_file());
+
+    // `eval` with and without the adapter: one JSON line each, over all 12 records.
+    let eval = |adapter: Option<&Path>| -> serde_json::Value {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--max-length",
+            "64",
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        let (ok, stdout, stderr) = xtask(&args);
+        assert!(ok, "eval failed:\n{stderr}");
+        serde_json::from_str(stdout.trim()).unwrap()
+    };
+    let (base_eval, tuned_eval) = (eval(None), eval(Some(&out)));
+    assert_eq!(base_eval["records"], 12);
+    assert!(base_eval["supervised_tokens"].as_u64().unwrap() > 0);
+    let (lb, lt) = (
+        base_eval["loss"].as_f64().unwrap(),
+        tuned_eval["loss"].as_f64().unwrap(),
+    );
+    assert!((base_eval["perplexity"].as_f64().unwrap() - lb.exp()).abs() < 1e-6 * lb.exp());
+    assert!(
+        lt < lb,
+        "fine-tuning on these records should lower their loss: {lb} -> {lt}"
     );
     for f in [
         "adapter_model.safetensors",

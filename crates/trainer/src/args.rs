@@ -57,6 +57,8 @@ pub struct TrainingArguments {
     pub save_steps: usize,
     /// Keep at most this many checkpoints (oldest pruned).
     pub save_total_limit: Option<usize>,
+    /// Evaluate every this many steps (and always at the end) when eval data is given.
+    pub eval_steps: Option<usize>,
     /// Seed of the sampler and of dropout.
     pub seed: u64,
     /// Shuffle the training set each epoch.
@@ -87,6 +89,7 @@ impl Default for TrainingArguments {
             logging_steps: 500,
             save_steps: 500,
             save_total_limit: None,
+            eval_steps: None,
             seed: 42,
             shuffle: true,
             gradient_checkpointing: false,

@@ -29,6 +29,19 @@ pub struct LogEntry {
     pub tokens_per_s: f64,
 }
 
+/// One evaluation (also a line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalEntry {
+    /// Optimizer step (1-based).
+    pub step: usize,
+    /// Fractional epoch.
+    pub epoch: f64,
+    /// Mean token loss over the eval set.
+    pub eval_loss: f64,
+    /// `exp(eval_loss)`.
+    pub eval_perplexity: f64,
+}
+
 /// `trainer_state.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -46,6 +59,9 @@ pub struct TrainerState {
     pub step_losses: Vec<f64>,
     /// The logged lines.
     pub log_history: Vec<LogEntry>,
+    /// The evaluations.
+    #[serde(default)]
+    pub eval_history: Vec<EvalEntry>,
 }
 
 /// File names inside a checkpoint.

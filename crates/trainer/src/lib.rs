@@ -7,12 +7,16 @@ mod args;
 pub mod checkpoint;
 mod clip;
 mod error;
+mod eval;
 mod loss;
+mod plot;
 mod train;
 
 pub use args::{SchedulerType, TrainingArguments};
-pub use checkpoint::{LogEntry, TrainerState};
+pub use checkpoint::{EvalEntry, LogEntry, TrainerState};
 pub use clip::clip_global_norm;
 pub use error::TrainError;
+pub use eval::{evaluate, EvalResult};
 pub use loss::{causal_lm_loss, causal_lm_loss_sum, IGNORE_INDEX};
-pub use train::{train, TrainEvent, TrainOutcome, TrainableLm};
+pub use plot::write_loss_svg;
+pub use train::{train, CausalLm, TrainEvent, TrainOutcome, TrainableLm};

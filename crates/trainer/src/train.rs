@@ -10,25 +10,46 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use lora_core::{load_adapter, save_adapter, LoraConfig, LoraModel};
 use lora_data::{Batch, Collator, Example, Sampler, SamplerState, IGNORE_INDEX};
 use qwen2::Qwen2ForCausalLM;
 
 use crate::args::TrainingArguments;
-use crate::checkpoint::{self, LogEntry, TrainerState, OPTIMIZER_FILE};
+use crate::checkpoint::{self, EvalEntry, LogEntry, TrainerState, OPTIMIZER_FILE};
 use crate::clip::clip_global_norm;
 use crate::error::TrainError;
+use crate::eval::evaluate;
 use crate::loss::causal_lm_loss_sum;
+use crate::plot::write_loss_svg;
 
-/// A causal language model the trainer can fine-tune.
-pub trait TrainableLm<B: AutodiffBackend>: LoraModel<B> + AutodiffModule<B> {
+/// A causal language model that can score a batch (training and evaluation).
+pub trait CausalLm<B: Backend> {
     /// Sum of token losses over the supervised positions of `batch` (labels shifted inside).
     fn loss_sum(&self, batch: &Batch<B>) -> Tensor<B, 1>;
 }
 
+/// A causal language model the trainer can fine-tune: scored on the autodiff backend, evaluated on
+/// the inner one (`valid()`, no graph), with LoRA layers.
+pub trait TrainableLm<B: AutodiffBackend>: CausalLm<B> + LoraModel<B> + AutodiffModule<B> {
+    /// [`CausalLm::loss_sum`] of the inference-path copy of the model.
+    fn inner_loss_sum(
+        inner: &Self::InnerModule,
+        batch: &Batch<B::InnerBackend>,
+    ) -> Tensor<B::InnerBackend, 1>;
+}
+
 impl<B: AutodiffBackend> TrainableLm<B> for Qwen2ForCausalLM<B> {
+    fn inner_loss_sum(
+        inner: &Self::InnerModule,
+        batch: &Batch<B::InnerBackend>,
+    ) -> Tensor<B::InnerBackend, 1> {
+        inner.loss_sum(batch)
+    }
+}
+
+impl<B: Backend> CausalLm<B> for Qwen2ForCausalLM<B> {
     fn loss_sum(&self, batch: &Batch<B>) -> Tensor<B, 1> {
         let logits = self.forward(
             batch.input_ids.clone(),
@@ -62,6 +83,8 @@ pub enum TrainEvent {
     },
     /// A log line (also appended to `metrics.jsonl`).
     Log(LogEntry),
+    /// An evaluation finished (also appended to `metrics.jsonl`).
+    Eval(EvalEntry),
     /// A checkpoint was written.
     Saved(PathBuf),
 }
@@ -78,7 +101,7 @@ pub struct TrainOutcome {
 }
 
 /// Supervised tokens an example contributes after the shift (labels at positions 1..).
-fn supervised(e: &Example) -> usize {
+pub(crate) fn supervised(e: &Example) -> usize {
     e.labels
         .iter()
         .skip(1)
@@ -106,6 +129,7 @@ pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
     mut model: M,
     lora_cfg: &LoraConfig,
     examples: &[Example],
+    eval_examples: &[Example],
     collator: Collator,
     args: &TrainingArguments,
     device: &B::Device,
@@ -145,6 +169,7 @@ pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
         seed: args.seed,
         step_losses: Vec::new(),
         log_history: Vec::new(),
+        eval_history: Vec::new(),
     };
     if let Some(arg) = &args.resume_from_checkpoint {
         let dir = checkpoint::resolve_resume(arg, out)?;
@@ -273,6 +298,27 @@ pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
             (window_loss, window_steps, window_tokens) = (0.0, 0, 0);
             window_start = Instant::now();
         }
+        let eval_due = args.eval_steps.is_some_and(|n| n > 0 && step % n == 0) || step == total;
+        if !eval_examples.is_empty() && eval_due {
+            let inner = model.valid();
+            let r = evaluate(
+                |b| M::inner_loss_sum(&inner, b),
+                eval_examples,
+                &collator,
+                bs,
+                device,
+            );
+            let entry = EvalEntry {
+                step,
+                epoch: state.epoch,
+                eval_loss: r.loss,
+                eval_perplexity: r.perplexity,
+            };
+            let line = serde_json::to_string(&entry).expect("eval entry serializes");
+            writeln!(metrics, "{line}").map_err(|e| TrainError::io(&metrics_path, e))?;
+            state.eval_history.push(entry.clone());
+            go_on &= on_event(&TrainEvent::Eval(entry));
+        }
         if args.save_steps > 0 && step % args.save_steps == 0 {
             let dir = save_checkpoint(&model, lora_cfg, &optim, &recorder, &state, out)?;
             checkpoint::prune(out, args.save_total_limit)?;
@@ -284,6 +330,14 @@ pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
         save_adapter(&model, lora_cfg, out)?;
         checkpoint::write_state(out, &state)?;
     }
+    let train_pts: Vec<(usize, f64)> = state.log_history.iter().map(|l| (l.step, l.loss)).collect();
+    let eval_pts: Vec<(usize, f64)> = state
+        .eval_history
+        .iter()
+        .map(|e| (e.step, e.eval_loss))
+        .collect();
+    let plot = out.join("loss.svg");
+    write_loss_svg(&plot, &train_pts, &eval_pts).map_err(|e| TrainError::io(&plot, e))?;
     Ok((
         model,
         TrainOutcome {

@@ -101,6 +101,7 @@ fn run(
         model(cfg),
         cfg,
         ex,
+        &[],
         Collator::new(0),
         a,
         &Default::default(),
@@ -199,6 +200,7 @@ fn checkpoints_are_complete_and_pruned() {
             "adapter_model.safetensors",
             "checkpoint-4",
             "checkpoint-5",
+            "loss.svg",
             "metrics.jsonl",
             "trainer_state.json"
         ]
@@ -246,6 +248,7 @@ fn non_finite_loss_stops_with_step_and_keeps_checkpoint() {
         m,
         &cfg,
         &examples(6),
+        &[],
         Collator::new(0),
         &a,
         &Default::default(),
@@ -357,6 +360,7 @@ fn ten_steps_match_pytorch_reference_loop() {
         m,
         &cfg,
         &ex,
+        &[],
         Collator::new(0),
         &a,
         &Default::default(),
@@ -415,4 +419,68 @@ fn ten_steps_match_pytorch_reference_loop() {
         worst_w = worst_w.max(err);
     }
     println!("10 steps vs PyTorch: worst step-loss rel error {worst_loss:.2e}, worst final-weight rel error {worst_w:.2e}");
+}
+
+#[test]
+fn eval_runs_every_eval_steps_and_at_the_end() {
+    let _rng = rng_lock();
+    let cfg = lora_cfg(0.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let (train_ex, eval_ex) = (examples(8), examples(11)[8..].to_vec());
+    let a = TrainingArguments {
+        eval_steps: Some(2),
+        max_steps: Some(5),
+        save_steps: 0,
+        ..args(tmp.path())
+    };
+    let mut evals = Vec::new();
+    let mut cb = |e: &TrainEvent| {
+        if let TrainEvent::Eval(x) = e {
+            evals.push(x.clone());
+        }
+        true
+    };
+    let m0 = model(&cfg);
+    // An evaluation recomputed by hand: total token loss / supervised tokens of the eval set.
+    let inner = burn::module::AutodiffModule::valid(&m0);
+    let direct = lora_trainer::evaluate(
+        |b| lora_trainer::CausalLm::loss_sum(&inner, b),
+        &eval_ex,
+        &Collator::new(0),
+        1,
+        &Default::default(),
+    );
+    let batched = lora_trainer::evaluate(
+        |b| lora_trainer::CausalLm::loss_sum(&inner, b),
+        &eval_ex,
+        &Collator::new(0),
+        3,
+        &Default::default(),
+    );
+    let n: usize = eval_ex
+        .iter()
+        .map(|e| e.labels[1..].iter().filter(|&&l| l != -100).count())
+        .sum();
+    assert_eq!(direct.supervised_tokens, n);
+    assert!(
+        (direct.loss - batched.loss).abs() <= 1e-6 * direct.loss,
+        "batching changed the eval loss"
+    );
+    assert!((direct.perplexity - direct.loss.exp()).abs() < 1e-9);
+    train(
+        m0,
+        &cfg,
+        &train_ex,
+        &eval_ex,
+        Collator::new(0),
+        &a,
+        &Default::default(),
+        &mut cb,
+    )
+    .unwrap();
+    assert_eq!(evals.iter().map(|e| e.step).collect::<Vec<_>>(), [2, 4, 5]);
+    let metrics = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.matches("eval_loss").count(), 3);
+    let svg = std::fs::read_to_string(tmp.path().join("loss.svg")).unwrap();
+    assert!(svg.contains("train loss") && svg.contains("eval loss") && svg.contains("<polyline"));
 }

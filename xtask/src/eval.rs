@@ -1,0 +1,81 @@
+//! `cargo xtask eval`: the mean causal-LM loss (and perplexity) of a model, with or without an
+//! adapter, over every supervised token of a data file, on the inference path. Prints one JSON line.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use burn::tensor::DType;
+use lora_data::Collator;
+use lora_trainer::{evaluate, CausalLm};
+
+use crate::finetune::{prepare_file, DataSpec};
+
+/// Arguments of `eval`.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Model directory, hub cache entry or `Org/Name`.
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Data file (alpaca / sharegpt / messages; JSON or JSONL).
+    #[arg(long)]
+    data: PathBuf,
+    /// Tokenizer directory or tokenizer.json (default: the model directory).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// seed | qwen
+    #[arg(long, default_value = "seed")]
+    template: String,
+    /// System prompt for records without one (default: the template's).
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 384)]
+    max_length: usize,
+    /// alpaca | sharegpt | messages
+    #[arg(long)]
+    format: Option<String>,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// cpu (cuda: not yet for eval)
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run(a: EvalArgs) -> anyhow::Result<()> {
+    if a.device != "cpu" {
+        bail!("--device {}: eval runs on cpu in this version", a.device);
+    }
+    if a.batch_size == 0 {
+        bail!("--batch-size 0: use at least 1");
+    }
+    type B = burn::backend::Flex;
+    let dev = Default::default();
+    let model_dir = qwen2::resolve_model_dir(&a.model)?;
+    let tok = a.tokenizer.clone().unwrap_or_else(|| model_dir.clone());
+    let spec = DataSpec {
+        tokenizer: &tok,
+        template: &a.template,
+        system: a.system.clone(),
+        max_length: a.max_length,
+        format: a.format.as_deref(),
+    };
+    let (prepared, tokenizer) = prepare_file(&a.data, &spec, "eval data")?;
+    let mut model = qwen2::load_model::<B>(&model_dir, DType::F32, &dev)?.model;
+    if let Some(dir) = &a.adapter {
+        model = lora_core::load_adapter(model, dir)
+            .with_context(|| format!("--adapter {}", dir.display()))?
+            .0;
+    }
+    let r = evaluate(
+        |b| model.loss_sum(b),
+        &prepared.examples,
+        &Collator::new(tokenizer.pad_token_id),
+        a.batch_size,
+        &dev,
+    );
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
