@@ -125,6 +125,7 @@ fn step_seed(seed: u64, step: usize) -> u64 {
 /// Resumes from `args.resume_from_checkpoint` when set: adapter weights, optimizer state, sampler
 /// position and step counter come from the checkpoint, and the per-step losses continue exactly as
 /// in an uninterrupted run (bitwise on CPU). Checkpoints and the final adapter are PEFT directories.
+#[allow(clippy::too_many_arguments)] // each is a distinct input of a run; a bundle would only rename them
 pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
     mut model: M,
     lora_cfg: &LoraConfig,
