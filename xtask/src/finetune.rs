@@ -185,7 +185,9 @@ pub struct FinetuneArgs {
 impl FinetuneArgs {
     /// Defaults, then the config file, then flags.
     pub fn resolve(self) -> anyhow::Result<FinetuneOptions> {
+        let demo = self.model.is_none() && self.data.is_none() && self.config.is_none();
         let mut o = match &self.config {
+            None if demo => crate::demo::defaults(),
             None => FinetuneOptions::default(),
             Some(p) => {
                 let text = std::fs::read_to_string(p)
@@ -262,6 +264,9 @@ impl FinetuneOptions {
 pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     let o = a.resolve()?;
     o.training.validate()?;
+    if o.model.is_none() && o.data.is_none() {
+        return crate::demo::run(o);
+    }
     match o.device.as_str() {
         "cpu" => run_on::<burn::backend::Autodiff<burn::backend::Flex>>(&o, &Default::default()),
         d if d == "cuda" || d.starts_with("cuda:") => run_cuda(&o, d),
@@ -359,7 +364,7 @@ fn split(
     Ok((train, eval))
 }
 
-fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow::Result<()> {
+pub fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow::Result<()> {
     o.training.validate()?;
     let Some(model_arg) = &o.model else {
         bail!("--model DIR is required (a directory with config.json, *.safetensors and tokenizer.json)");

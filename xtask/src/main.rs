@@ -3,10 +3,13 @@
 
 use clap::{Parser, Subcommand};
 
+mod chat;
+mod demo;
 mod eval;
 mod finetune;
 mod info;
 mod mem;
+mod merge;
 mod prepare;
 
 #[derive(Parser)]
@@ -21,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Chat with a model (+ adapter): one answer with --prompt, else interactive; streams tokens.
+    Chat(chat::ChatArgs),
     /// Fine-tune a model with LoRA (the tutorial's recipe by default) and write a PEFT adapter.
     Finetune(Box<finetune::FinetuneArgs>),
     /// Mean causal-LM loss and perplexity of a model (+ adapter) over a data file.
@@ -29,6 +34,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Measure peak memory while loading a (synthetic) checkpoint.
     MemLoad(mem::MemLoadArgs),
+    /// Merge a LoRA adapter into its base model and write a Hugging Face model directory.
+    Merge(merge::MergeArgs),
     /// Tokenize a dataset with a ChatML template into input_ids/labels/attention_mask JSONL.
     Prepare(prepare::PrepareArgs),
 }
@@ -36,10 +43,12 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Chat(a) => chat::run(a),
         Command::Finetune(a) => finetune::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Info(a) => info::run(a),
         Command::MemLoad(a) => mem::run(a),
+        Command::Merge(a) => merge::run(a),
         Command::Prepare(a) => prepare::run(a),
     };
     if let Err(e) = result {

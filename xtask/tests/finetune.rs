@@ -211,3 +211,39 @@ fn bad_input_fails_cleanly() {
         assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
     }
 }
+
+#[test]
+fn built_in_demo_learns_through_the_same_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let (ok, stdout, stderr) = xtask(&[
+        "finetune",
+        "--output",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "40",
+    ]);
+    assert!(ok, "demo failed:\n{stdout}\n{stderr}");
+    let losses: Vec<f64> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect();
+    assert_eq!(losses.len(), 4, "{stdout}");
+    assert!(
+        losses[3] < 0.6 * losses[0],
+        "loss did not fall clearly: {losses:?}"
+    );
+    for f in [
+        "model/tokenizer.json",
+        "model/model.safetensors",
+        "data.json",
+        "adapter/adapter_model.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert!(
+        stdout.contains("before:") && stdout.contains("after:"),
+        "{stdout}"
+    );
+}

@@ -1,0 +1,304 @@
+//! `cargo xtask chat --model DIR [--adapter DIR] [--prompt TEXT]`: talk to a (fine-tuned) model, the
+//! Rust side of the tutorial's inference cell (`apply_chat_template(add_generation_prompt=True)` +
+//! `model.generate(...)` + `decode(skip_special_tokens=True)`).
+//!
+//! With `--prompt` it answers once and exits; without, it reads one user turn per stdin line and
+//! keeps the conversation (`exit` or end of input ends it). Tokens are printed as they are produced;
+//! prompt and decode speed go to stderr after each answer. Sampling defaults come from the model's
+//! `generation_config.json` (HF's defaults, i.e. greedy, without one); flags override them. The
+//! stop tokens are its `eos_token_id`s, else config.json's, else the tokenizer's `<|im_end|>` and
+//! `<|endoftext|>`.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context};
+use burn::tensor::backend::Backend;
+use burn::tensor::DType;
+use lora_data::{ChatTokenizer, Message, Role, Template, QWEN_DEFAULT_SYSTEM};
+use qwen2::{GenerationConfig, StopReason};
+
+/// Arguments of `chat`.
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    /// Model directory (config.json + safetensors), hub cache entry, or `Org/Name` repo id.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT LoRA adapter directory to apply (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Fold the adapter into the base weights before chatting (same output, faster decode).
+    #[arg(long)]
+    pub merge: bool,
+    /// Tokenizer directory or tokenizer.json (default: the model directory).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// System prompt (default: Qwen2.5's, "You are Qwen, created by Alibaba Cloud. ...").
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Answer this one message and exit (otherwise: interactive, one turn per line).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Most tokens per answer (default: generation_config.json's max_new_tokens, else 512).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass (1 disables).
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Keep the k most likely tokens (0 disables).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Penalty on tokens already in the conversation (1 disables).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// Always take the most likely token (ignores temperature/top-k/top-p).
+    #[arg(long)]
+    pub greedy: bool,
+    /// Force sampling even when generation_config.json says do_sample false.
+    #[arg(long, conflicts_with = "greedy")]
+    pub sample: bool,
+    /// Seed of the sampling RNG (same seed + same prompt = same answer).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// `cpu` (or `cuda[:N]` in a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(a: ChatArgs) -> anyhow::Result<()> {
+    match a.device.as_str() {
+        "cpu" => run_on::<burn::backend::Flex>(&a, &Default::default()),
+        d if d == "cuda" || d.starts_with("cuda:") => run_cuda(&a, d),
+        d => bail!("--device {d:?}: use cpu or cuda[:N]"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(a: &ChatArgs, d: &str) -> anyhow::Result<()> {
+    let index: usize = d
+        .strip_prefix("cuda:")
+        .map(str::parse)
+        .transpose()
+        .context("--device cuda:N")?
+        .unwrap_or(0);
+    run_on::<burn::backend::Cuda>(a, &burn::backend::cuda::CudaDevice::new(index))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &ChatArgs, d: &str) -> anyhow::Result<()> {
+    bail!("--device {d}: this build has no CUDA support; rebuild with `--features cuda` (needs the CUDA toolkit)")
+}
+
+fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
+    let dir = qwen2::resolve_model_dir(&a.model)?;
+    let tok_path = a.tokenizer.clone().unwrap_or_else(|| dir.clone());
+    if tok_path.is_dir() && !tok_path.join("tokenizer.json").is_file() {
+        bail!(
+            "no tokenizer.json in {}: pass --tokenizer DIR (a directory with Qwen2.5's tokenizer.json)",
+            tok_path.display()
+        );
+    }
+    let tok = ChatTokenizer::load(&tok_path)
+        .with_context(|| format!("loading the tokenizer from {}", tok_path.display()))?;
+    let loaded = qwen2::load_model::<B>(&dir, DType::F32, device)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let cfg = generation_config(a, &dir, &loaded.config, &tok)?;
+    let mut model = loaded.model;
+    if let Some(adapter) = &a.adapter {
+        let (m, lora, _) = lora_core::load_adapter(model, adapter).with_context(|| {
+            format!(
+                "loading adapter {} onto {}",
+                adapter.display(),
+                dir.display()
+            )
+        })?;
+        model = m;
+        let mut how = "unmerged";
+        if a.merge {
+            lora_core::merge_all(&mut model).context("merging the adapter")?;
+            how = "merged";
+        }
+        eprintln!(
+            "adapter {} (r {}, alpha {}), {how}",
+            adapter.display(),
+            lora.r,
+            lora.lora_alpha
+        );
+    } else if a.merge {
+        bail!("--merge needs --adapter DIR");
+    }
+    eprintln!(
+        "generation: {} (temperature {}, top_k {}, top_p {}, repetition_penalty {}, seed {}), \
+         max_new_tokens {}, stop at {:?}",
+        if cfg.samples() { "sampling" } else { "greedy" },
+        cfg.temperature,
+        cfg.top_k,
+        cfg.top_p,
+        cfg.repetition_penalty,
+        cfg.seed,
+        cfg.max_new_tokens,
+        cfg.eos_token_id
+    );
+
+    let system = a.system.as_deref().unwrap_or(QWEN_DEFAULT_SYSTEM);
+    let mut history = vec![Message {
+        role: Role::System,
+        content: system.to_string(),
+    }];
+    let mut out = std::io::stdout();
+    if let Some(p) = &a.prompt {
+        answer(&model, &tok, &cfg, device, &mut history, p, &mut out)?;
+        return Ok(());
+    }
+    eprintln!("interactive chat: one message per line; `exit` or end of input quits");
+    let stdin = std::io::stdin();
+    let mut turn = 0u64;
+    loop {
+        eprint!("user> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line).context("reading stdin")? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.trim() == "exit" {
+            break;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        // A different seed per turn, fixed by --seed: a rerun of the same session repeats it.
+        let turn_cfg = GenerationConfig {
+            seed: cfg.seed.wrapping_add(turn),
+            ..cfg.clone()
+        };
+        answer(
+            &model,
+            &tok,
+            &turn_cfg,
+            device,
+            &mut history,
+            line,
+            &mut out,
+        )?;
+        turn += 1;
+    }
+    Ok(())
+}
+
+/// Defaults from the model directory, then the flags.
+fn generation_config(
+    a: &ChatArgs,
+    dir: &std::path::Path,
+    config: &qwen2::Qwen2Config,
+    tok: &ChatTokenizer,
+) -> anyhow::Result<GenerationConfig> {
+    let mut cfg = GenerationConfig::for_model(dir, config)?;
+    if cfg.eos_token_id.is_empty() {
+        cfg.eos_token_id = ["<|im_end|>", "<|endoftext|>"]
+            .iter()
+            .filter_map(|t| tok.tokenizer.token_to_id(t))
+            .collect();
+    }
+    if let Some(v) = a.max_new_tokens {
+        cfg.max_new_tokens = v;
+    }
+    if let Some(v) = a.temperature {
+        cfg.temperature = v;
+    }
+    if let Some(v) = a.top_p {
+        cfg.top_p = v;
+    }
+    if let Some(v) = a.top_k {
+        cfg.top_k = v;
+    }
+    if let Some(v) = a.repetition_penalty {
+        cfg.repetition_penalty = v;
+    }
+    if let Some(v) = a.seed {
+        cfg.seed = v;
+    }
+    if a.greedy {
+        cfg.do_sample = false;
+    }
+    if a.sample {
+        cfg.do_sample = true;
+    }
+    cfg.validate().context("sampling options")?;
+    Ok(cfg)
+}
+
+/// One assistant turn: render the history with the chat template, generate while streaming the
+/// text, append the answer to the history, print the speeds.
+fn answer<B: Backend>(
+    model: &qwen2::Qwen2ForCausalLM<B>,
+    tok: &ChatTokenizer,
+    cfg: &GenerationConfig,
+    device: &B::Device,
+    history: &mut Vec<Message>,
+    user: &str,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    history.push(Message {
+        role: Role::User,
+        content: user.to_string(),
+    });
+    let text = Template::Qwen.render_prompt(history, QWEN_DEFAULT_SYSTEM);
+    let enc = tok
+        .tokenizer
+        .encode_fast(text.as_str(), false)
+        .map_err(|e| anyhow!("tokenizing the prompt: {e}"))?;
+    let prompt = enc.get_ids().to_vec();
+    let mut generated: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let mut io_err = None;
+    let g = qwen2::generate(model, &prompt, cfg, device, |t| {
+        generated.push(t);
+        // Decode everything so far and print what is new; a trailing U+FFFD is half of a
+        // multi-byte character split across tokens, printed once the next token completes it.
+        if let Ok(s) = tok.tokenizer.decode(&generated, true) {
+            if s.len() > printed && s.is_char_boundary(printed) && !s.ends_with('\u{FFFD}') {
+                if let Err(e) = write!(out, "{}", &s[printed..]).and_then(|_| out.flush()) {
+                    io_err = Some(e);
+                    return false;
+                }
+                printed = s.len();
+            }
+        }
+        true
+    });
+    if let Some(e) = io_err {
+        return Err(e).context("writing to stdout");
+    }
+    let body: &[u32] = match g.stop {
+        StopReason::Eos(_) => &g.tokens[..g.tokens.len() - 1],
+        _ => &g.tokens,
+    };
+    let reply = tok
+        .tokenizer
+        .decode(body, true)
+        .map_err(|e| anyhow!("decoding the answer: {e}"))?;
+    if reply.len() > printed && reply.is_char_boundary(printed) {
+        write!(out, "{}", &reply[printed..]).context("writing to stdout")?;
+    }
+    writeln!(out).context("writing to stdout")?;
+    history.push(Message {
+        role: Role::Assistant,
+        content: reply,
+    });
+    eprintln!(
+        "[prompt {} tokens, {:.1} tokens/s | decode {} tokens, {:.1} tokens/s | stop: {}]",
+        g.prompt_tokens,
+        g.prompt_tokens_per_sec(),
+        g.tokens.len(),
+        g.decode_tokens_per_sec(),
+        match g.stop {
+            StopReason::Eos(t) => format!("eos {t}"),
+            StopReason::MaxNewTokens => "max_new_tokens".into(),
+            StopReason::Callback => "interrupted".into(),
+        }
+    );
+    Ok(())
+}
