@@ -373,12 +373,6 @@ pub fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> an
         bail!("--data FILE is required (alpaca / sharegpt / messages, JSON or JSONL)");
     };
     let model_dir = qwen2::resolve_model_dir(model_arg)?;
-    if o.training.gradient_checkpointing {
-        eprintln!(
-            "note: gradient_checkpointing is not implemented yet; training keeps all activations \
-             (pass --gradient-checkpointing false to silence this)"
-        );
-    }
 
     // Data.
     let tok_path = o.tokenizer.clone().unwrap_or_else(|| model_dir.clone());

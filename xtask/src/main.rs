@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_train;
 mod chat;
 mod demo;
 mod eval;
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Chat with a model (+ adapter): one answer with --prompt, else interactive; streams tokens.
     Chat(chat::ChatArgs),
+    /// Time LoRA training steps of a random-weight model (compare with peft_baseline.py).
+    BenchTrain(bench_train::BenchTrainArgs),
     /// Fine-tune a model with LoRA (the tutorial's recipe by default) and write a PEFT adapter.
     Finetune(Box<finetune::FinetuneArgs>),
     /// Mean causal-LM loss and perplexity of a model (+ adapter) over a data file.
@@ -44,6 +47,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Chat(a) => chat::run(a),
+        Command::BenchTrain(a) => bench_train::run(a),
         Command::Finetune(a) => finetune::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Info(a) => info::run(a),

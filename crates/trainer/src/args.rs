@@ -63,7 +63,8 @@ pub struct TrainingArguments {
     pub seed: u64,
     /// Shuffle the training set each epoch.
     pub shuffle: bool,
-    /// Recompute activations in backward (not implemented yet: accepted and reported).
+    /// Recompute each decoder layer's activations in backward instead of keeping them (less memory,
+    /// about one more forward of compute).
     pub gradient_checkpointing: bool,
     /// A checkpoint directory to continue from, or `latest` (the newest complete one in `output_dir`).
     pub resume_from_checkpoint: Option<String>,

@@ -5,6 +5,7 @@
 
 mod args;
 pub mod checkpoint;
+mod checkpointing;
 mod clip;
 mod error;
 mod eval;
@@ -14,6 +15,7 @@ mod train;
 
 pub use args::{SchedulerType, TrainingArguments};
 pub use checkpoint::{EvalEntry, LogEntry, TrainerState};
+pub use checkpointing::checkpointed_loss_and_grads;
 pub use clip::clip_global_norm;
 pub use error::TrainError;
 pub use eval::{evaluate, EvalResult};

@@ -18,6 +18,7 @@ use qwen2::Qwen2ForCausalLM;
 
 use crate::args::TrainingArguments;
 use crate::checkpoint::{self, EvalEntry, LogEntry, TrainerState, OPTIMIZER_FILE};
+use crate::checkpointing::checkpointed_loss_and_grads;
 use crate::clip::clip_global_norm;
 use crate::error::TrainError;
 use crate::eval::evaluate;
@@ -38,6 +39,22 @@ pub trait TrainableLm<B: AutodiffBackend>: CausalLm<B> + LoraModel<B> + Autodiff
         inner: &Self::InnerModule,
         batch: &Batch<B::InnerBackend>,
     ) -> Tensor<B::InnerBackend, 1>;
+
+    /// `(value, adapter gradients)` of `loss_sum(batch) / norm`. With `checkpointing`, a model may
+    /// recompute activations in backward instead of keeping them (same gradients, less memory);
+    /// `seed` then seeds its dropout replay. The default keeps everything (one plain backward).
+    fn loss_and_grads(
+        &self,
+        batch: &Batch<B>,
+        norm: f64,
+        checkpointing: bool,
+        seed: u64,
+    ) -> (f64, GradientsParams) {
+        let _ = (checkpointing, seed);
+        let loss = self.loss_sum(batch).div_scalar(norm);
+        let value = loss.clone().into_scalar().elem::<f64>();
+        (value, GradientsParams::from_grads(loss.backward(), self))
+    }
 }
 
 impl<B: AutodiffBackend> TrainableLm<B> for Qwen2ForCausalLM<B> {
@@ -46,6 +63,21 @@ impl<B: AutodiffBackend> TrainableLm<B> for Qwen2ForCausalLM<B> {
         batch: &Batch<B::InnerBackend>,
     ) -> Tensor<B::InnerBackend, 1> {
         inner.loss_sum(batch)
+    }
+
+    fn loss_and_grads(
+        &self,
+        batch: &Batch<B>,
+        norm: f64,
+        checkpointing: bool,
+        seed: u64,
+    ) -> (f64, GradientsParams) {
+        if checkpointing {
+            return checkpointed_loss_and_grads(self, batch, norm, seed);
+        }
+        let loss = self.loss_sum(batch).div_scalar(norm);
+        let value = loss.clone().into_scalar().elem::<f64>();
+        (value, GradientsParams::from_grads(loss.backward(), self))
     }
 }
 
@@ -228,16 +260,18 @@ pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
             .sum();
         let norm = n_sup.max(1) as f64;
 
-        B::seed(device, step_seed(args.seed, state.global_step));
+        let seed = step_seed(args.seed, state.global_step);
+        B::seed(device, seed);
         let mut acc = GradientsAccumulator::<M>::new();
         let mut step_loss = 0.0f64;
-        for idx in &micro {
+        for (k, idx) in micro.iter().enumerate() {
             let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
             let batch = collator.collate::<B>(&refs, device);
             window_tokens += batch.input_ids.dims().iter().product::<usize>();
-            let loss = model.loss_sum(&batch).div_scalar(norm);
-            step_loss += loss.clone().into_scalar().elem::<f64>();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let micro_seed = step_seed(seed, k);
+            let (value, grads) =
+                model.loss_and_grads(&batch, norm, args.gradient_checkpointing, micro_seed);
+            step_loss += value;
             acc.accumulate(&model, grads);
         }
         let mut grads = acc.grads();

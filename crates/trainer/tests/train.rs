@@ -484,3 +484,61 @@ fn eval_runs_every_eval_steps_and_at_the_end() {
     let svg = std::fs::read_to_string(tmp.path().join("loss.svg")).unwrap();
     assert!(svg.contains("train loss") && svg.contains("eval loss") && svg.contains("<polyline"));
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients_and_run() {
+    use lora_trainer::TrainableLm;
+    let _rng = rng_lock();
+    let cfg = lora_cfg(0.0);
+    let m = model(&cfg);
+    let ex = examples(4);
+    let refs: Vec<&Example> = ex.iter().collect();
+    let batch = Collator::new(0).collate::<Ad>(&refs, &Default::default());
+    let (v0, mut g0) = m.loss_and_grads(&batch, 10.0, false, 0);
+    let (v1, mut g1) = m.loss_and_grads(&batch, 10.0, true, 0);
+    assert!((v0 - v1).abs() <= 1e-6 * v0.abs(), "loss {v0} vs {v1}");
+    let mut n = 0;
+    let mut worst = 0f32;
+    for (path, _) in adapter_tensors(&m) {
+        let a: burn::tensor::Tensor<Flex, 2> = g0
+            .remove(lora_core::param_id(&path))
+            .unwrap_or_else(|| panic!("{path}"));
+        let b: burn::tensor::Tensor<Flex, 2> = g1
+            .remove(lora_core::param_id(&path))
+            .unwrap_or_else(|| panic!("{path}"));
+        let (a, b) = (
+            a.into_data().to_vec::<f32>().unwrap(),
+            b.into_data().to_vec::<f32>().unwrap(),
+        );
+        let scale = a.iter().fold(0f32, |s, x| s.max(x.abs())).max(1e-12);
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |s, (x, y)| s.max((x - y).abs()))
+            / scale;
+        assert!(
+            err <= 1e-5,
+            "{path}: checkpointed gradient differs by {err:e} (relative)"
+        );
+        worst = worst.max(err);
+        n += 1;
+    }
+    assert_eq!(n, 28);
+    println!("checkpointed vs plain: {n} gradients, worst relative difference {worst:e}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = TrainingArguments {
+        max_steps: Some(3),
+        save_steps: 0,
+        ..args(tmp.path())
+    };
+    let ckpt = TrainingArguments {
+        gradient_checkpointing: true,
+        ..plain.clone()
+    };
+    let (_, a) = run(&cfg, &examples(8), &plain, None).unwrap();
+    let (_, b) = run(&cfg, &examples(8), &ckpt, None).unwrap();
+    for (x, y) in a.state.step_losses.iter().zip(&b.state.step_losses) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "step losses {x} vs {y}");
+    }
+}

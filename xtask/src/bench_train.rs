@@ -1,0 +1,126 @@
+//! `cargo xtask bench-train`: time LoRA training steps of a random-weight Qwen2 on this CPU, with the
+//! same model table, LoRA config, data and fields as `../shared/bench/peft_baseline.py`, so the two
+//! JSON lines compare side by side. Run each configuration in its own process (peak RSS is the
+//! process's).
+
+use std::time::Instant;
+
+use anyhow::bail;
+use burn::backend::{Autodiff, Flex};
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use lora_core::{apply_lora, LoraConfig};
+use lora_data::Batch;
+use lora_trainer::{clip_global_norm, TrainableLm};
+use qwen2::{Qwen2Config, Qwen2ForCausalLM};
+
+/// Arguments of `bench-train`.
+#[derive(clap::Args, Debug)]
+pub struct BenchTrainArgs {
+    /// tiny | mini | 0.5b (the table of peft_baseline.py)
+    #[arg(long, default_value = "mini")]
+    size: String,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 384)]
+    seq: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Per-layer activation checkpointing.
+    #[arg(long)]
+    checkpointing: bool,
+}
+
+fn config(size: &str) -> anyhow::Result<Qwen2Config> {
+    Ok(match size {
+        "mini" => Qwen2Config::new(151_936, 896, 4864, 4, 14, 2, true),
+        "tiny" => Qwen2Config::new(1024, 64, 172, 2, 4, 2, false),
+        "0.5b" => Qwen2Config::new(151_936, 896, 4864, 24, 14, 2, true),
+        s => bail!("--size {s:?}: use tiny, mini or 0.5b"),
+    })
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+pub fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
+    type Ad = Autodiff<Flex>;
+    let dev = Default::default();
+    let cfg = config(&a.size)?;
+    Ad::seed(&dev, 0);
+    let base = Qwen2ForCausalLM::<Ad>::new(&cfg, &dev);
+    let (mut model, _) = apply_lora(base, &LoraConfig::tutorial())?;
+    let mut optim = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.01)
+        .init::<Ad, Qwen2ForCausalLM<Ad>>();
+    // Random tokens; the first third of the labels masked, as the baseline script does.
+    let mut s = 1u64;
+    let ids: Vec<i64> = (0..a.batch * a.seq)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % cfg.vocab_size as u64) as i64
+        })
+        .collect();
+    let labels: Vec<i64> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| if i % a.seq < a.seq / 3 { -100 } else { t })
+        .collect();
+    let t =
+        |v: Vec<i64>| Tensor::<Ad, 2, Int>::from_data(TensorData::new(v, [a.batch, a.seq]), &dev);
+    let batch = Batch {
+        input_ids: t(ids),
+        attention_mask: t(vec![1; a.batch * a.seq]),
+        labels: t(labels),
+    };
+    let n_sup = (a.batch * (a.seq - 1 - (a.seq / 3).saturating_sub(1))) as f64;
+    let mut times = Vec::new();
+    let mut loss = 0.0;
+    for step in 0..=a.steps {
+        let t0 = Instant::now();
+        let (v, mut grads): (f64, GradientsParams) =
+            model.loss_and_grads(&batch, n_sup, a.checkpointing, step as u64);
+        clip_global_norm(&model, &mut grads, 1.0);
+        model = optim.step(1e-4, model, grads);
+        // Force the update to complete before stopping the clock.
+        let _ = model.model.norm.weight.val().into_data();
+        if step > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        loss = v;
+    }
+    let _ = model.valid();
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    let line = serde_json::json!({
+        "impl": "ferrolora-burn-flex", "size": a.size, "batch": a.batch, "seq": a.seq,
+        "threads": rayon_threads(), "checkpointing": a.checkpointing,
+        "step_s_median": (med * 1e4).round() / 1e4,
+        "tokens_per_s": ((a.batch * a.seq) as f64 / med * 10.0).round() / 10.0,
+        "peak_rss_mib": (peak_rss_mib() * 10.0).round() / 10.0,
+        "loss": (loss * 1e4).round() / 1e4,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
