@@ -108,7 +108,7 @@ pub fn run(a: MergeArgs) -> anyhow::Result<()> {
         a.output.display(),
         t.elapsed()
     );
-    if copied.iter().any(|n| *n == "tokenizer.json") {
+    if copied.contains(&"tokenizer.json") {
         println!("copied: config.json, {}", copied.join(", "));
     } else {
         println!(

@@ -1,0 +1,422 @@
+//! `cargo xtask merge` and `cargo xtask chat` through the command line: the merged directory has
+//! the base's keys, shapes and dtype in shards with an index, and reloads to PEFT's merged logits;
+//! chat answers a prompt with the real tokenizer, streams and reports speed, reproducibly with a
+//! seed; bad input (an adapter for another base, unsupported PEFT features, no tokenizer, a used
+//! output directory) fails with a message naming the problem, never a panic.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use lora_core::LoraModel;
+use qwen2::{Qwen2Config, Qwen2ForCausalLM};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// `FERROLORA_SHARED_DATA`, else `../shared/data`; skip outside CI when absent, fail under CI.
+fn shared_data() -> Option<PathBuf> {
+    let p = std::env::var_os("FERROLORA_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
+    if p.is_dir() {
+        return Some(p);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but the shared data directory is missing; set FERROLORA_SHARED_DATA");
+    }
+    eprintln!("skipping: shared data not found; set FERROLORA_SHARED_DATA to the directory holding qwen2.5-tokenizer/");
+    None
+}
+
+fn xtask(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `key -> (dtype, shape)` over every safetensors file of a model directory.
+fn tensors(dir: &Path) -> BTreeMap<String, (String, Vec<usize>)> {
+    let mut out = BTreeMap::new();
+    for f in qwen2::weight_files(dir).unwrap() {
+        let bytes = std::fs::read(&f).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (k, v) in st.tensors() {
+            out.insert(k, (format!("{:?}", v.dtype()), v.shape().to_vec()));
+        }
+    }
+    out
+}
+
+/// Logits of the PEFT fixture's padded batch, as f32.
+fn logits(model: &Qwen2ForCausalLM<Flex>) -> Vec<f32> {
+    let bytes =
+        std::fs::read(fixtures().join("tiny-untied-f32-sharded/reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let int = |name: &str| {
+        let v = st.tensor(name).unwrap();
+        let vals: Vec<i64> = v
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        Tensor::<Flex, 2, Int>::from_data(
+            TensorData::new(vals, [v.shape()[0], v.shape()[1]]),
+            &Default::default(),
+        )
+    };
+    model
+        .forward(int("input_ids"), Some(int("attention_mask")), None)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn merge_writes_sharded_hf_model_equal_to_base_plus_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Default::default();
+    let adapter = fixtures().join("peft-tiny-untied");
+    for (base, dtype, tol) in [
+        ("tiny-untied-f32-sharded", "F32", 2e-5f32),
+        ("tiny-untied-bf16", "BF16", 2e-5),
+    ] {
+        let base_dir = fixtures().join(base);
+        let out = tmp.path().join(base);
+        let shard = if dtype == "F32" { "300KB" } else { "150KB" };
+        let (ok, stdout, stderr) = xtask(&[
+            "merge",
+            "--model",
+            s(&base_dir),
+            "--adapter",
+            s(&adapter),
+            "--output",
+            s(&out),
+            "--max-shard-size",
+            shard,
+        ]);
+        assert!(ok, "{base}: {stdout}\n{stderr}");
+        assert!(stdout.contains("merged 14 LoRA modules"), "{stdout}");
+
+        // Two shards named as transformers names them, and an index that maps every key to one.
+        let index: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
+        let map = index["weight_map"].as_object().unwrap();
+        let mut shards: Vec<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+        shards.sort();
+        shards.dedup();
+        assert_eq!(
+            shards,
+            [
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors"
+            ]
+        );
+        // Same keys, shapes and stored dtype as the base checkpoint; no LoRA tensors.
+        let (got, want) = (tensors(&out), tensors(&base_dir));
+        let want: BTreeMap<_, _> = want
+            .into_iter()
+            .filter(|(k, _)| !k.ends_with("inv_freq"))
+            .collect();
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
+        );
+        for (k, (dt, shape)) in &got {
+            assert_eq!(dt, dtype, "{base}: {k}");
+            assert_eq!(shape, &want[k].1, "{base}: {k}");
+            assert!(map.contains_key(k), "{k} not in the index");
+        }
+        let total: u64 = got
+            .values()
+            .map(|(_, sh)| sh.iter().product::<usize>() as u64 * if dtype == "F32" { 4 } else { 2 })
+            .sum();
+        assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total));
+        assert_eq!(
+            std::fs::read(out.join("config.json")).unwrap(),
+            std::fs::read(base_dir.join("config.json")).unwrap(),
+            "config.json copied verbatim"
+        );
+
+        // Reloaded merged model == base + adapter (PEFT's unmerged side path), f32 compute. The two
+        // differ only in rounding order ((W + sBA)x vs Wx + s(xAᵀ)Bᵀ): 1.1e-5 measured on logits of
+        // magnitude ~1, hence 2e-5. For f32 the merged logits also equal PEFT's `merge_and_unload`
+        // logits from the fixture (same weights bit for bit, see scripts/check_merge.py).
+        let merged = qwen2::load_model::<Flex>(&out, DType::F32, &dev)
+            .unwrap()
+            .model;
+        let base_m = qwen2::load_model::<Flex>(&base_dir, DType::F32, &dev)
+            .unwrap()
+            .model;
+        let (with_adapter, _, _) = lora_core::load_adapter(base_m, &adapter).unwrap();
+        let (a, b) = (logits(&merged), logits(&with_adapter));
+        let err = max_diff(&a, &b);
+        if dtype == "F32" {
+            assert!(
+                err <= tol,
+                "{base}: merged vs base+adapter max |diff| {err:e}"
+            );
+            let peft = reference_f32("logits_merged");
+            let err = max_diff(&a, &peft);
+            assert!(
+                err <= tol,
+                "{base}: merged vs PEFT merge_and_unload max |diff| {err:e}"
+            );
+        } else {
+            // bf16 storage rounds the f32 sum W + sBA once (PEFT on CPU: `W += delta` promotes to
+            // f32): every stored weight is within half a bf16 ulp (unit roundoff 2^-8) of the f32 merge.
+            let mut exact = with_adapter;
+            lora_core::merge_all(&mut exact).unwrap();
+            let mut stored = merged;
+            let exact_w: Vec<(String, Vec<f32>)> = exact
+                .lora_linears()
+                .into_iter()
+                .map(|(p, l)| (p, l.weight.val().into_data().to_vec::<f32>().unwrap()))
+                .collect();
+            for ((path, e), (_, l)) in exact_w.iter().zip(stored.lora_linears()) {
+                let got = l.weight.val().into_data().to_vec::<f32>().unwrap();
+                for (g, x) in got.iter().zip(e) {
+                    assert!(
+                        (g - x).abs() <= x.abs() * 2f32.powi(-8),
+                        "{path}: stored {g} vs f32 merge {x}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A float tensor of the PEFT fixture's `reference.safetensors`.
+fn reference_f32(name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(fixtures().join("peft-tiny-untied/reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn merge_and_chat_refuse_bad_input_with_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = fixtures().join("peft-tiny-untied");
+
+    // An adapter trained on another base: hidden 32 instead of 64.
+    let other = tmp.path().join("other-base");
+    let cfg = Qwen2Config::new(256, 32, 64, 2, 4, 2, false);
+    qwen2::save_model(
+        &Qwen2ForCausalLM::<Flex>::new(&cfg, &Default::default()),
+        &cfg,
+        &other,
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let (ok, _, err) = xtask(&[
+        "merge",
+        "--model",
+        s(&other),
+        "--adapter",
+        s(&adapter),
+        "--output",
+        s(&out),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("model.layers.0.self_attn.q_proj")
+            && err.contains("[8, 64]")
+            && err.contains("[8, 32]"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.join("config.json").exists(), "nothing written");
+
+    // PEFT features that change the math are named.
+    let dora = tmp.path().join("dora");
+    std::fs::create_dir_all(&dora).unwrap();
+    std::fs::copy(
+        adapter.join("adapter_model.safetensors"),
+        dora.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["use_dora"] = true.into();
+    std::fs::write(dora.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let base = fixtures().join("tiny-untied-f32-sharded");
+    let (ok, _, err) = xtask(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&dora),
+        "--output",
+        s(&out),
+    ]);
+    assert!(!ok && err.contains("use_dora"), "{err}");
+
+    // A used output directory is never overwritten.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "x").unwrap();
+    let (ok, _, err) = xtask(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--output",
+        s(&out),
+    ]);
+    assert!(!ok && err.contains("not empty"), "{err}");
+    let (ok, _, err) = xtask(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--output",
+        s(&tmp.path().join("new")),
+        "--max-shard-size",
+        "big",
+    ]);
+    assert!(!ok && err.contains("--max-shard-size"), "{err}");
+
+    // chat: a model directory without a tokenizer.
+    let (ok, _, err) = xtask(&["chat", "--model", s(&base), "--prompt", "hi"]);
+    assert!(
+        !ok && err.contains("no tokenizer.json") && err.contains("--tokenizer"),
+        "{err}"
+    );
+
+    // chat: the adapter for another base, through the command.
+    if let Some(shared) = shared_data() {
+        let tok = shared.join("qwen2.5-tokenizer");
+        let (ok, _, err) = xtask(&[
+            "chat",
+            "--model",
+            s(&other),
+            "--tokenizer",
+            s(&tok),
+            "--adapter",
+            s(&adapter),
+            "--prompt",
+            "hi",
+        ]);
+        assert!(
+            !ok && err.contains("q_proj") && err.contains("[8, 32]") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+}
+
+/// A random model with the real vocabulary: the answer's tokens stream to stdout, the speed line
+/// goes to stderr; greedy and seeded sampling repeat themselves; `--merge` gives the same answer.
+#[test]
+fn chat_answers_a_prompt_reproducibly() {
+    let Some(shared) = shared_data() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    let cfg = Qwen2Config::new(151_936, 16, 32, 1, 2, 1, true);
+    qwen2::save_model(
+        &Qwen2ForCausalLM::<Flex>::new(&cfg, &Default::default()),
+        &cfg,
+        &model,
+    )
+    .unwrap();
+    // A generation_config.json as Qwen2.5-7B-Instruct ships it supplies the sampling defaults.
+    std::fs::copy(
+        shared.join("qwen2.5-configs/Qwen2.5-7B-Instruct/generation_config.json"),
+        model.join("generation_config.json"),
+    )
+    .unwrap();
+    let tok = shared.join("qwen2.5-tokenizer");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "chat",
+            "--model",
+            s(&model),
+            "--tokenizer",
+            s(&tok),
+            "--system",
+            "现在你要扮演皇帝身边的女人--甄嬛",
+            "--prompt",
+            "你是谁？",
+            "--max-new-tokens",
+            "12",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = xtask(&args);
+        assert!(ok, "{stdout}\n{stderr}");
+        (stdout, stderr)
+    };
+    let (a, err) = run(&["--seed", "7"]);
+    assert!(
+        err.contains("sampling (temperature 0.7, top_k 20, top_p 0.8, repetition_penalty 1.05"),
+        "defaults from generation_config.json: {err}"
+    );
+    assert!(err.contains("stop at [151645, 151643]"), "{err}");
+    assert!(err.contains("tokens/s") && err.contains("prompt "), "{err}");
+    assert_eq!(run(&["--seed", "7"]).0, a, "same seed, same answer");
+    let (g1, err) = run(&["--greedy"]);
+    assert!(err.contains("greedy"), "{err}");
+    assert_eq!(run(&["--greedy"]).0, g1);
+    assert!(!a.trim().is_empty() || !g1.trim().is_empty());
+
+    // Interactive: two turns from stdin, then `exit`.
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "chat",
+            "--model",
+            s(&model),
+            "--tokenizer",
+            s(&tok),
+            "--max-new-tokens",
+            "4",
+            "--greedy",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all("你好\n\n再说一遍\nexit\n".as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.matches("[prompt ").count(), 2, "two answers: {err}");
+}
