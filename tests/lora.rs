@@ -594,3 +594,40 @@ fn rust_adapter_fixture_reloads_to_its_logits() {
     ));
     assert_close("rust adapter logits", &got, &want["logits"].f32, 0.0);
 }
+
+#[test]
+fn label_aware_head_gives_peft_loss_and_gradients() {
+    use lora_trainer::label_aware_loss_sum;
+    let r = read_reference(&peft_dir().join("reference.safetensors"));
+    let (model, _, _) = load_adapter(base::<Ad>(), &peft_dir()).unwrap();
+    let (ids, mask, labels) = (
+        ints::<Ad>(&r["input_ids"]),
+        ints::<Ad>(&r["attention_mask"]),
+        ints::<Ad>(&r["labels"]),
+    );
+    let hidden = model.forward_hidden(ids, Some(mask), None);
+    let n_sup = r["labels"]
+        .i64
+        .chunks(10)
+        .map(|row| row[1..].iter().filter(|&&l| l != -100).count())
+        .sum::<usize>();
+    let loss = label_aware_loss_sum(hidden, labels, |h| model.logits(h)).div_scalar(n_sup as f64);
+    let got = floats(loss.clone())[0] as f64;
+    let want = r["loss"].f32[0] as f64;
+    assert!(
+        (got - want).abs() / want <= LOSS_REL_TOL,
+        "label-aware loss {got} vs PEFT {want}"
+    );
+    let grads = loss.backward();
+    for (path, p) in adapter_tensors(&model) {
+        let g: Tensor<Cpu, 2> = p.grad(&grads).unwrap();
+        let want = &r[&format!("grad.{path}")].f32;
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert_close(
+            &format!("label-aware grad {path}"),
+            &floats(g),
+            want,
+            GRAD_REL_TOL * scale,
+        );
+    }
+}

@@ -69,17 +69,7 @@ impl Default for FinetuneOptions {
             lora_r: 8,
             lora_alpha: 32.0,
             lora_dropout: 0.1,
-            target_modules: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            target_modules: lora_core::TUTORIAL_TARGETS.map(String::from).to_vec(),
             use_rslora: false,
             init_adapter: None,
             eval_data: None,

@@ -149,6 +149,17 @@ const EXTRA_DEFAULTS: &[(&str, &str)] = &[
     ("runtime_config", "{\"ephemeral_gpu_offload\": false}"),
 ];
 
+/// The tutorial's targets: every linear projection of a Qwen2/Llama decoder layer.
+pub const TUTORIAL_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 impl LoraConfig {
     /// The tutorial's config: r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down, causal LM.
     pub fn tutorial() -> Self {
@@ -158,17 +169,7 @@ impl LoraConfig {
             lora_alpha: 32.0,
             lora_dropout: 0.1,
             target_modules: Some(ModuleSelector::List(
-                [
-                    "q_proj",
-                    "k_proj",
-                    "v_proj",
-                    "o_proj",
-                    "gate_proj",
-                    "up_proj",
-                    "down_proj",
-                ]
-                .map(String::from)
-                .to_vec(),
+                TUTORIAL_TARGETS.map(String::from).to_vec(),
             )),
             ..Self::default()
         }

@@ -16,7 +16,7 @@ use burn::tensor::{ElementConversion, Int, Tensor};
 use lora_data::Batch;
 use qwen2::{additive_mask, attention_mask_4d, Qwen2ForCausalLM, RopeCache};
 
-use crate::loss::causal_lm_loss_sum;
+use crate::loss::label_aware_loss_sum;
 
 /// Seed of layer `layer`'s dropout within a micro-batch.
 fn layer_seed(base: u64, layer: usize) -> u64 {
@@ -62,10 +62,9 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
 
     // Head: norm, logits, loss, with a graph from the last layer's output.
     let last = x.require_grad();
-    let logits = model.logits(model.model.norm.forward(last.clone()));
-    let loss = causal_lm_loss_sum(logits, batch.labels.clone())
-        .0
-        .div_scalar(norm);
+    let hidden = model.model.norm.forward(last.clone());
+    let loss =
+        label_aware_loss_sum(hidden, batch.labels.clone(), |h| model.logits(h)).div_scalar(norm);
     let value = loss.clone().into_scalar().elem::<f64>();
     let mut head_grads = loss.backward();
     let mut g = last

@@ -19,6 +19,8 @@ pub use checkpointing::checkpointed_loss_and_grads;
 pub use clip::clip_global_norm;
 pub use error::TrainError;
 pub use eval::{evaluate, EvalResult};
-pub use loss::{causal_lm_loss, causal_lm_loss_sum, IGNORE_INDEX};
+pub use loss::{
+    causal_lm_loss, causal_lm_loss_sum, label_aware_loss_sum, HEAD_CHUNK_ROWS, IGNORE_INDEX,
+};
 pub use plot::write_loss_svg;
 pub use train::{train, CausalLm, TrainEvent, TrainOutcome, TrainableLm};

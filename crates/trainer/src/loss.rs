@@ -51,3 +51,49 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
     let (sum, count) = causal_lm_loss_sum(logits, labels);
     sum.div_scalar(count.max(1) as f64)
 }
+
+/// Rows of the output head evaluated per chunk by [`label_aware_loss_sum`]. On the inference path
+/// only one chunk's `[rows, vocab]` logits exist at a time.
+pub const HEAD_CHUNK_ROWS: usize = 1024;
+
+/// [`causal_lm_loss_sum`]'s value computed from final hidden states, evaluating the output head only
+/// at positions whose (shifted) label is supervised, `HEAD_CHUNK_ROWS` rows at a time.
+///
+/// With a 151,936-token vocabulary the full `[batch, seq, vocab]` logits dominate memory, and in
+/// instruction data most positions are prompt (label -100): those never reach the head here.
+/// `head` maps `[1, rows, hidden]` to `[1, rows, vocab]` (e.g. `Qwen2ForCausalLM::logits`).
+pub fn label_aware_loss_sum<B: Backend>(
+    hidden: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+    head: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>,
+) -> Tensor<B, 1> {
+    let [b, s, h] = hidden.dims();
+    let device = hidden.device();
+    let zero = || Tensor::<B, 1>::zeros([1], (&device, DType::F32));
+    if s < 2 {
+        return zero();
+    }
+    // Position t predicts label t+1.
+    let hs = hidden.narrow(1, 0, s - 1).reshape([b * (s - 1), h]); // [n_all, hidden]
+    let targets = labels.narrow(1, 1, s - 1).reshape([b * (s - 1)]); // [n_all]
+    let rows = targets.clone().not_equal_elem(IGNORE_INDEX).argwhere(); // [n, 1]
+    let n = rows.dims()[0];
+    if n == 0 {
+        return zero();
+    }
+    let rows = rows.reshape([n]);
+    let hs = hs.select(0, rows.clone()); // [n, hidden]
+    let targets = targets.select(0, rows); // [n]
+    let mut total = zero();
+    let mut start = 0;
+    while start < n {
+        let len = HEAD_CHUNK_ROWS.min(n - start);
+        let logits = head(hs.clone().narrow(0, start, len).unsqueeze::<3>()); // [1, len, vocab]
+        let v = logits.dims()[2];
+        let logp = log_softmax(logits.reshape([len, v]).cast(DType::F32), 1);
+        let t = targets.clone().narrow(0, start, len).unsqueeze_dim::<2>(1); // [len, 1]
+        total = total + logp.gather(1, t).sum().neg();
+        start += len;
+    }
+    total
+}

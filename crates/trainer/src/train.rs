@@ -22,7 +22,7 @@ use crate::checkpointing::checkpointed_loss_and_grads;
 use crate::clip::clip_global_norm;
 use crate::error::TrainError;
 use crate::eval::evaluate;
-use crate::loss::causal_lm_loss_sum;
+use crate::loss::label_aware_loss_sum;
 use crate::plot::write_loss_svg;
 
 /// A causal language model that can score a batch (training and evaluation).
@@ -51,10 +51,19 @@ pub trait TrainableLm<B: AutodiffBackend>: CausalLm<B> + LoraModel<B> + Autodiff
         seed: u64,
     ) -> (f64, GradientsParams) {
         let _ = (checkpointing, seed);
-        let loss = self.loss_sum(batch).div_scalar(norm);
-        let value = loss.clone().into_scalar().elem::<f64>();
-        (value, GradientsParams::from_grads(loss.backward(), self))
+        plain_loss_and_grads(self, batch, norm)
     }
+}
+
+/// One plain backward of `loss_sum(batch) / norm`: every activation kept.
+pub fn plain_loss_and_grads<B: AutodiffBackend, M: TrainableLm<B>>(
+    model: &M,
+    batch: &Batch<B>,
+    norm: f64,
+) -> (f64, GradientsParams) {
+    let loss = model.loss_sum(batch).div_scalar(norm);
+    let value = loss.clone().into_scalar().elem::<f64>();
+    (value, GradientsParams::from_grads(loss.backward(), model))
 }
 
 impl<B: AutodiffBackend> TrainableLm<B> for Qwen2ForCausalLM<B> {
@@ -73,22 +82,21 @@ impl<B: AutodiffBackend> TrainableLm<B> for Qwen2ForCausalLM<B> {
         seed: u64,
     ) -> (f64, GradientsParams) {
         if checkpointing {
-            return checkpointed_loss_and_grads(self, batch, norm, seed);
+            checkpointed_loss_and_grads(self, batch, norm, seed)
+        } else {
+            plain_loss_and_grads(self, batch, norm)
         }
-        let loss = self.loss_sum(batch).div_scalar(norm);
-        let value = loss.clone().into_scalar().elem::<f64>();
-        (value, GradientsParams::from_grads(loss.backward(), self))
     }
 }
 
 impl<B: Backend> CausalLm<B> for Qwen2ForCausalLM<B> {
     fn loss_sum(&self, batch: &Batch<B>) -> Tensor<B, 1> {
-        let logits = self.forward(
+        let hidden = self.forward_hidden(
             batch.input_ids.clone(),
             Some(batch.attention_mask.clone()),
             None,
         );
-        causal_lm_loss_sum(logits, batch.labels.clone()).0
+        label_aware_loss_sum(hidden, batch.labels.clone(), |h| self.logits(h))
     }
 }
 
