@@ -210,9 +210,22 @@ fn linear<B: Backend>(l: &LoraLinear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         y = y + bias.val().reshape([out, 1]);
     }
     if let (Some(a), Some(bw), false) = (&l.lora_A, &l.lora_B, l.merged) {
+        // A bf16 base with f32 adapters: the side path runs in the adapters' dtype and is added
+        // back in the base's, as `LoraLinear::forward` (and PEFT) do.
+        let (a, bw) = (a.weight.val(), bw.weight.val());
+        let (dtype, adapter_dtype) = (y.dtype(), a.dtype());
+        let xc = if dtype == adapter_dtype {
+            xc
+        } else {
+            xc.cast(adapter_dtype)
+        };
         // [r, in] @ [in, 1] -> [r, 1]; [out, r] @ [r, 1] -> [out, 1]
-        let low = a.weight.val().matmul(xc);
-        y = y + bw.weight.val().matmul(low).mul_scalar(l.scaling);
+        let side = bw.matmul(a.matmul(xc)).mul_scalar(l.scaling);
+        y = y + if dtype == adapter_dtype {
+            side
+        } else {
+            side.cast(dtype)
+        };
     }
     y.reshape([1, 1, out])
 }
