@@ -12,6 +12,9 @@ Each case loads a checkpoint in float32 with eager attention (optionally wrapped
 PeftModel.from_pretrained), and calls `generate(prompt, max_new_tokens=32, do_sample=False,
 repetition_penalty=...)` for each prompt separately (batch 1, no padding). The tiny checkpoints
 have no end-of-sequence token (config `eos_token_id` null), so every run produces exactly 32 tokens.
+`processors` holds, for three sampling settings (Qwen2.5-7B-Instruct's generation_config.json
+values among them), each step's raw logits, the context and generate's processed `scores` (which
+tokens stay finite, and their values) from a 4-token sampled run with the adapter.
 `min_margin` is the smallest gap between the best and second-best processed score over the 32 steps:
 a greedy mismatch at a step whose gap is below ~1e-5 would be a near-tie, not a bug.
 """
@@ -71,9 +74,39 @@ def main():
                       "repetition_penalty": rep, "max_new_tokens": NEW, "runs": runs})
         print(name, [r["tokens"][:8] for r in runs], "min margin",
               min(r["min_margin"] for r in runs))
+    # The processors as generate runs them: sample with Qwen2.5-7B-Instruct's settings and record,
+    # per step, the raw logits (`output_logits`), the processed scores (`output_scores`) and the
+    # context they were computed from.
+    model = PeftModel.from_pretrained(
+        Qwen2ForCausalLM.from_pretrained(os.path.join(FIX, "tiny-untied-f32-sharded"),
+                                         dtype=torch.float32, attn_implementation="eager"),
+        os.path.join(FIX, "peft-tiny-untied")).eval()
+    ids = prompts()[0]
+    processors = []
+    for sampling in [dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8,
+                          repetition_penalty=1.05),
+                     dict(do_sample=True, temperature=1.3, top_k=0, top_p=0.5,
+                          repetition_penalty=1.3),
+                     dict(do_sample=False, repetition_penalty=1.3)]:
+        torch.manual_seed(5)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=4, eos_token_id=None, pad_token_id=0,
+                                 output_scores=True, output_logits=True,
+                                 return_dict_in_generate=True, **sampling)
+        steps = []
+        for i, (raw, sc) in enumerate(zip(out.logits, out.scores)):
+            sc = sc[0]
+            kept = torch.isfinite(sc)
+            steps.append({"context": out.sequences[0, :ids.shape[1] + i].tolist(),
+                          "logits": raw[0].tolist(),
+                          "kept": kept.nonzero().flatten().tolist(),
+                          "scores_kept": sc[kept].tolist()})
+        processors.append({"config": sampling, "steps": steps})
     meta = {"generator": "scripts/make_generate_fixtures.py", "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
-            "peft": __import__("peft").__version__, "cases": cases}
+            "peft": __import__("peft").__version__, "cases": cases,
+            "processors": processors}
     with open(os.path.join(OUT, "reference.json"), "w") as f:
         json.dump(meta, f, indent=1)
         f.write("\n")

@@ -166,3 +166,52 @@ fn sampling_is_seeded_and_eos_stops() {
     assert_eq!(g.tokens, a[..=first].to_vec());
     assert_eq!(g.stop, StopReason::Eos(stop_at));
 }
+
+/// The logits processors equal what transformers' `generate` applied (its `output_scores`) to the
+/// same raw logits (`output_logits`) and context: repetition penalty, temperature, top-k, top-p in
+/// HF's order, for Qwen2.5-7B-Instruct's settings and two others, 4 sampled steps each.
+#[test]
+fn logits_processors_equal_transformers_scores() {
+    let text = std::fs::read_to_string(fixtures().join("generate/reference.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let f32s = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let mut steps = 0;
+    for p in reference["processors"].as_array().unwrap() {
+        let c = &p["config"];
+        let d = GenerationConfig::default();
+        let cfg = GenerationConfig {
+            do_sample: c["do_sample"].as_bool().unwrap(),
+            temperature: c["temperature"]
+                .as_f64()
+                .map_or(d.temperature, |v| v as f32),
+            top_k: c["top_k"].as_u64().map_or(d.top_k, |v| v as usize),
+            top_p: c["top_p"].as_f64().map_or(d.top_p, |v| v as f32),
+            repetition_penalty: c["repetition_penalty"].as_f64().unwrap() as f32,
+            ..d
+        };
+        let sampler = qwen2::TokenSampler::new(cfg);
+        for (i, step) in p["steps"].as_array().unwrap().iter().enumerate() {
+            let mut row = f32s(&step["logits"]);
+            sampler.process(&mut row, &ids_u32(&step["context"]));
+            let kept: Vec<u32> = (0..row.len() as u32)
+                .filter(|&t| row[t as usize].is_finite())
+                .collect();
+            assert_eq!(kept, ids_u32(&step["kept"]), "{c}: step {i}: kept tokens");
+            let got: Vec<f32> = kept.iter().map(|&t| row[t as usize]).collect();
+            assert_close(
+                &format!("{c}: step {i}"),
+                &got,
+                &f32s(&step["scores_kept"]),
+                1e-5,
+            );
+            steps += 1;
+        }
+    }
+    assert_eq!(steps, 12);
+}

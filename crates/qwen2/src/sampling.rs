@@ -194,9 +194,20 @@ impl TokenSampler {
     /// The next token for `logits` (one row, `[vocab]`, modified in place), given every token of
     /// the sequence so far (`context`: prompt and generated).
     pub fn next_token(&mut self, logits: &mut [f32], context: &[u32]) -> u32 {
-        repetition_penalty(logits, context, self.cfg.repetition_penalty);
+        self.process(logits, context);
         if !self.cfg.samples() {
             return argmax(logits);
+        }
+        let probs = softmax(logits);
+        draw(&probs, self.rng.next_f64())
+    }
+
+    /// The logits processors alone, in place: what HF `generate` reports as `scores`. Greedy
+    /// decoding applies only the repetition penalty, as HF does.
+    pub fn process(&self, logits: &mut [f32], context: &[u32]) {
+        repetition_penalty(logits, context, self.cfg.repetition_penalty);
+        if !self.cfg.samples() {
+            return;
         }
         if self.cfg.temperature != 1.0 {
             let t = self.cfg.temperature;
@@ -208,8 +219,6 @@ impl TokenSampler {
         if self.cfg.top_p < 1.0 {
             top_p(logits, self.cfg.top_p);
         }
-        let probs = softmax(logits);
-        draw(&probs, self.rng.next_f64())
     }
 }
 
