@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 /// Everything `finetune` can be told, with the tutorial's values as defaults.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct FinetuneOptions {
     /// Model directory (see `cargo xtask info`).
     pub model: Option<PathBuf>,
@@ -183,13 +183,29 @@ impl FinetuneArgs {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading config {}", p.display()))?;
                 let is_toml = p.extension().is_some_and(|e| e == "toml");
-                if is_toml {
+                let value: serde_json::Value = if is_toml {
                     toml::from_str(&text)
                         .with_context(|| format!("{}: invalid TOML config", p.display()))?
                 } else {
                     serde_json::from_str(&text)
                         .with_context(|| format!("{}: invalid JSON config", p.display()))?
+                };
+                // serde cannot deny unknown fields across a flatten; check the names here so a
+                // misspelt option is an error, not silently ignored.
+                let known = serde_json::to_value(FinetuneOptions::default())?;
+                if let (Some(given), Some(known)) = (value.as_object(), known.as_object()) {
+                    let unknown: Vec<&String> =
+                        given.keys().filter(|k| !known.contains_key(*k)).collect();
+                    if !unknown.is_empty() {
+                        bail!(
+                            "{}: unknown option(s) {unknown:?}; options use the flag names in snake_case \
+                             (e.g. learning_rate, per_device_train_batch_size, lora_r)",
+                            p.display()
+                        );
+                    }
                 }
+                serde_json::from_value(value)
+                    .with_context(|| format!("{}: invalid option value", p.display()))?
             }
         };
         macro_rules! set {
@@ -386,7 +402,13 @@ pub fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> an
 
     // Model and adapter.
     let t = Instant::now();
-    let loaded = qwen2::load_model::<B>(&model_dir, DType::F32, device)?;
+    // CPU: f32 throughout. GPU: bf16 base weights, f32 adapters and optimizer state.
+    let dtype = if o.device == "cpu" {
+        DType::F32
+    } else {
+        DType::BF16
+    };
+    let loaded = qwen2::load_model::<B>(&model_dir, dtype, device)?;
     println!("loaded {} in {:.1?}", model_dir.display(), t.elapsed());
     B::seed(device, o.training.seed);
     let (model, lora_cfg, report) = match &o.init_adapter {

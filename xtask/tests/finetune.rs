@@ -128,6 +128,54 @@ fn finetune_writes_a_reloadable_peft_adapter() {
         serde_json::from_str(stdout.trim()).unwrap()
     };
     let (base_eval, tuned_eval) = (eval(None), eval(Some(&out)));
+
+    // A config file, a flag overriding it, and --init-adapter continuing from the trained adapter.
+    let cfg_file = tmp.path().join("run.toml");
+    std::fs::write(
+        &cfg_file,
+        "max_steps = 1\nlearning_rate = 1e-3\nper_device_train_batch_size = 2\n\
+         gradient_checkpointing = true\nmax_length = 64\nsave_steps = 0\nlogging_steps = 1\n",
+    )
+    .unwrap();
+    let out2 = tmp.path().join("out2");
+    let (ok, stdout2, stderr2) = xtask(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out2.to_str().unwrap(),
+        "--config",
+        cfg_file.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--init-adapter",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "finetune with --config failed:\n{stdout2}\n{stderr2}");
+    assert_eq!(
+        stdout2.matches("\"loss\"").count(),
+        2,
+        "the flag (2 steps) overrides the file (1):\n{stdout2}"
+    );
+    assert!(out2.join("adapter_model.safetensors").is_file());
+    std::fs::write(&cfg_file, "learning_rat = 1e-3\n").unwrap();
+    let (ok, _, stderr3) = xtask(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--config",
+        cfg_file.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stderr3.contains("learning_rat"),
+        "a misspelt option must be refused:\n{stderr3}"
+    );
     assert_eq!(base_eval["records"], 12);
     assert!(base_eval["supervised_tokens"].as_u64().unwrap() > 0);
     let (lb, lt) = (

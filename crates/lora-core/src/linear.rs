@@ -214,10 +214,26 @@ impl<B: Backend> LoraLinear<B> {
             Some(d) => d.forward(x.clone()),
             None => x.clone(),
         };
+        // Mixed precision: a bf16 base with f32 adapters computes the side path in the adapters'
+        // dtype and adds it back in the base's (PEFT does the same casts).
+        let (a, b) = (a.weight.val(), b.weight.val());
+        let (dtype, adapter_dtype) = (x.dtype(), a.dtype());
+        let xd = if dtype == adapter_dtype {
+            xd
+        } else {
+            xd.cast(adapter_dtype)
+        };
         // Rank-r side path: two thin GEMMs instead of a full-size `W + s·B·A`.
-        let low = xd.matmul(a.weight.val().transpose().unsqueeze::<D>()); // [.., r]
-        let side = low.matmul(b.weight.val().transpose().unsqueeze::<D>()); // [.., out]
-        self.forward_base(x) + side.mul_scalar(self.scaling)
+        let low = xd.matmul(a.transpose().unsqueeze::<D>()); // [.., r]
+        let side = low
+            .matmul(b.transpose().unsqueeze::<D>())
+            .mul_scalar(self.scaling); // [.., out]
+        let side = if dtype == adapter_dtype {
+            side
+        } else {
+            side.cast(dtype)
+        };
+        self.forward_base(x) + side
     }
 }
 

@@ -542,3 +542,61 @@ fn gradient_checkpointing_gives_the_same_gradients_and_run() {
         assert!((x - y).abs() <= 1e-5 * x.abs(), "step losses {x} vs {y}");
     }
 }
+
+#[test]
+fn bf16_base_trains_with_f32_adapters() {
+    let _rng = rng_lock();
+    let cfg = lora_cfg(0.0);
+    let ex = examples(8);
+    let tmp = tempfile::tempdir().unwrap();
+    let a = TrainingArguments {
+        max_steps: Some(2),
+        save_steps: 0,
+        shuffle: false,
+        ..args(tmp.path())
+    };
+    let build = |dtype: DType| {
+        use burn::tensor::backend::Backend;
+        Ad::seed(&Default::default(), 1);
+        let base = qwen2::load_model::<Ad>(&fixture(), dtype, &Default::default())
+            .unwrap()
+            .model;
+        apply_lora(base, &cfg).unwrap().0
+    };
+    let mut cb = |_: &TrainEvent| true;
+    let (m16, o16) = train(
+        build(DType::BF16),
+        &cfg,
+        &ex,
+        &[],
+        Collator::new(0),
+        &a,
+        &Default::default(),
+        &mut cb,
+    )
+    .unwrap();
+    let (_, o32) = train(
+        build(DType::F32),
+        &cfg,
+        &ex,
+        &[],
+        Collator::new(0),
+        &a,
+        &Default::default(),
+        &mut cb,
+    )
+    .unwrap();
+    let q = &m16.model.layers[0].self_attn.q_proj;
+    assert_eq!(q.weight.val().dtype(), DType::BF16, "base stays bf16");
+    assert_eq!(
+        q.lora_A.as_ref().unwrap().weight.val().dtype(),
+        DType::F32,
+        "adapters stay f32"
+    );
+    for (x, y) in o16.state.step_losses.iter().zip(&o32.state.step_losses) {
+        assert!(
+            x.is_finite() && (x - y).abs() <= 0.02 * y.abs(),
+            "bf16 loss {x} vs f32 {y}"
+        );
+    }
+}
