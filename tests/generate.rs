@@ -215,3 +215,36 @@ fn logits_processors_equal_transformers_scores() {
     }
     assert_eq!(steps, 12);
 }
+
+/// The real Qwen2.5 `generation_config.json` files give the documented defaults; a model directory
+/// without one falls back to HF's defaults (greedy) with config.json's eos ids.
+#[test]
+fn generation_config_of_real_qwen_models() {
+    let Some(shared) = common::shared_data() else {
+        return;
+    };
+    let configs = shared.join("qwen2.5-configs");
+    let c7 =
+        GenerationConfig::from_file(&configs.join("Qwen2.5-7B-Instruct/generation_config.json"))
+            .unwrap();
+    assert!(c7.do_sample);
+    assert_eq!(
+        (c7.temperature, c7.top_p, c7.top_k, c7.repetition_penalty),
+        (0.7, 0.8, 20, 1.05)
+    );
+    assert_eq!(c7.eos_token_id, vec![151645, 151643]);
+    let c05 =
+        GenerationConfig::from_file(&configs.join("Qwen2.5-0.5B-Instruct/generation_config.json"))
+            .unwrap();
+    assert_eq!(c05.repetition_penalty, 1.1);
+
+    let dir = fixtures().join("tiny-tied-f32");
+    let mut cfg = qwen2::Qwen2Config::from_file(&dir.join("config.json")).unwrap();
+    cfg.eos_token_id = Some(qwen2::TokenIds::Many(vec![7, 9]));
+    let d = GenerationConfig::for_model(&dir, &cfg).unwrap();
+    assert!(
+        !d.do_sample,
+        "no generation_config.json: greedy, as transformers"
+    );
+    assert_eq!(d.eos_token_id, vec![7, 9]);
+}

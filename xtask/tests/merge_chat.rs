@@ -315,9 +315,25 @@ fn merge_and_chat_refuse_bad_input_with_clear_errors() {
         "{err}"
     );
 
-    // chat: the adapter for another base, through the command.
+    // chat: the adapter for another base, through the command; a broken generation_config.json.
     if let Some(shared) = shared_data() {
         let tok = shared.join("qwen2.5-tokenizer");
+        std::fs::write(other.join("generation_config.json"), r#"{"top_p": 2.0}"#).unwrap();
+        let (ok, _, err) = xtask(&[
+            "chat",
+            "--model",
+            s(&other),
+            "--tokenizer",
+            s(&tok),
+            "--prompt",
+            "hi",
+        ]);
+        assert!(
+            !ok && err.contains("generation_config.json")
+                && err.contains("top_p 2 must be in (0, 1]"),
+            "{err}"
+        );
+        std::fs::remove_file(other.join("generation_config.json")).unwrap();
         let (ok, _, err) = xtask(&[
             "chat",
             "--model",
