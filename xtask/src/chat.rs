@@ -33,9 +33,14 @@ pub struct ChatArgs {
     /// Tokenizer directory or tokenizer.json (default: the model directory).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// System prompt (default: Qwen2.5's, "You are Qwen, created by Alibaba Cloud. ...").
+    /// System prompt (default: the template's).
     #[arg(long)]
     pub system: Option<String>,
+    /// Whose default system prompt to use: `qwen` (Qwen2.5's "You are Qwen, created by Alibaba
+    /// Cloud. ...") or `seed` (the tutorial's training prompt, finetune's default). Both render the
+    /// prompt as Qwen2.5's chat template does.
+    #[arg(long, default_value = "qwen")]
+    pub template: String,
     /// Answer this one message and exit (otherwise: interactive, one turn per line).
     #[arg(long)]
     pub prompt: Option<String>,
@@ -93,6 +98,7 @@ fn run_cuda(_: &ChatArgs, d: &str) -> anyhow::Result<()> {
 }
 
 fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
+    let template: Template = a.template.parse().map_err(|e| anyhow!("--template: {e}"))?;
     let dir = qwen2::resolve_model_dir(&a.model)?;
     let tok_path = a.tokenizer.clone().unwrap_or_else(|| dir.clone());
     if tok_path.is_dir() && !tok_path.join("tokenizer.json").is_file() {
@@ -143,7 +149,8 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
         cfg.eos_token_id
     );
 
-    let system = a.system.as_deref().unwrap_or(QWEN_DEFAULT_SYSTEM);
+    let system = a.system.as_deref().unwrap_or(template.default_system());
+    eprintln!("system: {system}");
     let mut history = vec![Message {
         role: Role::System,
         content: system.to_string(),

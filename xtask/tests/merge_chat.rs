@@ -382,8 +382,6 @@ fn chat_answers_a_prompt_reproducibly() {
             s(&model),
             "--tokenizer",
             s(&tok),
-            "--system",
-            "现在你要扮演皇帝身边的女人--甄嬛",
             "--prompt",
             "你是谁？",
             "--max-new-tokens",
@@ -394,16 +392,30 @@ fn chat_answers_a_prompt_reproducibly() {
         assert!(ok, "{stdout}\n{stderr}");
         (stdout, stderr)
     };
-    let (a, err) = run(&["--seed", "7"]);
+    let sys = ["--system", "假设你是皇帝身边的女人--甄嬛。", "--seed", "7"];
+    let (a, err) = run(&sys);
     assert!(
         err.contains("sampling (temperature 0.7, top_k 20, top_p 0.8, repetition_penalty 1.05"),
         "defaults from generation_config.json: {err}"
     );
     assert!(err.contains("stop at [151645, 151643]"), "{err}");
     assert!(err.contains("tokens/s") && err.contains("prompt "), "{err}");
-    assert_eq!(run(&["--seed", "7"]).0, a, "same seed, same answer");
+    assert!(
+        err.contains("system: 假设你是皇帝身边的女人--甄嬛。"),
+        "{err}"
+    );
+    assert_eq!(run(&sys).0, a, "same seed, same answer");
+    let (_, err) = run(&["--template", "seed", "--greedy"]);
+    assert!(
+        err.contains("system: 现在你要扮演皇帝身边的女人--甄嬛"),
+        "{err}"
+    );
     let (g1, err) = run(&["--greedy"]);
     assert!(err.contains("greedy"), "{err}");
+    assert!(
+        err.contains("system: You are Qwen, created by Alibaba Cloud."),
+        "{err}"
+    );
     assert_eq!(run(&["--greedy"]).0, g1);
     assert!(!a.trim().is_empty() || !g1.trim().is_empty());
 
