@@ -248,3 +248,43 @@ fn generation_config_of_real_qwen_models() {
     );
     assert_eq!(d.eos_token_id, vec![7, 9]);
 }
+
+/// A conversation continued from its cache (the chat's later turns) generates what a fresh run on
+/// the whole prompt generates, processing only the new tokens; after truncating the cache to a
+/// shared prefix, a different prompt continues from that prefix.
+#[test]
+fn continuing_from_a_cache_equals_a_fresh_run() {
+    let dev = Default::default();
+    let model = load("tiny-untied-f32-sharded", Some("peft-tiny-untied"), false);
+    let cfg = greedy(8, 1.0);
+    let p1: Vec<u32> = vec![17, 200, 3, 45, 99, 12];
+    let mut cache = KvCache::new(model.model.layers.len());
+    let g1 = qwen2::generate_cached(&model, &mut cache, &p1, &cfg, &dev, |_| true);
+    assert_eq!(
+        g1.tokens,
+        generate(&model, &p1, &cfg, &dev, |_| true).tokens
+    );
+    assert_eq!(cache.len(), p1.len() + g1.tokens.len() - 1);
+
+    // Turn 2: the first turn, its answer, and a new message.
+    let p2: Vec<u32> = [p1.clone(), g1.tokens.clone(), vec![5, 6, 7]].concat();
+    let g2 = qwen2::generate_cached(&model, &mut cache, &p2, &cfg, &dev, |_| true);
+    assert_eq!(
+        g2.prompt_tokens, 4,
+        "the last answer token and the 3 new ones"
+    );
+    assert_eq!(
+        g2.tokens,
+        generate(&model, &p2, &cfg, &dev, |_| true).tokens
+    );
+
+    // A prompt that departs from the cache after 3 tokens: the caller cuts the cache back.
+    let p3: Vec<u32> = [&p1[..3], &[250, 251][..]].concat();
+    cache.truncate(3);
+    assert_eq!(cache.len(), 3);
+    let g3 = qwen2::generate_cached(&model, &mut cache, &p3, &cfg, &dev, |_| true);
+    assert_eq!(
+        g3.tokens,
+        generate(&model, &p3, &cfg, &dev, |_| true).tokens
+    );
+}

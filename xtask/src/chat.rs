@@ -16,7 +16,7 @@ use anyhow::{anyhow, bail, Context};
 use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 use lora_data::{ChatTokenizer, Message, Role, Template, QWEN_DEFAULT_SYSTEM};
-use qwen2::{GenerationConfig, StopReason};
+use qwen2::{GenerationConfig, KvCache, StopReason};
 
 /// Arguments of `chat`.
 #[derive(clap::Args)]
@@ -151,13 +151,17 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
 
     let system = a.system.as_deref().unwrap_or(template.default_system());
     eprintln!("system: {system}");
-    let mut history = vec![Message {
-        role: Role::System,
-        content: system.to_string(),
-    }];
+    let mut state = Conversation {
+        history: vec![Message {
+            role: Role::System,
+            content: system.to_string(),
+        }],
+        cache: KvCache::new(model.model.layers.len()),
+        cached_ids: Vec::new(),
+    };
     let mut out = std::io::stdout();
     if let Some(p) = &a.prompt {
-        answer(&model, &tok, &cfg, device, &mut history, p, &mut out)?;
+        answer(&model, &tok, &cfg, device, &mut state, p, &mut out)?;
         return Ok(());
     }
     eprintln!("interactive chat: one message per line; `exit` or end of input quits");
@@ -181,15 +185,7 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
             seed: cfg.seed.wrapping_add(turn),
             ..cfg.clone()
         };
-        answer(
-            &model,
-            &tok,
-            &turn_cfg,
-            device,
-            &mut history,
-            line,
-            &mut out,
-        )?;
+        answer(&model, &tok, &turn_cfg, device, &mut state, line, &mut out)?;
         turn += 1;
     }
     Ok(())
@@ -237,17 +233,28 @@ fn generation_config(
     Ok(cfg)
 }
 
-/// One assistant turn: render the history with the chat template, generate while streaming the
-/// text, append the answer to the history, print the speeds.
+/// The turns so far, and the keys/values of the token ids last processed.
+struct Conversation<B: Backend> {
+    history: Vec<Message>,
+    cache: KvCache<B>,
+    /// The ids whose keys/values `cache` holds (`cache.len()` of them).
+    cached_ids: Vec<u32>,
+}
+
+/// One assistant turn: render the history with the chat template, continue from the cached
+/// prefix it shares with the last turn (the whole earlier conversation, unless re-tokenizing the
+/// answer changed its ids), generate while streaming the text, append the answer to the history,
+/// print the speeds.
 fn answer<B: Backend>(
     model: &qwen2::Qwen2ForCausalLM<B>,
     tok: &ChatTokenizer,
     cfg: &GenerationConfig,
     device: &B::Device,
-    history: &mut Vec<Message>,
+    state: &mut Conversation<B>,
     user: &str,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
+    let history = &mut state.history;
     history.push(Message {
         role: Role::User,
         content: user.to_string(),
@@ -261,7 +268,15 @@ fn answer<B: Backend>(
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = 0usize;
     let mut io_err = None;
-    let g = qwen2::generate(model, &prompt, cfg, device, |t| {
+    let common = state
+        .cached_ids
+        .iter()
+        .zip(&prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    state.cache.truncate(common);
+    let cache = &mut state.cache;
+    let g = qwen2::generate_cached(model, cache, &prompt, cfg, device, |t| {
         generated.push(t);
         // Decode everything so far and print what is new; a trailing U+FFFD is half of a
         // multi-byte character split across tokens, printed once the next token completes it.
@@ -295,9 +310,14 @@ fn answer<B: Backend>(
         role: Role::Assistant,
         content: reply,
     });
+    let reused = prompt.len() - g.prompt_tokens;
+    // The cache now holds the prompt and every new token but the last.
+    state.cached_ids = [prompt, g.tokens.clone()].concat();
+    state.cached_ids.truncate(state.cache.len());
     eprintln!(
-        "[prompt {} tokens, {:.1} tokens/s | decode {} tokens, {:.1} tokens/s | stop: {}]",
+        "[prompt {} tokens ({} cached), {:.1} tokens/s | decode {} tokens, {:.1} tokens/s | stop: {}]",
         g.prompt_tokens,
+        reused,
         g.prompt_tokens_per_sec(),
         g.tokens.len(),
         g.decode_tokens_per_sec(),

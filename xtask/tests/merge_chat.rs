@@ -447,4 +447,17 @@ fn chat_answers_a_prompt_reproducibly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert_eq!(err.matches("[prompt ").count(), 2, "two answers: {err}");
+    // The second turn continues from the cached first one.
+    let second = err
+        .lines()
+        .filter(|l| l.contains("[prompt "))
+        .nth(1)
+        .unwrap();
+    let cached: usize = second
+        .split(" cached)")
+        .next()
+        .and_then(|h| h.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(cached >= 20, "system block and first turn reused: {second}");
 }

@@ -57,6 +57,23 @@ impl<B: Backend> KvCache<B> {
         self.layers.iter_mut().for_each(|l| *l = None);
         self.len = 0;
     }
+
+    /// Keeps the first `len` positions (no-op when `len >= self.len()`): a conversation whose
+    /// next prompt shares only a prefix with what is cached continues from that prefix.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        if len == 0 {
+            return self.clear();
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            // [batch, kv_heads, cached, head_dim] -> [batch, kv_heads, len, head_dim]
+            *k = k.clone().narrow(2, 0, len);
+            *v = v.clone().narrow(2, 0, len);
+        }
+        self.len = len;
+    }
 }
 
 impl<B: Backend> Qwen2Attention<B> {
@@ -270,7 +287,7 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     /// Why it stopped.
     pub stop: StopReason,
-    /// Prompt length in tokens.
+    /// Prompt tokens processed (the whole prompt unless a cache held part of it).
     pub prompt_tokens: usize,
     /// Seconds to process the prompt and pick the first token (time to first token).
     pub prompt_secs: f64,
@@ -300,15 +317,32 @@ pub fn generate<B: Backend>(
     prompt: &[u32],
     cfg: &GenerationConfig,
     device: &B::Device,
+    on_token: impl FnMut(u32) -> bool,
+) -> Generation {
+    let mut cache = KvCache::new(model.model.layers.len());
+    generate_cached(model, &mut cache, prompt, cfg, device, on_token)
+}
+
+/// [`generate`] continuing from a cache that already holds `prompt[..cache.len()]` (a chat's
+/// earlier turns): only the rest of the prompt is processed (at least its last token; a cache as
+/// long as the prompt is cut back by one). Afterwards the cache holds the prompt and every new
+/// token but the last, which was never fed back. `prompt_tokens` counts the tokens processed.
+pub fn generate_cached<B: Backend>(
+    model: &Qwen2ForCausalLM<B>,
+    cache: &mut KvCache<B>,
+    prompt: &[u32],
+    cfg: &GenerationConfig,
+    device: &B::Device,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Generation {
+    cache.truncate(prompt.len().saturating_sub(1));
+    let fed = prompt.len() - cache.len().min(prompt.len());
     let mut sampler = TokenSampler::new(cfg.clone());
-    let mut cache = KvCache::new(model.model.layers.len());
     let mut context: Vec<u32> = prompt.to_vec();
     let mut tokens = Vec::new();
     let start = Instant::now();
     let mut prompt_secs = 0.0;
-    let mut input = prompt.to_vec();
+    let mut input = prompt[prompt.len() - fed..].to_vec();
     let mut stop = StopReason::MaxNewTokens;
     while tokens.len() < cfg.max_new_tokens && !input.is_empty() {
         let ids = Tensor::<B, 2, Int>::from_data(
@@ -318,7 +352,7 @@ pub fn generate<B: Backend>(
             ),
             device,
         );
-        let logits = model.forward_step_last(ids, &mut cache);
+        let logits = model.forward_step_last(ids, cache);
         // Reading the logits back synchronizes the device, so the timings below are real.
         let mut row = logits
             .into_data()
@@ -345,7 +379,7 @@ pub fn generate<B: Backend>(
     Generation {
         tokens,
         stop,
-        prompt_tokens: prompt.len(),
+        prompt_tokens: fed,
         prompt_secs,
         decode_secs: total - prompt_secs,
     }

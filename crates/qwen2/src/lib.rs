@@ -22,7 +22,7 @@ pub use attention::Qwen2Attention;
 pub use config::{Qwen2Config, RopeParameters, TokenIds};
 pub use error::Qwen2Error;
 pub use export::{export_weights, parse_size, ExportReport};
-pub use generate::{generate, Generation, KvCache, StopReason};
+pub use generate::{generate, generate_cached, Generation, KvCache, StopReason};
 pub use load::{
     load_model, load_safetensors_into, parameter_shapes, resolve_model_dir, weight_files,
     LoadReport, LoadedModel,
