@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use anyhow::bail;
 use burn::backend::{Autodiff, Flex};
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use lora_core::{apply_lora, LoraConfig};
 use lora_data::Batch;
 use lora_trainer::{clip_global_norm, TrainableLm};
@@ -32,6 +32,12 @@ pub struct BenchTrainArgs {
     /// Per-layer activation checkpointing.
     #[arg(long)]
     checkpointing: bool,
+    /// cpu | cuda[:N]
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Base-weight dtype: f32 | bf16 (adapters and optimizer state stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 fn config(size: &str) -> anyhow::Result<Qwen2Config> {
@@ -39,7 +45,9 @@ fn config(size: &str) -> anyhow::Result<Qwen2Config> {
         "mini" => Qwen2Config::new(151_936, 896, 4864, 4, 14, 2, true),
         "tiny" => Qwen2Config::new(1024, 64, 172, 2, 4, 2, false),
         "0.5b" => Qwen2Config::new(151_936, 896, 4864, 24, 14, 2, true),
-        s => bail!("--size {s:?}: use tiny, mini or 0.5b"),
+        // Qwen2.5-7B-Instruct's config.json.
+        "7b" => Qwen2Config::new(152_064, 3584, 18_944, 28, 28, 4, false),
+        s => bail!("--size {s:?}: use tiny, mini, 0.5b or 7b"),
     })
 }
 
@@ -55,11 +63,39 @@ fn peak_rss_mib() -> f64 {
 }
 
 pub fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
-    type Ad = Autodiff<Flex>;
-    let dev = Default::default();
+    let dtype = match a.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        d => bail!("--dtype {d:?}: use f32 or bf16"),
+    };
+    let spec = a.device.clone();
+    crate::on_device!(&spec,
+        cpu => run_on::<Autodiff<Flex>>(&a, &Default::default(), dtype),
+        cuda(dev) => run_on::<Autodiff<burn::backend::Cuda>>(&a, &dev, dtype),
+    )
+}
+
+/// Casts every base parameter to `dtype` (adapters are attached afterwards, in f32).
+struct Cast(DType);
+
+impl<B: Backend> ModuleMapper<B> for Cast {
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let dtype = self.0;
+        p.map(|t| t.cast(dtype)).set_require_grad(false)
+    }
+}
+
+fn run_on<Ad: AutodiffBackend>(
+    a: &BenchTrainArgs,
+    dev: &Ad::Device,
+    dtype: DType,
+) -> anyhow::Result<()> {
     let cfg = config(&a.size)?;
-    Ad::seed(&dev, 0);
-    let base = Qwen2ForCausalLM::<Ad>::new(&cfg, &dev);
+    Ad::seed(dev, 0);
+    let mut base = Qwen2ForCausalLM::<Ad>::new(&cfg, dev);
+    if dtype != DType::F32 {
+        base = base.map(&mut Cast(dtype));
+    }
     let (mut model, _) = apply_lora(base, &LoraConfig::tutorial())?;
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
@@ -81,7 +117,7 @@ pub fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
         .map(|(i, &t)| if i % a.seq < a.seq / 3 { -100 } else { t })
         .collect();
     let t =
-        |v: Vec<i64>| Tensor::<Ad, 2, Int>::from_data(TensorData::new(v, [a.batch, a.seq]), &dev);
+        |v: Vec<i64>| Tensor::<Ad, 2, Int>::from_data(TensorData::new(v, [a.batch, a.seq]), dev);
     let batch = Batch {
         input_ids: t(ids),
         attention_mask: t(vec![1; a.batch * a.seq]),
@@ -106,8 +142,22 @@ pub fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
     let _ = model.valid();
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
+    // Model FLOPs of a LoRA step with a frozen base: forward (2N per token) and the input gradient
+    // in backward (2N), plus attention scores and values (forward and backward, 3 x 4·s·h per
+    // token per layer, causal halved); the adapters' own FLOPs are negligible at r = 8.
+    let n_matmul = (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size) as f64
+        + if cfg.tie_word_embeddings {
+            (cfg.vocab_size * cfg.hidden_size) as f64
+        } else {
+            0.0
+        };
+    let tokens = (a.batch * a.seq) as f64;
+    let attn = 3.0 * 2.0 * (a.seq as f64) * (cfg.hidden_size as f64) * cfg.num_hidden_layers as f64;
+    let flops = tokens * (4.0 * n_matmul + attn);
     let line = serde_json::json!({
-        "impl": "ferrolora-burn-flex", "size": a.size, "batch": a.batch, "seq": a.seq,
+        "impl": format!("ferrolora-burn-{}", Ad::name(dev)), "size": a.size, "batch": a.batch, "seq": a.seq,
+        "dtype": a.dtype, "device": a.device, "flops_per_step": flops,
+        "tflops_per_s": (flops / med / 1e12 * 1000.0).round() / 1000.0,
         "threads": rayon_threads(), "checkpointing": a.checkpointing,
         "step_s_median": (med * 1e4).round() / 1e4,
         "tokens_per_s": ((a.batch * a.seq) as f64 / med * 10.0).round() / 10.0,

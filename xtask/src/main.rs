@@ -6,11 +6,13 @@ use clap::{Parser, Subcommand};
 mod bench_train;
 mod chat;
 mod demo;
+mod device;
 mod eval;
 mod finetune;
 mod info;
 mod mem;
 mod merge;
+mod parity;
 mod prepare;
 
 #[derive(Parser)]
@@ -35,6 +37,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Load a model directory and print its config, parameter count and load report.
     Info(info::InfoArgs),
+    /// Fixture logits against transformers/PEFT on a chosen device and dtype.
+    Parity(parity::ParityArgs),
     /// Measure peak memory while loading a (synthetic) checkpoint.
     MemLoad(mem::MemLoadArgs),
     /// Merge a LoRA adapter into its base model and write a Hugging Face model directory.
@@ -52,6 +56,7 @@ fn main() {
         Command::Eval(a) => eval::run(a),
         Command::Info(a) => info::run(a),
         Command::MemLoad(a) => mem::run(a),
+        Command::Parity(a) => parity::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Prepare(a) => prepare::run(a),
     };

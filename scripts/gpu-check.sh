@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU check of issue 9, as one call on a GPU machine (no Rust toolchain there; the binary travels).
+#
+# Prepare here:   cargo build --release -p xtask --features cuda && mkdir -p gpu && cp target/release/xtask gpu/
+# Run there:      bash scripts/gpu-check.sh            (from the repository root; ~8 minutes on an H200)
+# Dry run on CPU: DEVICE=cpu BIG=tiny BIN=target/release/xtask bash scripts/gpu-check.sh
+#
+# 1. fixture parity on the device: f32 logits (tolerance 1e-4) and bf16 logits (0.15);
+# 2. the built-in demo fine-tune on the device (30 steps), then one chat answer from its adapter;
+# 3. LoRA train steps of a random-weight model with the real Qwen2.5-7B config, bf16 base
+#    (batch 4 x 384 and 1 x 2048, with and without gradient checkpointing): tok/s, MFU against the
+#    card's measured bf16 GEMM rate, peak device memory (nvidia-smi, sampled);
+# 4. the same shapes through PyTorch + PEFT (scripts/peft_gpu_bench.py);
+# 5. everything as JSON lines in $OUT/results.jsonl and a table printed last.
+set -uo pipefail
+BIN=${BIN:-gpu/xtask}; DEVICE=${DEVICE:-cuda}; BIG=${BIG:-7b}; OUT=${OUT:-gpu-results}; PY=${PY:-python3}
+STEPS=${STEPS:-3}
+mkdir -p "$OUT"; : > "$OUT/results.jsonl"
+log() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+peak_mem() {  # run "$@" while sampling device memory; append {"peak_device_mib": N} to its JSON line
+  local samples="$OUT/.mem"; : > "$samples"
+  if command -v nvidia-smi >/dev/null; then
+    (while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$samples"; sleep 0.2; done) &
+    local sampler=$!
+  fi
+  local line; line=$("$@" 2>>"$OUT/stderr.log" | tail -n 1)
+  [ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null
+  local peak; peak=$(sort -n "$samples" 2>/dev/null | tail -n 1)
+  if [ -n "$line" ]; then
+    echo "$line" | $PY -c "import json,sys; d=json.loads(sys.stdin.read()); d['peak_device_mib']=float('${peak:-0}' or 0); print(json.dumps(d))" >> "$OUT/results.jsonl"
+  else
+    echo "{\"failed\": \"$*\"}" >> "$OUT/results.jsonl"
+  fi
+}
+
+log "1. parity"
+"$BIN" parity --device "$DEVICE" --dtype f32 >> "$OUT/results.jsonl" 2>>"$OUT/stderr.log" || echo "f32 parity FAILED"
+"$BIN" parity --device "$DEVICE" --dtype bf16 >> "$OUT/results.jsonl" 2>>"$OUT/stderr.log" || echo "bf16 parity FAILED"
+
+log "2. demo fine-tune + chat"
+rm -rf "$OUT/demo"
+"$BIN" finetune --device "$DEVICE" --output "$OUT/demo" --max-steps 30 > "$OUT/demo.log" 2>>"$OUT/stderr.log" \
+  && echo "{\"demo\": \"ok\", \"last_log\": $(grep '"loss"' "$OUT/demo.log" | tail -n 1)}" >> "$OUT/results.jsonl" \
+  || echo "{\"demo\": \"FAILED\"}" >> "$OUT/results.jsonl"
+"$BIN" chat --device "$DEVICE" --model "$OUT/demo/model" --adapter "$OUT/demo/adapter" --greedy \
+  --system "You are Zhen Huan." --prompt "Who are you?" --max-new-tokens 32 > "$OUT/chat.log" 2>>"$OUT/stderr.log" \
+  || echo "chat FAILED"
+
+log "3-4. train steps, ours and PyTorch+PEFT"
+$PY scripts/peft_gpu_bench.py --matmul-probe --device "$DEVICE" >> "$OUT/results.jsonl" 2>>"$OUT/stderr.log" || true
+for shape in "4 384" "1 2048"; do
+  set -- $shape
+  for ck in "" "--checkpointing"; do
+    peak_mem "$BIN" bench-train --size "$BIG" --batch "$1" --seq "$2" --steps "$STEPS" --device "$DEVICE" --dtype bf16 $ck
+    peak_mem $PY scripts/peft_gpu_bench.py --size "$BIG" --batch "$1" --seq "$2" --steps "$STEPS" --device "$DEVICE" $ck
+  done
+done
+
+log "5. table"
+$PY - "$OUT/results.jsonl" <<'PYEOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+probe = next((r["bf16_matmul_tflops"] for r in rows if "bf16_matmul_tflops" in r), None)
+print("parity:", [(r["fixture"], r["dtype"], f'{r["max_abs_error"]:.2e}', r["ok"]) for r in rows if "fixture" in r])
+print("demo:", [r for r in rows if "demo" in r])
+print(f"bf16 GEMM probe: {probe} TFLOP/s")
+print(f'{"impl":<28}{"shape":<10}{"ckpt":<6}{"tok/s":>10}{"step s":>9}{"peak MiB":>10}{"MFU":>7}')
+bench = [r for r in rows if "step_s_median" in r]
+for r in bench:
+    mfu = r.get("tflops_per_s", 0) / probe if probe and r.get("tflops_per_s") else float("nan")
+    print(f'{r["impl"]:<28}{str(r["batch"])+"x"+str(r["seq"]):<10}{str(r["checkpointing"]):<6}'
+          f'{r["tokens_per_s"]:>10}{r["step_s_median"]:>9}{r.get("peak_device_mib", 0):>10.0f}{mfu:>7.2f}')
+for b in bench:
+    if b["impl"].startswith("ferrolora"):
+        ref = next((r for r in bench if r["impl"] == "transformers+peft" and r["batch"] == b["batch"]
+                    and r["seq"] == b["seq"] and r["checkpointing"] == b["checkpointing"]), None)
+        if ref:
+            print(f'ratio ours/peft {b["batch"]}x{b["seq"]} ckpt={b["checkpointing"]}: '
+                  f'{b["tokens_per_s"] / ref["tokens_per_s"]:.2f}x tok/s')
+PYEOF
