@@ -74,27 +74,11 @@ pub struct ChatArgs {
 }
 
 pub fn run(a: ChatArgs) -> anyhow::Result<()> {
-    match a.device.as_str() {
-        "cpu" => run_on::<burn::backend::Flex>(&a, &Default::default()),
-        d if d == "cuda" || d.starts_with("cuda:") => run_cuda(&a, d),
-        d => bail!("--device {d:?}: use cpu or cuda[:N]"),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn run_cuda(a: &ChatArgs, d: &str) -> anyhow::Result<()> {
-    let index: usize = d
-        .strip_prefix("cuda:")
-        .map(str::parse)
-        .transpose()
-        .context("--device cuda:N")?
-        .unwrap_or(0);
-    run_on::<burn::backend::Cuda>(a, &burn::backend::cuda::CudaDevice::new(index))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn run_cuda(_: &ChatArgs, d: &str) -> anyhow::Result<()> {
-    bail!("--device {d}: this build has no CUDA support; rebuild with `--features cuda` (needs the CUDA toolkit)")
+    let spec = a.device.clone();
+    crate::on_device!(&spec,
+        cpu => run_on::<burn::backend::Flex>(&a, &Default::default()),
+        cuda(dev) => run_on::<burn::backend::Cuda>(&a, &dev),
+    )
 }
 
 fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {

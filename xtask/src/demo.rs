@@ -180,7 +180,12 @@ pub fn run(mut o: FinetuneOptions) -> anyhow::Result<()> {
     o.template = "qwen".into();
     o.system = Some(SYSTEM.into());
     o.training.output_dir = root.join("adapter");
-    crate::finetune::run_on::<burn::backend::Autodiff<Flex>>(&o, &Default::default())?;
+    // The fine-tune itself runs on `--device`; the before/after answers on the CPU.
+    let spec = o.device.clone();
+    crate::on_device!(&spec,
+        cpu => crate::finetune::run_on::<burn::backend::Autodiff<Flex>>(&o, &Default::default())?,
+        cuda(dev) => crate::finetune::run_on::<burn::backend::Autodiff<burn::backend::Cuda>>(&o, &dev)?,
+    );
 
     let base = qwen2::load_model::<Flex>(&model_dir, DType::F32, &Default::default())?.model;
     let (tuned, _, _) = lora_core::load_adapter(base, &o.training.output_dir)?;

@@ -273,28 +273,11 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     if o.model.is_none() && o.data.is_none() {
         return crate::demo::run(o);
     }
-    match o.device.as_str() {
-        "cpu" => run_on::<burn::backend::Autodiff<burn::backend::Flex>>(&o, &Default::default()),
-        d if d == "cuda" || d.starts_with("cuda:") => run_cuda(&o, d),
-        d => bail!("--device {d:?}: use cpu or cuda[:N]"),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn run_cuda(o: &FinetuneOptions, d: &str) -> anyhow::Result<()> {
-    let index: usize = d
-        .strip_prefix("cuda:")
-        .map(str::parse)
-        .transpose()
-        .context("--device cuda:N")?
-        .unwrap_or(0);
-    let device = burn::backend::cuda::CudaDevice::new(index);
-    run_on::<burn::backend::Autodiff<burn::backend::Cuda>>(o, &device)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn run_cuda(_: &FinetuneOptions, d: &str) -> anyhow::Result<()> {
-    bail!("--device {d}: this build has no CUDA support; rebuild with `--features cuda` (needs the CUDA toolkit)")
+    let spec = o.device.clone();
+    crate::on_device!(&spec,
+        cpu => run_on::<burn::backend::Autodiff<burn::backend::Flex>>(&o, &Default::default()),
+        cuda(dev) => run_on::<burn::backend::Autodiff<burn::backend::Cuda>>(&o, &dev),
+    )
 }
 
 /// How to turn a data file into examples (shared by `finetune` and `eval`).
