@@ -3,7 +3,7 @@
 //! (streamed to disk tensor by tensor), so the measurement needs no downloaded weights.
 //!
 //! Run the two steps as separate invocations, so the writer's memory does not count:
-//! `cargo xtask mem-load --synthesize /tmp/syn --layers 8` then `cargo xtask mem-load --model /tmp/syn`.
+//! `cargo xtask mem-load --synthesize runs/syn --layers 8` then `cargo xtask mem-load --model runs/syn`.
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
