@@ -166,7 +166,7 @@ fn write_err(path: &Path, e: std::io::Error) -> Qwen2Error {
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Qwen2Error> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Qwen2Error> {
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, bytes).map_err(|e| write_err(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| write_err(path, e))
