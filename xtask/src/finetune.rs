@@ -362,6 +362,8 @@ pub fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> an
         bail!("--data FILE is required (alpaca / sharegpt / messages, JSON or JSONL)");
     };
     let model_dir = qwen2::resolve_model_dir(model_arg)?;
+    // Fail on a bad config.json before spending time on the data.
+    qwen2::Qwen2Config::from_file(&model_dir.join("config.json"))?;
 
     // Data.
     let tok_path = o.tokenizer.clone().unwrap_or_else(|| model_dir.clone());

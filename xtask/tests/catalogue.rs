@@ -1,0 +1,334 @@
+//! The bad-input catalogue through the command line: every case exits with code 1 and one clear
+//! message naming the file, key, record or option (no panic, no backtrace), and writes no adapter.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn xtask(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Rewrites one tensor entry of a safetensors file (dtype and/or shape, same byte count) or drops or
+/// adds one.
+fn edit_st(
+    path: &Path,
+    f: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| (k, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    f(&mut v);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = v
+        .iter()
+        .map(|(k, d, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+#[test]
+fn every_bad_input_gets_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| -> PathBuf { tmp.path().join(p) };
+    // A tiny model, tokenizer and dataset of our own (the built-in demo writes them).
+    let (code, err) = xtask(&[
+        "finetune",
+        "--output",
+        t("demo").to_str().unwrap(),
+        "--max-steps",
+        "1",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let (model, data) = (t("demo/model"), t("demo/data.json"));
+    let m = model.to_str().unwrap();
+    let d = data.to_str().unwrap();
+
+    // Broken copies of the model directory.
+    let variant = |name: &str, f: &dyn Fn(&Path)| -> String {
+        let dir = t(name);
+        copy_dir(&model, &dir);
+        f(&dir);
+        dir.to_str().unwrap().to_string()
+    };
+    let no_config = variant("no_config", &|p| {
+        std::fs::remove_file(p.join("config.json")).unwrap()
+    });
+    let bad_json = variant("bad_json", &|p| {
+        std::fs::write(p.join("config.json"), "{\"hidden_size\": ").unwrap()
+    });
+    let impossible = variant("impossible", &|p| {
+        let c = std::fs::read_to_string(p.join("config.json")).unwrap();
+        std::fs::write(
+            p.join("config.json"),
+            c.replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 5"),
+        )
+        .unwrap()
+    });
+    let st = |p: &Path| p.join("model.safetensors");
+    let truncated = variant("truncated", &|p| {
+        let b = std::fs::read(st(p)).unwrap();
+        std::fs::write(st(p), &b[..b.len() / 2]).unwrap()
+    });
+    let corrupt = variant("corrupt", &|p| {
+        let mut b = std::fs::read(st(p)).unwrap();
+        b[8..20].copy_from_slice(b"not a header");
+        std::fs::write(st(p), b).unwrap()
+    });
+    let wrong_dtype = variant("wrong_dtype", &|p| {
+        edit_st(&st(p), |v| {
+            let e = v.iter_mut().find(|e| e.0 == "model.norm.weight").unwrap();
+            e.1 = safetensors::Dtype::I32;
+        })
+    });
+    let missing = variant("missing", &|p| {
+        edit_st(&st(p), |v| {
+            v.retain(|e| e.0 != "model.layers.1.mlp.up_proj.weight")
+        })
+    });
+    let extra = variant("extra", &|p| {
+        edit_st(&st(p), |v| {
+            v.push((
+                "model.layers.9.mlp.up_proj.weight".into(),
+                safetensors::Dtype::F32,
+                vec![1],
+                vec![0; 4],
+            ))
+        })
+    });
+    let wrong_shape = variant("wrong_shape", &|p| {
+        edit_st(&st(p), |v| {
+            let e = v
+                .iter_mut()
+                .find(|e| e.0 == "model.layers.0.self_attn.o_proj.weight")
+                .unwrap();
+            e.2 = vec![e.2[1] / 2, e.2[0] * 2];
+        })
+    });
+    let missing_shard = variant("missing_shard", &|p| {
+        std::fs::rename(st(p), p.join("model-00001-of-00002.safetensors")).unwrap();
+        std::fs::write(
+            p.join("model.safetensors.index.json"),
+            r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#,
+        )
+        .unwrap()
+    });
+    let no_tokenizer = variant("no_tokenizer", &|p| {
+        std::fs::remove_file(p.join("tokenizer.json")).unwrap()
+    });
+    let bad_tokenizer = variant("bad_tokenizer", &|p| {
+        std::fs::write(p.join("tokenizer.json"), "{oops").unwrap()
+    });
+
+    // Broken datasets.
+    let write = |name: &str, text: &str| -> String {
+        std::fs::write(t(name), text).unwrap();
+        t(name).to_str().unwrap().to_string()
+    };
+    let bad_line = write(
+        "bad.jsonl",
+        "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \n",
+    );
+    let bad_type = write("type.json", r#"[{"instruction": 5, "output": "b"}]"#);
+    let bad_role = write(
+        "role.jsonl",
+        "{\"messages\": [{\"role\": \"tool\", \"content\": \"x\"}]}\n",
+    );
+    let empty = write("empty.json", "[]");
+
+    // Adapters: one for another base (the PEFT fixture: hidden 64, ours 128), one using DoRA.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/peft-tiny-untied");
+    let other_base = fixtures.to_str().unwrap().to_string();
+    let dora = t("dora");
+    copy_dir(&fixtures, &dora);
+    let c = std::fs::read_to_string(dora.join("adapter_config.json")).unwrap();
+    std::fs::write(
+        dora.join("adapter_config.json"),
+        c.replace("\"use_dora\": false", "\"use_dora\": true"),
+    )
+    .unwrap();
+    let dora = dora.to_str().unwrap().to_string();
+    std::fs::write(t("a_file"), "x").unwrap();
+    let not_writable = t("a_file/out").to_str().unwrap().to_string();
+
+    let run = |extra: &[&str], model: &str, data: &str| -> Vec<String> {
+        let out = t("out");
+        let mut v: Vec<String> = [
+            "finetune",
+            "--model",
+            model,
+            "--data",
+            data,
+            "--output",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "missing model dir",
+            run(&[], "no/such/model", d),
+            "no/such/model",
+        ),
+        (
+            "config.json missing",
+            run(&[], &no_config, d),
+            "config.json",
+        ),
+        (
+            "config.json invalid",
+            run(&[], &bad_json, d),
+            "invalid config.json",
+        ),
+        (
+            "config impossible",
+            run(&[], &impossible, d),
+            "num_attention_heads",
+        ),
+        (
+            "safetensors truncated",
+            run(&[], &truncated, d),
+            "truncated",
+        ),
+        (
+            "safetensors corrupt header",
+            run(&[], &corrupt, d),
+            "not a valid safetensors",
+        ),
+        (
+            "wrong dtype",
+            run(&[], &wrong_dtype, d),
+            "model.norm.weight",
+        ),
+        (
+            "missing tensor",
+            run(&[], &missing, d),
+            "model.layers.1.mlp.up_proj.weight",
+        ),
+        (
+            "extra tensor",
+            run(&[], &extra, d),
+            "model.layers.9.mlp.up_proj.weight",
+        ),
+        ("wrong shape", run(&[], &wrong_shape, d), "o_proj.weight"),
+        (
+            "index names a missing shard",
+            run(&[], &missing_shard, d),
+            "model-00002-of-00002.safetensors",
+        ),
+        (
+            "tokenizer missing",
+            run(&[], &no_tokenizer, d),
+            "tokenizer.json",
+        ),
+        (
+            "tokenizer corrupt",
+            run(&[], &bad_tokenizer, d),
+            "tokenizer.json",
+        ),
+        (
+            "dataset not found",
+            run(&[], m, "no/such/data.json"),
+            "no/such/data.json",
+        ),
+        ("invalid JSON at line N", run(&[], m, &bad_line), "line 2"),
+        ("wrong field type", run(&[], m, &bad_type), "instruction"),
+        ("unknown role", run(&[], m, &bad_role), "tool"),
+        ("empty dataset", run(&[], m, &empty), "empty"),
+        (
+            "every record truncated away",
+            run(&["--max-length", "8"], m, d),
+            "no training examples",
+        ),
+        (
+            "adapter for another base",
+            run(&["--init-adapter", &other_base], m, d),
+            "shape",
+        ),
+        (
+            "unsupported PEFT feature",
+            run(&["--init-adapter", &dora], m, d),
+            "use_dora",
+        ),
+        (
+            "output dir not writable",
+            run(&[], m, d)
+                .into_iter()
+                .map(|a| {
+                    if a.ends_with("/out") {
+                        not_writable.clone()
+                    } else {
+                        a
+                    }
+                })
+                .collect(),
+            "a_file",
+        ),
+        (
+            "--device cuda without CUDA",
+            run(&["--device", "cuda"], m, d),
+            "CUDA",
+        ),
+        ("r = 0", run(&["--lora-r", "0"], m, d), "`r` is 0"),
+        (
+            "learning rate < 0",
+            run(&["--learning-rate=-1"], m, d),
+            "learning_rate",
+        ),
+        (
+            "batch size 0",
+            run(&["--per-device-train-batch-size", "0"], m, d),
+            "per_device_train_batch_size",
+        ),
+    ];
+    let mut report = Vec::new();
+    for (name, args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, err) = xtask(&args);
+        assert_eq!(code, Some(1), "{name}: exit code {code:?}\n{err}");
+        assert!(
+            err.contains(needle),
+            "{name}: message lacks {needle:?}:\n{err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+            "{name}: panicked:\n{err}"
+        );
+        assert!(
+            !t("out/adapter_model.safetensors").exists(),
+            "{name}: wrote an adapter"
+        );
+        report.push(format!("{name}: {}", err.lines().next().unwrap_or("")));
+    }
+    println!("{} cases:\n{}", cases.len(), report.join("\n"));
+}
