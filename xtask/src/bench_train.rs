@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -38,6 +38,14 @@ pub struct BenchTrainArgs {
     /// Base-weight dtype: f32 | bf16 (adapters and optimizer state stay f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Real batches instead of random tokens: this Huanhuan-style file, tokenized with the `seed`
+    /// template (the tutorial's process_func, max length 384), `--batch` records a step in file order,
+    /// right-padded to the longest (`--seq` is then ignored; tokens/s counts non-padding tokens).
+    #[arg(long)]
+    real_data: Option<std::path::PathBuf>,
+    /// Tokenizer for `--real-data` (a directory holding tokenizer.json).
+    #[arg(long)]
+    tokenizer: Option<std::path::PathBuf>,
 }
 
 fn config(size: &str) -> anyhow::Result<Qwen2Config> {
@@ -101,47 +109,110 @@ fn run_on<Ad: AutodiffBackend>(
         .with_epsilon(1e-8)
         .with_weight_decay(0.01)
         .init::<Ad, Qwen2ForCausalLM<Ad>>();
-    // Random tokens; the first third of the labels masked, as the baseline script does.
-    let mut s = 1u64;
-    let ids: Vec<i64> = (0..a.batch * a.seq)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % cfg.vocab_size as u64) as i64
-        })
-        .collect();
-    let labels: Vec<i64> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| if i % a.seq < a.seq / 3 { -100 } else { t })
-        .collect();
-    let t =
-        |v: Vec<i64>| Tensor::<Ad, 2, Int>::from_data(TensorData::new(v, [a.batch, a.seq]), dev);
-    let batch = Batch {
-        input_ids: t(ids),
-        attention_mask: t(vec![1; a.batch * a.seq]),
-        labels: t(labels),
+    // One (batch, supervised tokens, real tokens) per step: random tokens with the first third of
+    // the labels masked, as the baseline script does, or consecutive real records.
+    let batches = match &a.real_data {
+        None => {
+            let mut s = 1u64;
+            let ids: Vec<i64> = (0..a.batch * a.seq)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((s >> 33) % cfg.vocab_size as u64) as i64
+                })
+                .collect();
+            let labels: Vec<i64> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| if i % a.seq < a.seq / 3 { -100 } else { t })
+                .collect();
+            let t = |v: Vec<i64>| {
+                Tensor::<Ad, 2, Int>::from_data(TensorData::new(v, [a.batch, a.seq]), dev)
+            };
+            let batch = Batch {
+                input_ids: t(ids),
+                attention_mask: t(vec![1; a.batch * a.seq]),
+                labels: t(labels),
+            };
+            let n_sup = a.batch * (a.seq - 1 - (a.seq / 3).saturating_sub(1));
+            vec![(batch, n_sup, a.batch * a.seq); a.steps + 1]
+        }
+        Some(file) => {
+            let tok = a
+                .tokenizer
+                .clone()
+                .context("--real-data needs --tokenizer DIR")?;
+            let spec = crate::finetune::DataSpec {
+                tokenizer: &tok,
+                template: "seed",
+                system: Some(lora_data::SEED_DEFAULT_SYSTEM.into()),
+                max_length: 384,
+                format: None,
+            };
+            let (prepared, chat_tok) = crate::finetune::prepare_file(file, &spec, "bench data")?;
+            let max_id = prepared
+                .examples
+                .iter()
+                .flat_map(|e| e.input_ids.iter())
+                .max()
+                .copied();
+            if max_id.is_some_and(|m| m as usize >= cfg.vocab_size) {
+                bail!(
+                    "--real-data: token ids reach {:?} but --size {} has a vocabulary of {}; use mini or larger",
+                    max_id, a.size, cfg.vocab_size
+                );
+            }
+            let collator = lora_data::Collator::new(chat_tok.pad_token_id);
+            let need = (a.steps + 1) * a.batch;
+            if prepared.examples.len() < need {
+                bail!(
+                    "--real-data has {} usable records; {need} needed",
+                    prepared.examples.len()
+                );
+            }
+            prepared.examples[..need]
+                .chunks(a.batch)
+                .map(|c| {
+                    let refs: Vec<&lora_data::Example> = c.iter().collect();
+                    let sup = c
+                        .iter()
+                        .map(|e| e.labels[1..].iter().filter(|&&l| l != -100).count())
+                        .sum();
+                    let real = c.iter().map(|e| e.input_ids.len()).sum();
+                    (collator.collate::<Ad>(&refs, dev), sup, real)
+                })
+                .collect()
+        }
     };
-    let n_sup = (a.batch * (a.seq - 1 - (a.seq / 3).saturating_sub(1))) as f64;
     let mut times = Vec::new();
+    let mut real_tokens = 0usize;
     let mut loss = 0.0;
     for step in 0..=a.steps {
         let t0 = Instant::now();
+        let (batch, n_sup, real) = &batches[step];
         let (v, mut grads): (f64, GradientsParams) =
-            model.loss_and_grads(&batch, n_sup, a.checkpointing, step as u64);
+            model.loss_and_grads(batch, *n_sup as f64, a.checkpointing, step as u64);
         clip_global_norm(&model, &mut grads, 1.0);
         model = optim.step(1e-4, model, grads);
         // Force the update to complete before stopping the clock.
         let _ = model.model.norm.weight.val().into_data();
         if step > 0 {
             times.push(t0.elapsed().as_secs_f64());
+            real_tokens += real;
         }
         loss = v;
     }
     let _ = model.valid();
+    let total_s: f64 = times.iter().sum();
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
+    // Random data: batch x seq per median step (as the baseline script); real data: the non-padding
+    // tokens of the timed steps over their total time.
+    let tokens_per_s = match a.real_data {
+        None => (a.batch * a.seq) as f64 / med,
+        Some(_) => real_tokens as f64 / total_s,
+    };
     // Model FLOPs of a LoRA step with a frozen base: forward (2N per token) and the input gradient
     // in backward (2N), plus attention scores and values (forward and backward, 3 x 4·s·h per
     // token per layer, causal halved); the adapters' own FLOPs are negligible at r = 8.
@@ -151,8 +222,13 @@ fn run_on<Ad: AutodiffBackend>(
         } else {
             0.0
         };
-    let tokens = (a.batch * a.seq) as f64;
-    let attn = 3.0 * 2.0 * (a.seq as f64) * (cfg.hidden_size as f64) * cfg.num_hidden_layers as f64;
+    // Tokens of a step and the (mean) sequence length: real batches vary, random ones do not.
+    let tokens = match a.real_data {
+        None => (a.batch * a.seq) as f64,
+        Some(_) => real_tokens as f64 / times.len() as f64,
+    };
+    let seq = tokens / a.batch as f64;
+    let attn = 3.0 * 2.0 * seq * (cfg.hidden_size as f64) * cfg.num_hidden_layers as f64;
     let flops = tokens * (4.0 * n_matmul + attn);
     let line = serde_json::json!({
         "impl": format!("ferrolora-burn-{}", Ad::name(dev)), "size": a.size, "batch": a.batch, "seq": a.seq,
@@ -160,7 +236,8 @@ fn run_on<Ad: AutodiffBackend>(
         "tflops_per_s": (flops / med / 1e12 * 1000.0).round() / 1000.0,
         "threads": rayon_threads(), "checkpointing": a.checkpointing,
         "step_s_median": (med * 1e4).round() / 1e4,
-        "tokens_per_s": ((a.batch * a.seq) as f64 / med * 10.0).round() / 10.0,
+        "tokens_per_s": (tokens_per_s * 10.0).round() / 10.0,
+        "real_data": a.real_data.is_some(),
         "peak_rss_mib": (peak_rss_mib() * 10.0).round() / 10.0,
         "loss": (loss * 1e4).round() / 1e4,
     });
