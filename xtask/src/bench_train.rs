@@ -188,9 +188,8 @@ fn run_on<Ad: AutodiffBackend>(
     let mut times = Vec::new();
     let mut real_tokens = 0usize;
     let mut loss = 0.0;
-    for step in 0..=a.steps {
+    for (step, (batch, n_sup, real)) in batches.iter().enumerate() {
         let t0 = Instant::now();
-        let (batch, n_sup, real) = &batches[step];
         let (v, mut grads): (f64, GradientsParams) =
             model.loss_and_grads(batch, *n_sup as f64, a.checkpointing, step as u64);
         clip_global_norm(&model, &mut grads, 1.0);
