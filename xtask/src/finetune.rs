@@ -295,18 +295,9 @@ pub fn prepare_file(
     spec: &DataSpec,
     label: &str,
 ) -> anyhow::Result<(lora_data::Prepared, ChatTokenizer)> {
-    let template = match spec.template {
-        "seed" => Template::Seed,
-        "qwen" => Template::Qwen,
-        t => bail!("--template {t:?}: use seed or qwen"),
-    };
-    let format = match spec.format {
-        None => None,
-        Some("alpaca") => Some(Format::Alpaca),
-        Some("sharegpt") => Some(Format::ShareGpt),
-        Some("messages") => Some(Format::Messages),
-        Some(f) => bail!("--format {f:?}: use alpaca, sharegpt or messages"),
-    };
+    // lora-data's own parsers: the same names and messages as `cargo xtask prepare`.
+    let template: Template = spec.template.parse()?;
+    let format: Option<Format> = spec.format.map(str::parse).transpose()?;
     let ds = lora_data::load_dataset(file, format)?;
     let tok = ChatTokenizer::load(spec.tokenizer)?;
     let opts = PrepareOptions {
