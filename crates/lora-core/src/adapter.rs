@@ -59,7 +59,7 @@ pub fn save_adapter<B: Backend, M: Module<B>>(
     cfg: &LoraConfig,
     dir: &Path,
 ) -> Result<PathBuf, LoraError> {
-    std::fs::create_dir_all(dir).map_err(|e| LoraError::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| LoraError::write(dir, e))?;
     let tensors = adapter_tensors(model);
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (path, t) in tensors {
@@ -98,11 +98,37 @@ pub fn save_adapter<B: Backend, M: Module<B>>(
     Ok(weights)
 }
 
-/// Writes `path` via a temporary sibling and a rename.
+/// Writes `path` via a temporary sibling, an fsync and a rename, then fsyncs the directory: after
+/// `Ok`, `path` holds `bytes` durably; after `Err`, `path` is untouched (its previous content, or
+/// absent) and the temporary file is removed. A full device gives [`LoraError::NoSpace`] naming
+/// `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LoraError> {
+    use std::io::Write;
     let tmp = path.with_extension("tmp-partial");
-    std::fs::write(&tmp, bytes).map_err(|e| LoraError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| LoraError::io(path, e))
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        // Frees what the partial file took (on a full disk, the space the user needs).
+        let _ = std::fs::remove_file(&tmp);
+        return Err(LoraError::write(path, e));
+    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")));
+    Ok(())
+}
+
+/// Makes a rename or file creation in `dir` durable. Best effort: some file systems refuse to
+/// fsync a directory, and the file's data is already synced.
+pub fn sync_dir(dir: &Path) {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }
 
 /// Loads a PEFT LoRA adapter directory into `model` (PEFT `PeftModel.from_pretrained`): reads and

@@ -13,6 +13,15 @@ pub enum LoraError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A write failed because the file system is full (or a quota or file-size limit was hit).
+    /// [`write_atomic`](crate::write_atomic) has removed its temporary file; `path` was not changed.
+    #[error("no space left on device while writing {path}: free space and write it again")]
+    NoSpace {
+        /// The file being written.
+        path: PathBuf,
+        /// The OS error (ENOSPC, EDQUOT or EFBIG).
+        source: std::io::Error,
+    },
     /// `adapter_config.json` is not valid JSON or has a field of the wrong type.
     #[error("{}: invalid adapter config: {reason}", show(.path))]
     ConfigParse {
@@ -115,6 +124,18 @@ impl LoraError {
         }
     }
 
+    /// A write error: [`LoraError::NoSpace`] when the device is full, else [`LoraError::Io`].
+    pub(crate) fn write(path: &Path, source: std::io::Error) -> Self {
+        if is_storage_full(&source) {
+            LoraError::NoSpace {
+                path: path.to_path_buf(),
+                source,
+            }
+        } else {
+            LoraError::io(path, source)
+        }
+    }
+
     pub(crate) fn with_path(self, file: &Path) -> Self {
         match self {
             LoraError::InvalidConfig { path: None, reason } => LoraError::InvalidConfig {
@@ -128,4 +149,14 @@ impl LoraError {
             e => e,
         }
     }
+}
+
+/// Whether `e` says the file system is out of space: ENOSPC, a disk quota (EDQUOT) or the
+/// file-size limit (EFBIG). Each leaves nothing to do but free space or write elsewhere.
+pub fn is_storage_full(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge
+    )
 }

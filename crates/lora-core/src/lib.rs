@@ -20,11 +20,11 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 pub use adapter::{
-    adapter_tensors, load_adapter, save_adapter, write_atomic, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
-    PEFT_PREFIX,
+    adapter_tensors, load_adapter, save_adapter, sync_dir, write_atomic, ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS, PEFT_PREFIX,
 };
 pub use config::{InitLoraWeights, LayerSelector, LoraConfig, ModuleSelector, TUTORIAL_TARGETS};
-pub use error::LoraError;
+pub use error::{is_storage_full, LoraError};
 pub use linear::{param_id, LoraLinear, LoraWeight};
 pub use target::{apply_lora, is_targeted, merge_all, unmerge_all, LoraModel, LoraReport};
 

@@ -1,8 +1,9 @@
 //! Checkpoints as transformers' Trainer lays them out: `output_dir/checkpoint-{step}/` with the PEFT
 //! adapter files, the optimizer state and `trainer_state.json` (step, sampler position, log).
 //!
-//! A checkpoint is written under a temporary name and renamed when complete, so a crash never leaves
-//! a directory that `latest` would pick but cannot resume from.
+//! A checkpoint is written under a temporary name (every file fsynced) and renamed when complete, so
+//! a crash or a full disk never leaves a directory that `latest` would pick but cannot resume from;
+//! a failed write removes the temporary directory.
 
 use std::path::{Path, PathBuf};
 
@@ -87,6 +88,14 @@ pub fn checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     v
 }
 
+/// The newest complete checkpoint of `output_dir` for a message, or a note that there is none.
+pub fn last_checkpoint(output_dir: &Path) -> String {
+    checkpoints(output_dir)
+        .pop()
+        .map(|(_, p)| p.display().to_string())
+        .unwrap_or_else(|| "none (no checkpoint was written yet)".into())
+}
+
 /// Resolves `--resume-from-checkpoint`: `latest` or a directory.
 pub fn resolve_resume(arg: &str, output_dir: &Path) -> Result<PathBuf, TrainError> {
     if arg == "latest" {
@@ -118,11 +127,13 @@ pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
     })
 }
 
-/// Writes `trainer_state.json` into `dir`.
+/// Writes `trainer_state.json` into `dir` (atomically and durably: a temporary file, fsync, rename).
 pub fn write_state(dir: &Path, state: &TrainerState) -> Result<(), TrainError> {
-    let p = dir.join(STATE_FILE);
     let json = serde_json::to_string_pretty(state).expect("state serializes");
-    std::fs::write(&p, json).map_err(|e| TrainError::io(&p, e))
+    Ok(lora_core::write_atomic(
+        &dir.join(STATE_FILE),
+        json.as_bytes(),
+    )?)
 }
 
 /// Removes the oldest complete checkpoints beyond `limit`.

@@ -1,6 +1,10 @@
 //! Errors of the trainer: each names the option, step, file or checkpoint involved.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use lora_core::{is_storage_full, LoraError};
+
+use crate::checkpoint::last_checkpoint;
 
 /// Everything that can stop training.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +29,17 @@ pub enum TrainError {
         what: String,
         /// The value.
         value: f64,
+        /// The newest complete checkpoint, or a note that there is none.
+        last_checkpoint: String,
+    },
+    /// The device filled up (or a quota or file-size limit was hit) while writing `path`. The
+    /// partial file was removed; complete checkpoints are untouched.
+    #[error("no space left on device while writing {path}: free space and resume with --resume-from-checkpoint latest; the last complete checkpoint is {last_checkpoint}")]
+    NoSpace {
+        /// The file being written.
+        path: PathBuf,
+        /// The OS error (ENOSPC, EDQUOT or EFBIG).
+        source: std::io::Error,
         /// The newest complete checkpoint, or a note that there is none.
         last_checkpoint: String,
     },
@@ -61,6 +76,25 @@ pub enum TrainError {
 }
 
 impl TrainError {
+    /// Turns a write that failed for lack of space, however it was wrapped, into
+    /// [`TrainError::NoSpace`] naming the last complete checkpoint in `output_dir`.
+    pub(crate) fn on_full_disk(self, output_dir: &Path) -> Self {
+        let (path, source) = match self {
+            TrainError::Io { path, source } | TrainError::Lora(LoraError::Io { path, source })
+                if is_storage_full(&source) =>
+            {
+                (path, source)
+            }
+            TrainError::Lora(LoraError::NoSpace { path, source }) => (path, source),
+            e => return e,
+        };
+        TrainError::NoSpace {
+            path,
+            source,
+            last_checkpoint: last_checkpoint(output_dir),
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         TrainError::Io {
             path: path.into(),

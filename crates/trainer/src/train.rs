@@ -9,10 +9,10 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::record::{BinBytesRecorder, BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
-use lora_core::{load_adapter, save_adapter, LoraConfig, LoraModel};
+use lora_core::{load_adapter, save_adapter, sync_dir, write_atomic, LoraConfig, LoraModel};
 use lora_data::{Batch, Collator, Example, Sampler, SamplerState, IGNORE_INDEX};
 use qwen2::Qwen2ForCausalLM;
 
@@ -165,8 +165,36 @@ fn step_seed(seed: u64, step: usize) -> u64 {
 /// Resumes from `args.resume_from_checkpoint` when set: adapter weights, optimizer state, sampler
 /// position and step counter come from the checkpoint, and the per-step losses continue exactly as
 /// in an uninterrupted run (bitwise on CPU). Checkpoints and the final adapter are PEFT directories.
+///
+/// Stops with [`TrainError::NonFinite`] (the step, loss or gradient norm) before a non-finite
+/// update reaches the weights, and with [`TrainError::NoSpace`] when the device fills up while
+/// writing; either way the complete checkpoints already written stay as they were.
 #[allow(clippy::too_many_arguments)] // each is a distinct input of a run; a bundle would only rename them
 pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
+    model: M,
+    lora_cfg: &LoraConfig,
+    examples: &[Example],
+    eval_examples: &[Example],
+    collator: Collator,
+    args: &TrainingArguments,
+    device: &B::Device,
+    on_event: &mut dyn FnMut(&TrainEvent) -> bool,
+) -> Result<(M, TrainOutcome), TrainError> {
+    run(
+        model,
+        lora_cfg,
+        examples,
+        eval_examples,
+        collator,
+        args,
+        device,
+        on_event,
+    )
+    .map_err(|e| e.on_full_disk(&args.output_dir))
+}
+
+#[allow(clippy::too_many_arguments)] // `train`'s arguments
+fn run<B: AutodiffBackend, M: TrainableLm<B>>(
     mut model: M,
     lora_cfg: &LoraConfig,
     examples: &[Example],
@@ -285,12 +313,9 @@ pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
         let mut grads = acc.grads();
         let grad_norm = clip_global_norm(&model, &mut grads, args.max_grad_norm);
         let step = state.global_step + 1;
-        let last_ckpt = || {
-            checkpoint::checkpoints(out)
-                .pop()
-                .map(|(_, p)| p.display().to_string())
-                .unwrap_or_else(|| "none (no checkpoint was written yet)".into())
-        };
+        // Checked before the optimizer step, so no non-finite value reaches the weights (or a
+        // checkpoint). The norm is computed whether or not clipping is on (max_grad_norm = 0).
+        let last_ckpt = || checkpoint::last_checkpoint(out);
         if !step_loss.is_finite() {
             return Err(TrainError::NonFinite {
                 step,
@@ -335,7 +360,7 @@ pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
                 tokens_per_s: window_tokens as f64 / secs,
             };
             let line = serde_json::to_string(&entry).expect("log entry serializes");
-            writeln!(metrics, "{line}").map_err(|e| TrainError::io(&metrics_path, e))?;
+            append_line(&mut metrics, &metrics_path, &line)?;
             state.log_history.push(entry.clone());
             go_on &= on_event(&TrainEvent::Log(entry));
             (window_loss, window_steps, window_tokens) = (0.0, 0, 0);
@@ -358,12 +383,12 @@ pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
                 eval_perplexity: r.perplexity,
             };
             let line = serde_json::to_string(&entry).expect("eval entry serializes");
-            writeln!(metrics, "{line}").map_err(|e| TrainError::io(&metrics_path, e))?;
+            append_line(&mut metrics, &metrics_path, &line)?;
             state.eval_history.push(entry.clone());
             go_on &= on_event(&TrainEvent::Eval(entry));
         }
         if args.save_steps > 0 && step % args.save_steps == 0 {
-            let dir = save_checkpoint(&model, lora_cfg, &optim, &recorder, &state, out)?;
+            let dir = save_checkpoint(&model, lora_cfg, &optim, &state, out)?;
             checkpoint::prune(out, args.save_total_limit)?;
             go_on &= on_event(&TrainEvent::Saved(dir));
         }
@@ -391,12 +416,25 @@ pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
     ))
 }
 
-/// Writes `checkpoint-{step}` atomically (temporary directory, then rename).
+/// Appends `line` and a newline to `metrics.jsonl` in one write; on failure (a full disk) cuts the
+/// file back, so a reader (or a resumed run appending to it) never meets half a line.
+fn append_line(file: &mut std::fs::File, path: &Path, line: &str) -> Result<(), TrainError> {
+    let len = file.metadata().map(|m| m.len());
+    file.write_all(format!("{line}\n").as_bytes()).map_err(|e| {
+        if let Ok(len) = len {
+            let _ = file.set_len(len);
+        }
+        TrainError::io(path, e)
+    })
+}
+
+/// Writes `checkpoint-{step}` atomically: every file into a temporary directory (each fsynced),
+/// then one rename, then an fsync of `out`. On any failure the temporary directory is removed
+/// (on a full disk that frees the space it took) and the complete checkpoints are untouched.
 fn save_checkpoint<B: AutodiffBackend, M: TrainableLm<B>, O: Optimizer<M, B>>(
     model: &M,
     lora_cfg: &LoraConfig,
     optim: &O,
-    recorder: &BinFileRecorder<FullPrecisionSettings>,
     state: &TrainerState,
     out: &Path,
 ) -> Result<PathBuf, TrainError> {
@@ -405,18 +443,30 @@ fn save_checkpoint<B: AutodiffBackend, M: TrainableLm<B>, O: Optimizer<M, B>>(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
-    save_adapter(model, lora_cfg, &tmp)?;
-    recorder
-        .record(optim.to_record(), tmp.join(OPTIMIZER_FILE))
-        .map_err(|e| TrainError::Record {
-            path: tmp.join(OPTIMIZER_FILE),
-            reason: e.to_string(),
-        })?;
-    // The state file last: a directory without it is never picked for resuming.
-    checkpoint::write_state(&tmp, state)?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+    let write_all = || -> Result<(), TrainError> {
+        save_adapter(model, lora_cfg, &tmp)?;
+        // Encoded in memory and written by `write_atomic` (same bincode layout as
+        // `BinFileRecorder`, which loads it) so that a write error keeps its OS error kind and the
+        // file is fsynced.
+        let path = tmp.join(OPTIMIZER_FILE).with_extension("bin");
+        let bytes = BinBytesRecorder::<FullPrecisionSettings>::new()
+            .record(optim.to_record(), ())
+            .map_err(|e| TrainError::Record {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        write_atomic(&path, &bytes)?;
+        // The state file last: a directory without it is never picked for resuming.
+        checkpoint::write_state(&tmp, state)?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))
+    };
+    if let Err(e) = write_all() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+    sync_dir(out);
     Ok(final_dir)
 }
