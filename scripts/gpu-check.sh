@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of issue 9, as one call on a GPU machine (no Rust toolchain there; the binary travels).
 #
-# Prepare here:   cargo build --release -p xtask --features cuda && mkdir -p gpu && cp target/release/xtask gpu/
+# Prepare here:   CUDARC_CUDA_VERSION=13000 cargo build --release -p xtask --features cuda \
+#                   && mkdir -p gpu && cp target/release/xtask gpu/ && strip gpu/xtask
+#                 (CUDARC_CUDA_VERSION names the driver's CUDA version when no nvcc is installed here;
+#                 without it cudarc assumes the newest it knows.)
 # Run there:      bash scripts/gpu-check.sh            (from the repository root; ~8 minutes on an H200)
 # Dry run on CPU: DEVICE=cpu BIG=tiny BIN=target/release/xtask bash scripts/gpu-check.sh
 #
@@ -12,45 +15,53 @@
 #    card's measured bf16 GEMM rate, peak device memory (nvidia-smi, sampled);
 # 4. the same shapes through PyTorch + PEFT (scripts/peft_gpu_bench.py);
 # 5. everything as JSON lines in $OUT/results.jsonl and a table printed last.
+# Every stage has its own time limit (T_*) so one hang cannot eat the whole call.
 set -uo pipefail
 BIN=${BIN:-gpu/xtask}; DEVICE=${DEVICE:-cuda}; BIG=${BIG:-7b}; OUT=${OUT:-gpu-results}; PY=${PY:-python3}
-STEPS=${STEPS:-3}
-mkdir -p "$OUT"; : > "$OUT/results.jsonl"
-log() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+STEPS=${STEPS:-3}; T_SHORT=${T_SHORT:-90}; T_BENCH=${T_BENCH:-110}
+WORK=${WORK:-$(mktemp -d)}
+mkdir -p "$OUT"; : > "$OUT/results.jsonl"; : > "$OUT/stderr.log"
+log() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)" | tee -a "$OUT/stderr.log"; }
+
 peak_mem() {  # run "$@" while sampling device memory; append {"peak_device_mib": N} to its JSON line
-  local samples="$OUT/.mem"; : > "$samples"
+  local samples="$WORK/mem"; local sampler=""; : > "$samples"
   if command -v nvidia-smi >/dev/null; then
     (while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$samples"; sleep 0.2; done) &
-    local sampler=$!
+    sampler=$!
   fi
-  local line; line=$("$@" 2>>"$OUT/stderr.log" | tail -n 1)
-  [ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null
+  local line; line=$(timeout "$T_BENCH" "$@" 2>>"$OUT/stderr.log" | tail -n 1)
+  [ -n "$sampler" ] && kill "$sampler" 2>/dev/null
   local peak; peak=$(sort -n "$samples" 2>/dev/null | tail -n 1)
   if [ -n "$line" ]; then
     echo "$line" | $PY -c "import json,sys; d=json.loads(sys.stdin.read()); d['peak_device_mib']=float('${peak:-0}' or 0); print(json.dumps(d))" >> "$OUT/results.jsonl"
   else
-    echo "{\"failed\": \"$*\"}" >> "$OUT/results.jsonl"
+    echo "{\"failed\": \"$*\"}" >> "$OUT/results.jsonl"; echo "FAILED: $*"; tail -n 5 "$OUT/stderr.log"
   fi
 }
 
+[ "$DEVICE" = cpu ] || source "$(dirname "$0")/gpu-env.sh"
+
 log "1. parity"
-"$BIN" parity --device "$DEVICE" --dtype f32 >> "$OUT/results.jsonl" 2>>"$OUT/stderr.log" || echo "f32 parity FAILED"
-"$BIN" parity --device "$DEVICE" --dtype bf16 >> "$OUT/results.jsonl" 2>>"$OUT/stderr.log" || echo "bf16 parity FAILED"
+for dt in f32 bf16; do
+  timeout "$T_SHORT" "$BIN" parity --device "$DEVICE" --dtype $dt >> "$OUT/results.jsonl" 2>>"$OUT/stderr.log" \
+    || { echo "$dt parity FAILED (rc $?)"; tail -n 5 "$OUT/stderr.log"; }
+done
 
 log "2. demo fine-tune + chat"
-rm -rf "$OUT/demo"
-"$BIN" finetune --device "$DEVICE" --output "$OUT/demo" --max-steps 30 > "$OUT/demo.log" 2>>"$OUT/stderr.log" \
+rm -rf "$WORK/demo"
+timeout "$T_SHORT" "$BIN" finetune --device "$DEVICE" --output "$WORK/demo" --max-steps 30 > "$OUT/demo.log" 2>>"$OUT/stderr.log" \
   && echo "{\"demo\": \"ok\", \"last_log\": $(grep '"loss"' "$OUT/demo.log" | tail -n 1)}" >> "$OUT/results.jsonl" \
-  || echo "{\"demo\": \"FAILED\"}" >> "$OUT/results.jsonl"
-"$BIN" chat --device "$DEVICE" --model "$OUT/demo/model" --adapter "$OUT/demo/adapter" --greedy \
+  || { echo "{\"demo\": \"FAILED\"}" >> "$OUT/results.jsonl"; tail -n 5 "$OUT/stderr.log"; }
+timeout "$T_SHORT" "$BIN" chat --device "$DEVICE" --model "$WORK/demo/model" --adapter "$WORK/demo/adapter" --greedy \
   --system "You are Zhen Huan." --prompt "Who are you?" --max-new-tokens 32 > "$OUT/chat.log" 2>>"$OUT/stderr.log" \
-  || echo "chat FAILED"
+  || { echo "chat FAILED"; tail -n 5 "$OUT/stderr.log"; }
+echo "chat: $(cat "$OUT/chat.log")"
 
 log "3-4. train steps, ours and PyTorch+PEFT"
-$PY scripts/peft_gpu_bench.py --matmul-probe --device "$DEVICE" >> "$OUT/results.jsonl" 2>>"$OUT/stderr.log" || true
-for shape in "4 384" "1 2048"; do
-  set -- $shape
-  for ck in "" "--checkpointing"; do
+[ "$DEVICE" = cpu ] || timeout "$T_SHORT" $PY scripts/peft_gpu_bench.py --matmul-probe --device "$DEVICE" >> "$OUT/results.jsonl" 2>>"$OUT/stderr.log" || true
+for ck in "" "--checkpointing"; do  # the plain runs first: if time runs short, they are the ones kept
+  for shape in "4 384" "1 2048"; do
+    set -- $shape
     peak_mem "$BIN" bench-train --size "$BIG" --batch "$1" --seq "$2" --steps "$STEPS" --device "$DEVICE" --dtype bf16 $ck
     peak_mem $PY scripts/peft_gpu_bench.py --size "$BIG" --batch "$1" --seq "$2" --steps "$STEPS" --device "$DEVICE" $ck
   done
@@ -66,8 +77,11 @@ print("demo:", [r for r in rows if "demo" in r])
 print(f"bf16 GEMM probe: {probe} TFLOP/s")
 print(f'{"impl":<28}{"shape":<10}{"ckpt":<6}{"tok/s":>10}{"step s":>9}{"peak MiB":>10}{"MFU":>7}')
 bench = [r for r in rows if "step_s_median" in r]
+# Model FLOPs of a step (the same for both sides at one shape), from our rows: MFU for both.
+flops = {(r["batch"], r["seq"]): r["flops_per_step"] for r in bench if "flops_per_step" in r}
 for r in bench:
-    mfu = r.get("tflops_per_s", 0) / probe if probe and r.get("tflops_per_s") else float("nan")
+    f = flops.get((r["batch"], r["seq"]))
+    mfu = f / r["step_s_median"] / 1e12 / probe if probe and f else float("nan")
     print(f'{r["impl"]:<28}{str(r["batch"])+"x"+str(r["seq"]):<10}{str(r["checkpointing"]):<6}'
           f'{r["tokens_per_s"]:>10}{r["step_s_median"]:>9}{r.get("peak_device_mib", 0):>10.0f}{mfu:>7.2f}')
 for b in bench:

@@ -194,8 +194,8 @@ fn run_on<Ad: AutodiffBackend>(
             model.loss_and_grads(batch, *n_sup as f64, a.checkpointing, step as u64);
         clip_global_norm(&model, &mut grads, 1.0);
         model = optim.step(1e-4, model, grads);
-        // Force the update to complete before stopping the clock.
-        let _ = model.model.norm.weight.val().into_data();
+        // Wait for the device to finish the step before stopping the clock.
+        Ad::sync(dev).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))?;
         if step > 0 {
             times.push(t0.elapsed().as_secs_f64());
             real_tokens += real;

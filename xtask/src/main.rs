@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_matmul;
 mod bench_train;
 mod chat;
 mod demo;
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Chat with a model (+ adapter): one answer with --prompt, else interactive; streams tokens.
     Chat(chat::ChatArgs),
+    /// Matrix-product rate (GFLOP/s) of the backend for given shapes and dtype.
+    BenchMatmul(bench_matmul::BenchMatmulArgs),
     /// Time LoRA training steps of a random-weight model (compare with peft_baseline.py).
     BenchTrain(bench_train::BenchTrainArgs),
     /// Fine-tune a model with LoRA (the tutorial's recipe by default) and write a PEFT adapter.
@@ -51,6 +54,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Chat(a) => chat::run(a),
+        Command::BenchMatmul(a) => bench_matmul::run(a),
         Command::BenchTrain(a) => bench_train::run(a),
         Command::Finetune(a) => finetune::run(*a),
         Command::Eval(a) => eval::run(a),
