@@ -4,7 +4,7 @@
 #      the yardstick for our f32 parity there (Burn's CUDA matmul stages f32 as TF32);
 #   2. Burn's matmul rate on the device (bf16 and f32) for the products of a 7B LoRA step;
 #   3. one 7B bf16 LoRA step (4 x 384) under CubeCL's kernel profiler: time per kernel ($OUT/profile.log);
-#   4. the same step unprofiled, timed with a device sync.
+#   4. the same step unprofiled, timed with a device sync; 5. again with full autotuning.
 # Run there from the repository root: bash scripts/gpu-profile.sh   (about 4 minutes on an H200)
 set -uo pipefail
 BIN=$(readlink -f "${BIN:-gpu/xtask}"); OUT=$(mkdir -p "${OUT:-gpu-results}" && readlink -f "${OUT:-gpu-results}")
@@ -31,6 +31,10 @@ printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\nappend = false\n' "$OU
 log "4. unprofiled step"
 timeout 120 "$BIN" bench-train --size 7b --batch 4 --seq 384 --steps 3 --device cuda --dtype bf16 \
   >> "$OUT/profile.jsonl" 2>>"$OUT/profile-stderr.log" || echo "step FAILED"
+
+log "5. the same step with CubeCL's most thorough autotuning"
+CUBECL_AUTOTUNE_LEVEL=full timeout 150 "$BIN" bench-train --size 7b --batch 4 --seq 384 --steps 3 --device cuda --dtype bf16 \
+  >> "$OUT/profile.jsonl" 2>>"$OUT/profile-stderr.log" || echo "full-autotune step FAILED"
 
 log "results"
 cat "$OUT/profile.jsonl"
