@@ -227,14 +227,27 @@ impl Qwen2Config {
     }
 
     /// Number of parameters of the full model (embeddings, layers, final norm, untied head).
+    /// Saturates at `usize::MAX` for sizes whose count overflows, which `validate` refuses.
     pub fn num_parameters(&self) -> usize {
+        self.checked_num_parameters().unwrap_or(usize::MAX)
+    }
+
+    /// [`Self::num_parameters`], or `None` when the count does not fit in `usize`.
+    fn checked_num_parameters(&self) -> Option<usize> {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let kv = self.num_key_value_heads() * self.head_dim();
-        let attn = (h * h + h) + 2 * (h * kv + kv) + h * h;
-        let mlp = 3 * h * i;
-        let layer = attn + mlp + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_hidden_layers * layer + h + head
+        let mul = usize::checked_mul;
+        let sum = |xs: &[usize]| xs.iter().try_fold(0usize, |a, &x| a.checked_add(x));
+        let kv = mul(self.num_key_value_heads(), self.head_dim())?;
+        let hh = mul(h, h)?;
+        // q (with bias), k and v (with bias), o.
+        let attn = sum(&[hh, h, mul(2, sum(&[mul(h, kv)?, kv])?)?, hh])?;
+        let layer = sum(&[attn, mul(3, mul(h, i)?)?, mul(2, h)?])?;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            mul(v, h)?
+        };
+        sum(&[mul(v, h)?, mul(self.num_hidden_layers, layer)?, h, head])
     }
 
     /// Rejects configs no Qwen2 model can have, with the reason and what to change.
@@ -309,6 +322,14 @@ impl Qwen2Config {
                 ));
             }
         }
+        if self.checked_num_parameters().is_none() {
+            return bad(format!(
+                "the sizes (vocab_size {}, hidden_size {}, intermediate_size {}, \
+                 num_hidden_layers {}) give more parameters than this machine can count; check \
+                 them against the model's card",
+                self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers
+            ));
+        }
         if self.use_sliding_window {
             return bad(
                 "`use_sliding_window` is true; sliding-window attention is not implemented \
@@ -324,5 +345,34 @@ impl Qwen2Config {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `model_config` fuzz target (`[18446744073709551615]`: serde reads a JSON array
+    /// as the fields in order, so `vocab_size` = 2^64 - 1 and the rest default): sizes whose
+    /// parameter count overflows `usize` passed `validate`, and `num_parameters` then panicked
+    /// (debug) or wrapped (release).
+    #[test]
+    fn sizes_whose_parameter_count_overflows_are_refused() {
+        for text in ["[18446744073709551615]", r#"{"hidden_size": 10000000000}"#] {
+            let e = Qwen2Config::from_json_str(text).unwrap_err();
+            assert!(
+                matches!(e, Qwen2Error::InvalidConfig { .. })
+                    && e.to_string().contains("vocab_size"),
+                "{text}: {e}"
+            );
+        }
+        let mut cfg = Qwen2Config::new(8, 4, 8, 1, 2, 1, false);
+        assert_eq!(
+            cfg.num_parameters(),
+            2 * 8 * 4 + 4 * 4 + 4 + 2 * (4 * 2 + 2) + 4 * 4 + 3 * 4 * 8 + 2 * 4 + 4
+        );
+        cfg.vocab_size = usize::MAX / 2;
+        assert_eq!(cfg.num_parameters(), usize::MAX);
+        assert!(cfg.validate().is_err());
     }
 }
