@@ -12,7 +12,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::config::LoraConfig;
 use crate::error::LoraError;
-use crate::target::{apply_lora, LoraModel, LoraReport};
+use crate::target::{apply_lora, is_targeted, LoraModel, LoraReport};
 
 /// PEFT's weights file name.
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -168,6 +168,34 @@ pub fn load_adapter<B: Backend, M: LoraModel<B>>(
         reason: format!("not a valid safetensors file ({e}); re-download or re-save it"),
     })?;
     let mut found: BTreeMap<String, TensorView> = st.tensors().into_iter().collect();
+
+    // Every shape the config implies is checked against the file before `apply_lora` allocates
+    // the adapters: a config claiming a huge rank must fail here, not in the allocator.
+    let mut model = model;
+    let head = model.output_head();
+    for (path, linear) in model.lora_linears() {
+        if !is_targeted(&cfg, &path, head.as_deref()) {
+            continue;
+        }
+        let (r, [out_f, in_f]) = (cfg.rank_for(&path), linear.shape());
+        for (which, expected) in [("lora_A", [r, in_f]), ("lora_B", [out_f, r])] {
+            let key = format!("{PEFT_PREFIX}{path}.{which}.weight");
+            let view = found.get(&key).ok_or_else(|| LoraError::MissingTensor {
+                key: key.clone(),
+                module: path.clone(),
+                file: file.clone(),
+            })?;
+            if view.shape() != expected {
+                return Err(LoraError::ShapeMismatch {
+                    key,
+                    module: path.clone(),
+                    file: file.clone(),
+                    expected: expected.to_vec(),
+                    found: view.shape().to_vec(),
+                });
+            }
+        }
+    }
 
     let (mut model, report) = apply_lora(model, &cfg)?;
     for (path, linear) in model.lora_linears() {

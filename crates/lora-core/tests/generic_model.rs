@@ -7,7 +7,10 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
-use lora_core::{apply_lora, LoraConfig, LoraLinear, LoraModel, ModuleSelector};
+use lora_core::{
+    apply_lora, load_adapter, save_adapter, LoraConfig, LoraError, LoraLinear, LoraModel,
+    ModuleSelector, ADAPTER_CONFIG,
+};
 
 type Ad = Autodiff<Flex>;
 
@@ -104,4 +107,34 @@ fn own_model_trains_only_its_adapters() {
         b.iter().any(|v| *v != 0.0),
         "lora_B moved away from its zero init"
     );
+}
+
+/// Found while writing the `adapter_config` fuzz target's load mode: an `adapter_config.json`
+/// claiming a huge rank made `load_adapter` allocate the adapters it claims (here 2^40 x 16 floats)
+/// before looking at the file, aborting the process. The shapes are now checked against the file
+/// first.
+#[test]
+fn load_adapter_checks_the_claimed_rank_before_allocating() {
+    let dev = Default::default();
+    let cfg = LoraConfig {
+        r: 2,
+        target_modules: Some(ModuleSelector::List(vec!["fc1".into()])),
+        ..LoraConfig::default()
+    };
+    let (model, _) = apply_lora(Mlp::<Flex>::new(&dev), &cfg).unwrap();
+    let dir = std::env::temp_dir().join(format!("lora-core-claimed-rank-{}", std::process::id()));
+    save_adapter(&model, &cfg, &dir).unwrap();
+    for text in [
+        r#"{"r": 1099511627776, "target_modules": ["fc1"]}"#,
+        r#"{"r": 2, "rank_pattern": {"fc1": 1099511627776}, "target_modules": ["fc1"]}"#,
+    ] {
+        std::fs::write(dir.join(ADAPTER_CONFIG), text).unwrap();
+        let err = load_adapter(Mlp::<Flex>::new(&dev), &dir).unwrap_err();
+        assert!(
+            matches!(&err, LoraError::ShapeMismatch { key, found, .. }
+                if key == "base_model.model.fc1.lora_A.weight" && found == &[2, 16]),
+            "{text}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
