@@ -175,18 +175,23 @@ impl LoraConfig {
         }
     }
 
-    /// Reads and validates an `adapter_config.json`.
+    /// Parses `adapter_config.json` text and validates it.
+    pub fn from_json_str(text: &str) -> Result<Self, LoraError> {
+        let cfg: Self = serde_json::from_str(text).map_err(|e| LoraError::ConfigParse {
+            path: None,
+            reason: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates an `adapter_config.json`; errors name the file.
     pub fn from_file(path: &Path) -> Result<Self, LoraError> {
         let text = std::fs::read_to_string(path).map_err(|e| LoraError::Io {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| LoraError::ConfigParse {
-            path: Some(path.to_path_buf()),
-            reason: e.to_string(),
-        })?;
-        cfg.validate().map_err(|e| e.with_path(path))?;
-        Ok(cfg)
+        Self::from_json_str(&text).map_err(|e| e.with_path(path))
     }
 
     /// Rejects impossible values and PEFT features this crate does not implement, naming them.
@@ -288,4 +293,25 @@ fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Option<
         let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{p})$")).ok()?;
         re.is_match(path).then_some(*v)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_json_str_parses_validates_and_leaves_the_path_to_from_file() {
+        let cfg = LoraConfig::from_json_str(r#"{"r": 4, "target_modules": ["q_proj"]}"#).unwrap();
+        assert_eq!((cfg.r, cfg.lora_alpha), (4, 8.0));
+        let e = LoraConfig::from_json_str("{").unwrap_err();
+        assert!(
+            matches!(e, LoraError::ConfigParse { path: None, .. }),
+            "{e}"
+        );
+        let e = LoraConfig::from_json_str(r#"{"r": 0, "target_modules": ["q_proj"]}"#).unwrap_err();
+        assert!(
+            matches!(e, LoraError::InvalidConfig { path: None, .. }),
+            "{e}"
+        );
+    }
 }
