@@ -12,11 +12,11 @@
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Int, Tensor};
+use burn::tensor::{Int, Tensor};
 use lora_data::Batch;
 use qwen2::{additive_mask, attention_mask_4d, Qwen2ForCausalLM, RopeCache};
 
-use crate::loss::label_aware_loss_sum;
+use crate::loss::chunked_head_loss;
 
 /// Seed of layer `layer`'s dropout within a micro-batch.
 fn layer_seed(base: u64, layer: usize) -> u64 {
@@ -63,14 +63,21 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
     // Head: norm, logits, loss, with a graph from the last layer's output.
     let last = x.require_grad();
     let hidden = model.model.norm.forward(last.clone());
-    let loss =
-        label_aware_loss_sum(hidden, batch.labels.clone(), |h| model.logits(h)).div_scalar(norm);
-    let value = loss.clone().into_scalar().elem::<f64>();
-    let mut head_grads = loss.backward();
+    let mut acc = GradientsAccumulator::<Qwen2ForCausalLM<B>>::new();
+    let (value, surrogate) = chunked_head_loss(
+        hidden,
+        batch.labels.clone(),
+        norm,
+        |h| model.logits(h),
+        |g| acc.accumulate(model, GradientsParams::from_grads(g, model)),
+    );
+    let Some(surrogate) = surrogate else {
+        return (value, GradientsParams::new()); // no supervised position: no gradient
+    };
+    let mut head_grads = surrogate.backward();
     let mut g = last
         .grad_remove(&mut head_grads)
         .expect("the head depends on the last layer");
-    let mut acc = GradientsAccumulator::<Qwen2ForCausalLM<B>>::new();
     acc.accumulate(model, GradientsParams::from_grads(head_grads, model));
 
     // Backward, one layer at a time, last to first.

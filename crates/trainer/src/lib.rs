@@ -20,7 +20,8 @@ pub use clip::clip_global_norm;
 pub use error::TrainError;
 pub use eval::{evaluate, EvalResult};
 pub use loss::{
-    causal_lm_loss, causal_lm_loss_sum, label_aware_loss_sum, HEAD_CHUNK_ROWS, IGNORE_INDEX,
+    causal_lm_loss, causal_lm_loss_sum, chunked_head_loss, label_aware_loss_sum, HEAD_CHUNK_ROWS,
+    IGNORE_INDEX, TRAIN_HEAD_CHUNK_ROWS,
 };
 pub use plot::write_loss_svg;
-pub use train::{train, CausalLm, TrainEvent, TrainOutcome, TrainableLm};
+pub use train::{plain_loss_and_grads, train, CausalLm, TrainEvent, TrainOutcome, TrainableLm};

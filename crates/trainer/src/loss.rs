@@ -5,8 +5,10 @@
 //! give HF's value; this is the masked version.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, ElementConversion, Int, Tensor};
+
+type Gradients<B> = <B as AutodiffBackend>::Gradients;
 
 /// Label value that takes no part in the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -56,44 +58,112 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
 /// only one chunk's `[rows, vocab]` logits exist at a time.
 pub const HEAD_CHUNK_ROWS: usize = 1024;
 
+/// Hidden states at the positions whose shifted label is supervised, and those labels:
+/// `([n, hidden], [n])`, or `None` when no position is supervised. Position `t` predicts label `t + 1`.
+fn supervised_rows<B: Backend>(
+    hidden: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+) -> Option<(Tensor<B, 2>, Tensor<B, 1, Int>)> {
+    let [b, s, h] = hidden.dims();
+    if s < 2 {
+        return None;
+    }
+    let hs = hidden.narrow(1, 0, s - 1).reshape([b * (s - 1), h]); // [n_all, hidden]
+    let targets = labels.narrow(1, 1, s - 1).reshape([b * (s - 1)]); // [n_all]
+    let rows = targets.clone().not_equal_elem(IGNORE_INDEX).argwhere(); // [n, 1]
+    let n = rows.dims()[0];
+    if n == 0 {
+        return None;
+    }
+    let rows = rows.reshape([n]);
+    Some((hs.select(0, rows.clone()), targets.select(0, rows)))
+}
+
+/// Summed token loss of one chunk: `head` logits of `hs` `[len, hidden]`, log-softmax in f32, the
+/// negated log-probabilities of `targets` `[len]`.
+fn chunk_loss_sum<B: Backend>(
+    hs: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    head: &impl Fn(Tensor<B, 3>) -> Tensor<B, 3>,
+) -> Tensor<B, 1> {
+    let len = hs.dims()[0];
+    let logits = head(hs.unsqueeze::<3>()); // [1, len, vocab]
+    let v = logits.dims()[2];
+    let logp = log_softmax(logits.reshape([len, v]).cast(DType::F32), 1);
+    logp.gather(1, targets.unsqueeze_dim::<2>(1)).sum().neg()
+}
+
 /// [`causal_lm_loss_sum`]'s value computed from final hidden states, evaluating the output head only
 /// at positions whose (shifted) label is supervised, `HEAD_CHUNK_ROWS` rows at a time.
 ///
 /// With a 151,936-token vocabulary the full `[batch, seq, vocab]` logits dominate memory, and in
 /// instruction data most positions are prompt (label -100): those never reach the head here.
 /// `head` maps `[1, rows, hidden]` to `[1, rows, vocab]` (e.g. `Qwen2ForCausalLM::logits`).
+/// Under autodiff every chunk's logits stay alive until `backward`; training uses
+/// [`chunked_head_loss`] instead.
 pub fn label_aware_loss_sum<B: Backend>(
     hidden: Tensor<B, 3>,
     labels: Tensor<B, 2, Int>,
     head: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>,
 ) -> Tensor<B, 1> {
-    let [b, s, h] = hidden.dims();
     let device = hidden.device();
     let zero = || Tensor::<B, 1>::zeros([1], (&device, DType::F32));
-    if s < 2 {
+    let Some((hs, targets)) = supervised_rows(hidden, labels) else {
         return zero();
-    }
-    // Position t predicts label t+1.
-    let hs = hidden.narrow(1, 0, s - 1).reshape([b * (s - 1), h]); // [n_all, hidden]
-    let targets = labels.narrow(1, 1, s - 1).reshape([b * (s - 1)]); // [n_all]
-    let rows = targets.clone().not_equal_elem(IGNORE_INDEX).argwhere(); // [n, 1]
-    let n = rows.dims()[0];
-    if n == 0 {
-        return zero();
-    }
-    let rows = rows.reshape([n]);
-    let hs = hs.select(0, rows.clone()); // [n, hidden]
-    let targets = targets.select(0, rows); // [n]
+    };
+    let n = hs.dims()[0];
     let mut total = zero();
     let mut start = 0;
     while start < n {
         let len = HEAD_CHUNK_ROWS.min(n - start);
-        let logits = head(hs.clone().narrow(0, start, len).unsqueeze::<3>()); // [1, len, vocab]
-        let v = logits.dims()[2];
-        let logp = log_softmax(logits.reshape([len, v]).cast(DType::F32), 1);
-        let t = targets.clone().narrow(0, start, len).unsqueeze_dim::<2>(1); // [len, 1]
-        total = total + logp.gather(1, t).sum().neg();
+        let t = targets.clone().narrow(0, start, len);
+        total = total + chunk_loss_sum(hs.clone().narrow(0, start, len), t, &head);
         start += len;
     }
     total
+}
+
+/// Rows of the output head scored per chunk by [`chunked_head_loss`]: with Qwen2.5's vocabulary one
+/// chunk's f32 logits are 256 x 151,936 x 4 B = 156 MB, and only one chunk's exist at a time.
+pub const TRAIN_HEAD_CHUNK_ROWS: usize = 256;
+
+/// The head's part of a training step, chunk by chunk, so that full-vocabulary logits never pile up
+/// under autodiff (the fused linear + cross-entropy of Liger and Unsloth, done with Burn's own
+/// backward). For each chunk of supervised rows it scores the head from a detached copy of the hidden
+/// states, runs that chunk's backward at once and keeps only the gradient with respect to its rows
+/// (`[rows, hidden]`); `head_grads` receives each chunk's gradients (for a head with trainable
+/// parameters of its own). Returns the loss value `sum / norm` and a surrogate `sum(hs · dhs)` whose
+/// backward carries the head's gradient into the model body, or `None` when no position is
+/// supervised. Gradients equal those of `label_aware_loss_sum(..) / norm` up to summation order.
+pub fn chunked_head_loss<B: AutodiffBackend>(
+    hidden: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+    norm: f64,
+    head: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>,
+    mut head_grads: impl FnMut(Gradients<B>),
+) -> (f64, Option<Tensor<B, 1>>) {
+    let Some((hs, targets)) = supervised_rows(hidden, labels) else {
+        return (0.0, None);
+    };
+    let n = hs.dims()[0];
+    let detached = hs.clone().detach();
+    let mut value = 0.0;
+    let mut row_grads = Vec::with_capacity(n.div_ceil(TRAIN_HEAD_CHUNK_ROWS));
+    let mut start = 0;
+    while start < n {
+        let len = TRAIN_HEAD_CHUNK_ROWS.min(n - start);
+        let leaf = detached.clone().narrow(0, start, len).require_grad();
+        let t = targets.clone().narrow(0, start, len);
+        let loss = chunk_loss_sum(leaf.clone(), t, &head).div_scalar(norm);
+        value += loss.clone().into_scalar().elem::<f64>();
+        let mut grads = loss.backward();
+        row_grads.push(
+            leaf.grad_remove(&mut grads)
+                .expect("the head's logits depend on its input rows"),
+        );
+        head_grads(grads);
+        start += len;
+    }
+    let dhs = Tensor::<B, 2>::from_inner(Tensor::cat(row_grads, 0));
+    (value, Some((hs * dhs).sum()))
 }

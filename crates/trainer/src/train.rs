@@ -22,7 +22,7 @@ use crate::checkpointing::checkpointed_loss_and_grads;
 use crate::clip::clip_global_norm;
 use crate::error::TrainError;
 use crate::eval::evaluate;
-use crate::loss::label_aware_loss_sum;
+use crate::loss::{chunked_head_loss, label_aware_loss_sum};
 use crate::plot::write_loss_svg;
 
 /// A causal language model that can score a batch (training and evaluation).
@@ -84,9 +84,49 @@ impl<B: AutodiffBackend> TrainableLm<B> for Qwen2ForCausalLM<B> {
         if checkpointing {
             checkpointed_loss_and_grads(self, batch, norm, seed)
         } else {
-            plain_loss_and_grads(self, batch, norm)
+            head_chunked_loss_and_grads(self, batch, norm)
         }
     }
+}
+
+/// One backward of `loss_sum(batch) / norm` with the output head scored and differentiated chunk by
+/// chunk ([`chunked_head_loss`]): the same gradients as [`plain_loss_and_grads`] (up to summation
+/// order) without the full-vocabulary logits of every supervised position alive at once.
+fn head_chunked_loss_and_grads<B: AutodiffBackend>(
+    model: &Qwen2ForCausalLM<B>,
+    batch: &Batch<B>,
+    norm: f64,
+) -> (f64, GradientsParams) {
+    let hidden = model.forward_hidden(
+        batch.input_ids.clone(),
+        Some(batch.attention_mask.clone()),
+        None,
+    );
+    let mut acc = GradientsAccumulator::<Qwen2ForCausalLM<B>>::new();
+    let mut head_has_grads = false;
+    let (value, surrogate) = chunked_head_loss(
+        hidden,
+        batch.labels.clone(),
+        norm,
+        |h| model.logits(h),
+        |g| {
+            // Only a head with trainable parameters of its own (e.g. an adapter on lm_head) has any.
+            let g = GradientsParams::from_grads(g, model);
+            if !g.is_empty() {
+                acc.accumulate(model, g);
+                head_has_grads = true;
+            }
+        },
+    );
+    let Some(surrogate) = surrogate else {
+        return (value, GradientsParams::new());
+    };
+    let body = GradientsParams::from_grads(surrogate.backward(), model);
+    if !head_has_grads {
+        return (value, body);
+    }
+    acc.accumulate(model, body);
+    (value, acc.grads())
 }
 
 impl<B: Backend> CausalLm<B> for Qwen2ForCausalLM<B> {

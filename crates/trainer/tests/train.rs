@@ -543,6 +543,81 @@ fn gradient_checkpointing_gives_the_same_gradients_and_run() {
     }
 }
 
+/// The training step scores the head in chunks of `TRAIN_HEAD_CHUNK_ROWS` supervised rows and
+/// back-propagates each chunk at once; with 560 supervised rows (3 chunks) its loss and adapter
+/// gradients equal one plain backward through the whole head.
+#[test]
+fn chunked_head_gives_the_gradients_of_one_backward() {
+    use lora_trainer::{plain_loss_and_grads, TrainableLm, TRAIN_HEAD_CHUNK_ROWS};
+    let _rng = rng_lock();
+    let cfg = lora_cfg(0.0);
+    let m = model(&cfg);
+    let mut s = 99u64;
+    let ex: Vec<Example> = (0..2)
+        .map(|_| {
+            let ids: Vec<u32> = (0..300)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    1 + ((s >> 33) % 255) as u32
+                })
+                .collect();
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(j, &t)| if j < 20 { -100 } else { t as i64 })
+                .collect();
+            Example {
+                attention_mask: vec![1; ids.len()],
+                input_ids: ids,
+                labels,
+            }
+        })
+        .collect();
+    let supervised = 2 * (300 - 20);
+    assert!(
+        supervised > 2 * TRAIN_HEAD_CHUNK_ROWS,
+        "the batch must span 3 chunks"
+    );
+    let refs: Vec<&Example> = ex.iter().collect();
+    let batch = Collator::new(0).collate::<Ad>(&refs, &Default::default());
+    let norm = supervised as f64;
+    let (v0, mut g0) = plain_loss_and_grads(&m, &batch, norm);
+    let (v1, mut g1) = m.loss_and_grads(&batch, norm, false, 0);
+    assert!((v0 - v1).abs() <= 1e-6 * v0.abs(), "loss {v0} vs {v1}");
+    let mut worst = 0f32;
+    let mut n = 0;
+    for (path, _) in adapter_tensors(&m) {
+        let a: burn::tensor::Tensor<Flex, 2> = g0.remove(lora_core::param_id(&path)).unwrap();
+        let b: burn::tensor::Tensor<Flex, 2> = g1
+            .remove(lora_core::param_id(&path))
+            .unwrap_or_else(|| panic!("no gradient for {path}"));
+        let (a, b) = (
+            a.into_data().to_vec::<f32>().unwrap(),
+            b.into_data().to_vec::<f32>().unwrap(),
+        );
+        let scale = a.iter().fold(0f32, |s, x| s.max(x.abs())).max(1e-12);
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |s, (x, y)| s.max((x - y).abs()))
+            / scale;
+        assert!(
+            err <= 1e-5,
+            "{path}: chunked-head gradient differs by {err:e} (relative)"
+        );
+        worst = worst.max(err);
+        n += 1;
+    }
+    assert_eq!(n, 28);
+    assert!(
+        g1.is_empty(),
+        "gradients for parameters other than the adapters"
+    );
+    println!("chunked head vs one backward: loss {v0} / {v1}, {n} gradients, worst {worst:e}");
+}
+
 #[test]
 fn bf16_base_trains_with_f32_adapters() {
     let _rng = rng_lock();
