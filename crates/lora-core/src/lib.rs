@@ -25,7 +25,7 @@ pub use adapter::{
 };
 pub use config::{InitLoraWeights, LayerSelector, LoraConfig, ModuleSelector, TUTORIAL_TARGETS};
 pub use error::{is_storage_full, LoraError};
-pub use linear::{param_id, LoraLinear, LoraWeight};
+pub use linear::{matmul_t, param_id, LoraLinear, LoraWeight};
 pub use target::{apply_lora, is_targeted, merge_all, unmerge_all, LoraModel, LoraReport};
 
 /// `(adapter elements, all elements)` of a module, without materializing lazy parameters.

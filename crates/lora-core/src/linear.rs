@@ -197,8 +197,7 @@ impl<B: Backend> LoraLinear<B> {
 
     /// The base map only: `x·Wᵀ + b` over the last dimension.
     pub fn forward_base<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        // [.., in] @ [in, out]: a transposed view, no copy.
-        let y = x.matmul(self.weight.val().transpose().unsqueeze::<D>());
+        let y = matmul_t(x, self.weight.val());
         match &self.bias {
             Some(b) => y + b.val().unsqueeze::<D>(),
             None => y,
@@ -224,10 +223,8 @@ impl<B: Backend> LoraLinear<B> {
             xd.cast(adapter_dtype)
         };
         // Rank-r side path: two thin GEMMs instead of a full-size `W + s·B·A`.
-        let low = xd.matmul(a.transpose().unsqueeze::<D>()); // [.., r]
-        let side = low
-            .matmul(b.transpose().unsqueeze::<D>())
-            .mul_scalar(self.scaling); // [.., out]
+        let low = matmul_t(xd, a); // [.., r]
+        let side = matmul_t(low, b).mul_scalar(self.scaling); // [.., out]
         let side = if dtype == adapter_dtype {
             side
         } else {
@@ -235,6 +232,18 @@ impl<B: Backend> LoraLinear<B> {
         };
         self.forward_base(x) + side
     }
+}
+
+/// `x·wᵀ` for `x` `[.., in]` and a weight `w` `[out, in]`: one 2-D product over the flattened
+/// leading dimensions, with `w` multiplied as a transposed view. (Unsqueezing the transposed view to
+/// `x`'s rank instead makes Burn copy it into a contiguous tensor on every call: the whole weight,
+/// the output head's 545 MB for Qwen2.5-0.5B.)
+pub fn matmul_t<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
+    let mut dims = x.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = x.reshape([rows, dims[D - 1]]).matmul(w.transpose());
+    dims[D - 1] = y.dims()[1];
+    y.reshape(dims)
 }
 
 /// A stable parameter id from a parameter path (FNV-1a, 64 bit).

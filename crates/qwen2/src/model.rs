@@ -139,14 +139,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             // Tied: the head is the embedding matrix, `[vocab, hidden]`, used transposed.
-            None => hidden.matmul(
-                self.model
-                    .embed_tokens
-                    .weight
-                    .val()
-                    .transpose()
-                    .unsqueeze::<3>(),
-            ),
+            None => lora_core::matmul_t(hidden, self.model.embed_tokens.weight.val()),
         }
     }
 
