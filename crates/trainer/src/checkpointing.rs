@@ -17,6 +17,7 @@ use lora_data::Batch;
 use qwen2::{additive_mask, attention_mask_4d, Qwen2ForCausalLM, RopeCache};
 
 use crate::loss::chunked_head_loss;
+use crate::train::frozen_head_weight;
 
 /// Seed of layer `layer`'s dropout within a micro-batch.
 fn layer_seed(base: u64, layer: usize) -> u64 {
@@ -68,6 +69,7 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
         hidden,
         batch.labels.clone(),
         norm,
+        frozen_head_weight(model),
         |h| model.logits(h),
         |g| acc.accumulate(model, GradientsParams::from_grads(g, model)),
     );

@@ -4,9 +4,9 @@
 //! Burn's `CrossEntropyLoss` with pad tokens divides by all rows, pad rows included, so it cannot
 //! give HF's value; this is the masked version.
 
-use burn::tensor::activation::log_softmax;
+use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, ElementConversion, Int, Tensor};
+use burn::tensor::{DType, ElementConversion, IndexingUpdateOp, Int, Tensor};
 
 type Gradients<B> = <B as AutodiffBackend>::Gradients;
 
@@ -135,10 +135,17 @@ pub const TRAIN_HEAD_CHUNK_ROWS: usize = 256;
 /// parameters of its own). Returns the loss value `sum / norm` and a surrogate `sum(hs · dhs)` whose
 /// backward carries the head's gradient into the model body, or `None` when no position is
 /// supervised. Gradients equal those of `label_aware_loss_sum(..) / norm` up to summation order.
+///
+/// `frozen_weight`: the head's weight `[vocab, hidden]` when the head is exactly `x·Wᵀ` with nothing
+/// trainable in it (Qwen2's `lm_head` without an adapter, or the tied embedding). Each chunk's
+/// gradient is then written down directly, `dhs = (softmax(logits) − onehot(target))·W / norm`, with
+/// the loss `max − log(max softmax) − logit[target]` (`= logsumexp − logit[target]`, and the largest
+/// probability never underflows), and no autodiff graph is built for the head at all.
 pub fn chunked_head_loss<B: AutodiffBackend>(
     hidden: Tensor<B, 3>,
     labels: Tensor<B, 2, Int>,
     norm: f64,
+    frozen_weight: Option<Tensor<B::InnerBackend, 2>>,
     head: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>,
     mut head_grads: impl FnMut(Gradients<B>),
 ) -> (f64, Option<Tensor<B, 1>>) {
@@ -152,6 +159,15 @@ pub fn chunked_head_loss<B: AutodiffBackend>(
     let mut start = 0;
     while start < n {
         let len = TRAIN_HEAD_CHUNK_ROWS.min(n - start);
+        if let Some(w) = &frozen_weight {
+            let rows = detached.clone().inner().narrow(0, start, len);
+            let t = targets.clone().inner().narrow(0, start, len);
+            let (loss, dhs) = linear_head_chunk(rows, t, w.clone(), norm);
+            value += loss;
+            row_grads.push(dhs);
+            start += len;
+            continue;
+        }
         let leaf = detached.clone().narrow(0, start, len).require_grad();
         let t = targets.clone().narrow(0, start, len);
         let loss = chunk_loss_sum(leaf.clone(), t, &head).div_scalar(norm);
@@ -166,4 +182,26 @@ pub fn chunked_head_loss<B: AutodiffBackend>(
     }
     let dhs = Tensor::<B, 2>::from_inner(Tensor::cat(row_grads, 0));
     (value, Some((hs * dhs).sum()))
+}
+
+/// Loss sum / `norm` and `d(loss)/d(rows)` of one chunk through the linear head `w` `[vocab, hidden]`:
+/// softmax cross-entropy in f32, written out (see [`chunked_head_loss`]).
+fn linear_head_chunk<B: Backend>(
+    rows: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    w: Tensor<B, 2>,
+    norm: f64,
+) -> (f64, Tensor<B, 2>) {
+    let len = rows.dims()[0];
+    let dtype = rows.dtype();
+    let logits = rows.matmul(w.clone().transpose()).cast(DType::F32); // [len, vocab]
+    let t = targets.unsqueeze_dim::<2>(1); // [len, 1]
+    let picked = logits.clone().gather(1, t.clone());
+    let max = logits.clone().max_dim(1);
+    let p = softmax(logits, 1);
+    let loss = (max - p.clone().max_dim(1).log() - picked).sum();
+    let minus_one = Tensor::<B, 2>::full([len, 1], -1.0, (&p.device(), DType::F32));
+    let dlogits = p.scatter(1, t, minus_one, IndexingUpdateOp::Add);
+    let dhs = dlogits.cast(dtype).matmul(w).div_scalar(norm);
+    (loss.into_scalar().elem::<f64>() / norm, dhs)
 }

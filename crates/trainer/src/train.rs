@@ -89,6 +89,20 @@ impl<B: AutodiffBackend> TrainableLm<B> for Qwen2ForCausalLM<B> {
     }
 }
 
+/// Qwen2's output head as a plain frozen weight `[vocab, hidden]` (the tied embedding, or an
+/// `lm_head` without adapter or bias whose weight takes no gradient), for the written-out head
+/// gradient of [`chunked_head_loss`]; `None` when the head has anything trainable.
+pub(crate) fn frozen_head_weight<B: AutodiffBackend>(
+    model: &Qwen2ForCausalLM<B>,
+) -> Option<Tensor<B::InnerBackend, 2>> {
+    let weight = match &model.lm_head {
+        None => &model.model.embed_tokens.weight,
+        Some(head) if head.bias.is_none() && (!head.has_adapter() || head.merged) => &head.weight,
+        Some(_) => return None,
+    };
+    (!weight.is_require_grad()).then(|| weight.val().inner())
+}
+
 /// One backward of `loss_sum(batch) / norm` with the output head scored and differentiated chunk by
 /// chunk ([`chunked_head_loss`]): the same gradients as [`plain_loss_and_grads`] (up to summation
 /// order) without the full-vocabulary logits of every supervised position alive at once.
@@ -108,6 +122,7 @@ fn head_chunked_loss_and_grads<B: AutodiffBackend>(
         hidden,
         batch.labels.clone(),
         norm,
+        frozen_head_weight(model),
         |h| model.logits(h),
         |g| {
             // Only a head with trainable parameters of its own (e.g. an adapter on lm_head) has any.
