@@ -160,16 +160,33 @@ fn collect<B: Backend>(model: &Qwen2ForCausalLM<B>) -> Vec<(String, Vec<usize>, 
 }
 
 fn write_err(path: &Path, e: std::io::Error) -> Qwen2Error {
+    let reason = if lora_core::is_storage_full(&e) {
+        format!("no space left on device ({e}): free space and run the command again")
+    } else {
+        e.to_string()
+    };
     Qwen2Error::Write {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        reason,
     }
 }
 
+/// Writes `path` via a temporary sibling, an fsync and a rename, then fsyncs the directory; on
+/// failure the temporary file is removed (on a full disk, it holds the space the user needs) and
+/// `path` keeps its previous content.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Qwen2Error> {
+    use std::io::Write;
     let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, bytes).map_err(|e| write_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| write_err(path, e))
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(write_err(path, e));
+    }
+    lora_core::sync_dir(path.parent().unwrap_or(Path::new(".")));
+    Ok(())
 }
 
 /// Parses a shard size as transformers does: an integer number of bytes, or a number with a unit
@@ -197,7 +214,36 @@ pub fn parse_size(text: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, write_atomic, write_err};
+
+    #[test]
+    fn a_full_device_is_named_and_a_failed_write_leaves_nothing_behind() {
+        let full = std::io::Error::from_raw_os_error(28); // ENOSPC
+        let msg = write_err(std::path::Path::new("out/model.safetensors"), full).to_string();
+        assert!(
+            msg.contains("out/model.safetensors") && msg.contains("no space left on device"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("free space and run the command again"),
+            "{msg}"
+        );
+        let other = std::io::Error::from_raw_os_error(13); // EACCES
+        assert!(!write_err(std::path::Path::new("x"), other)
+            .to_string()
+            .contains("no space"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        write_atomic(&path, b"{}").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"{}");
+        // A rename onto a directory fails after the temporary file was written: it must be gone.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir_all(blocked.join("inner")).unwrap();
+        assert!(write_atomic(&blocked, b"data").is_err());
+        assert!(!dir.path().join("blocked.partial").exists());
+        assert!(blocked.join("inner").is_dir());
+    }
 
     #[test]
     fn sizes_parse_like_transformers() {
