@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
@@ -78,10 +78,6 @@ pub fn run(a: BenchMatmulArgs) -> anyhow::Result<()> {
     )
 }
 
-fn sync<B: Backend>(dev: &B::Device) -> anyhow::Result<()> {
-    B::sync(dev).map_err(|e| anyhow!("device sync failed: {e:?}"))
-}
-
 fn run_on<B: Backend>(
     a: &BenchMatmulArgs,
     shapes: &[Shape],
@@ -108,12 +104,12 @@ fn run_on<B: Backend>(
         for _ in 0..2 {
             drop(product());
         }
-        sync::<B>(dev)?;
+        crate::device::sync::<B>(dev)?;
         let t0 = Instant::now();
         for _ in 0..a.reps {
             drop(product());
         }
-        sync::<B>(dev)?;
+        crate::device::sync::<B>(dev)?;
         let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
         let gflops = 2.0 * (s.m * s.k * s.n) as f64 / dt / 1e9;
         println!(

@@ -195,7 +195,7 @@ fn run_on<Ad: AutodiffBackend>(
         clip_global_norm(&model, &mut grads, 1.0);
         model = optim.step(1e-4, model, grads);
         // Wait for the device to finish the step before stopping the clock.
-        Ad::sync(dev).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))?;
+        crate::device::sync::<Ad>(dev)?;
         if step > 0 {
             times.push(t0.elapsed().as_secs_f64());
             real_tokens += real;

@@ -48,3 +48,8 @@ macro_rules! on_device {
         }
     };
 }
+
+/// Waits until `dev` has finished all queued work (for timing).
+pub fn sync<B: burn::tensor::backend::Backend>(dev: &B::Device) -> anyhow::Result<()> {
+    B::sync(dev).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))
+}

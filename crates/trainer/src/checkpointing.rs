@@ -16,8 +16,7 @@ use burn::tensor::{Int, Tensor};
 use lora_data::Batch;
 use qwen2::{additive_mask, attention_mask_4d, Qwen2ForCausalLM, RopeCache};
 
-use crate::loss::chunked_head_loss;
-use crate::train::frozen_head_weight;
+use crate::train::qwen2_head_loss;
 
 /// Seed of layer `layer`'s dropout within a micro-batch.
 fn layer_seed(base: u64, layer: usize) -> u64 {
@@ -65,14 +64,7 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
     let last = x.require_grad();
     let hidden = model.model.norm.forward(last.clone());
     let mut acc = GradientsAccumulator::<Qwen2ForCausalLM<B>>::new();
-    let (value, surrogate) = chunked_head_loss(
-        hidden,
-        batch.labels.clone(),
-        norm,
-        frozen_head_weight(model),
-        |h| model.logits(h),
-        |g| acc.accumulate(model, GradientsParams::from_grads(g, model)),
-    );
+    let (value, surrogate) = qwen2_head_loss(model, hidden, batch.labels.clone(), norm, &mut acc);
     let Some(surrogate) = surrogate else {
         return (value, GradientsParams::new()); // no supervised position: no gradient
     };

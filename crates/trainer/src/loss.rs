@@ -6,7 +6,7 @@
 
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, ElementConversion, IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor};
 
 type Gradients<B> = <B as AutodiffBackend>::Gradients;
 
@@ -154,44 +154,56 @@ pub fn chunked_head_loss<B: AutodiffBackend>(
     };
     let n = hs.dims()[0];
     let detached = hs.clone().detach();
-    let mut value = 0.0;
-    let mut row_grads = Vec::with_capacity(n.div_ceil(TRAIN_HEAD_CHUNK_ROWS));
+    let chunks = n.div_ceil(TRAIN_HEAD_CHUNK_ROWS);
+    // Per-chunk loss values stay on the device and are read once at the end (one sync, not one per
+    // chunk): the written-out path keeps raw sums (divided by `norm` on the host), the autodiff path
+    // sums already divided.
+    let mut losses = Vec::with_capacity(chunks);
+    let mut row_grads = Vec::with_capacity(chunks);
     let mut start = 0;
     while start < n {
         let len = TRAIN_HEAD_CHUNK_ROWS.min(n - start);
         if let Some(w) = &frozen_weight {
             let rows = detached.clone().inner().narrow(0, start, len);
             let t = targets.clone().inner().narrow(0, start, len);
-            let (loss, dhs) = linear_head_chunk(rows, t, w.clone(), norm);
-            value += loss;
+            let (loss_sum, dhs) = linear_head_chunk(rows, t, w.clone(), norm);
+            losses.push(loss_sum);
             row_grads.push(dhs);
-            start += len;
-            continue;
+        } else {
+            let leaf = detached.clone().narrow(0, start, len).require_grad();
+            let t = targets.clone().narrow(0, start, len);
+            let loss = chunk_loss_sum(leaf.clone(), t, &head).div_scalar(norm);
+            losses.push(loss.clone().inner());
+            let mut grads = loss.backward();
+            row_grads.push(
+                leaf.grad_remove(&mut grads)
+                    .expect("the head's logits depend on its input rows"),
+            );
+            head_grads(grads);
         }
-        let leaf = detached.clone().narrow(0, start, len).require_grad();
-        let t = targets.clone().narrow(0, start, len);
-        let loss = chunk_loss_sum(leaf.clone(), t, &head).div_scalar(norm);
-        value += loss.clone().into_scalar().elem::<f64>();
-        let mut grads = loss.backward();
-        row_grads.push(
-            leaf.grad_remove(&mut grads)
-                .expect("the head's logits depend on its input rows"),
-        );
-        head_grads(grads);
         start += len;
     }
+    let per_chunk = Tensor::cat(losses, 0)
+        .into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .expect("f64 after convert");
+    let value = per_chunk
+        .iter()
+        .map(|&v| if frozen_weight.is_some() { v / norm } else { v })
+        .fold(0.0, |sum, v| sum + v);
     let dhs = Tensor::<B, 2>::from_inner(Tensor::cat(row_grads, 0));
     (value, Some((hs * dhs).sum()))
 }
 
-/// Loss sum / `norm` and `d(loss)/d(rows)` of one chunk through the linear head `w` `[vocab, hidden]`:
-/// softmax cross-entropy in f32, written out (see [`chunked_head_loss`]).
+/// Loss sum `[1]` and `d(loss / norm)/d(rows)` of one chunk through the linear head `w`
+/// `[vocab, hidden]`: softmax cross-entropy in f32, written out (see [`chunked_head_loss`]).
 fn linear_head_chunk<B: Backend>(
     rows: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
     w: Tensor<B, 2>,
     norm: f64,
-) -> (f64, Tensor<B, 2>) {
+) -> (Tensor<B, 1>, Tensor<B, 2>) {
     let len = rows.dims()[0];
     let dtype = rows.dtype();
     let logits = rows.matmul(w.clone().transpose()).cast(DType::F32); // [len, vocab]
@@ -203,5 +215,5 @@ fn linear_head_chunk<B: Backend>(
     let minus_one = Tensor::<B, 2>::full([len, 1], -1.0, (&p.device(), DType::F32));
     let dlogits = p.scatter(1, t, minus_one, IndexingUpdateOp::Add);
     let dhs = dlogits.cast(dtype).matmul(w).div_scalar(norm);
-    (loss.into_scalar().elem::<f64>() / norm, dhs)
+    (loss, dhs)
 }

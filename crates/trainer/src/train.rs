@@ -11,7 +11,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{BinBytesRecorder, BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{ElementConversion, Int, Tensor};
 use lora_core::{load_adapter, save_adapter, sync_dir, write_atomic, LoraConfig, LoraModel};
 use lora_data::{Batch, Collator, Example, Sampler, SamplerState, IGNORE_INDEX};
 use qwen2::Qwen2ForCausalLM;
@@ -92,7 +92,7 @@ impl<B: AutodiffBackend> TrainableLm<B> for Qwen2ForCausalLM<B> {
 /// Qwen2's output head as a plain frozen weight `[vocab, hidden]` (the tied embedding, or an
 /// `lm_head` without adapter or bias whose weight takes no gradient), for the written-out head
 /// gradient of [`chunked_head_loss`]; `None` when the head has anything trainable.
-pub(crate) fn frozen_head_weight<B: AutodiffBackend>(
+fn frozen_head_weight<B: AutodiffBackend>(
     model: &Qwen2ForCausalLM<B>,
 ) -> Option<Tensor<B::InnerBackend, 2>> {
     let weight = match &model.lm_head {
@@ -101,6 +101,26 @@ pub(crate) fn frozen_head_weight<B: AutodiffBackend>(
         Some(_) => return None,
     };
     (!weight.is_require_grad()).then(|| weight.val().inner())
+}
+
+/// Qwen2's head part of a step from its final hidden states: [`chunked_head_loss`] with the
+/// frozen-weight shortcut where it applies. Gradients of the head's own trainable parameters (an
+/// adapter on `lm_head`) go into `acc`; returns the loss value and the surrogate for the body.
+pub(crate) fn qwen2_head_loss<B: AutodiffBackend>(
+    model: &Qwen2ForCausalLM<B>,
+    hidden: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+    norm: f64,
+    acc: &mut GradientsAccumulator<Qwen2ForCausalLM<B>>,
+) -> (f64, Option<Tensor<B, 1>>) {
+    chunked_head_loss(
+        hidden,
+        labels,
+        norm,
+        frozen_head_weight(model),
+        |h| model.logits(h),
+        |g| acc.accumulate(model, GradientsParams::from_grads(g, model)),
+    )
 }
 
 /// One backward of `loss_sum(batch) / norm` with the output head scored and differentiated chunk by
@@ -117,30 +137,13 @@ fn head_chunked_loss_and_grads<B: AutodiffBackend>(
         None,
     );
     let mut acc = GradientsAccumulator::<Qwen2ForCausalLM<B>>::new();
-    let mut head_has_grads = false;
-    let (value, surrogate) = chunked_head_loss(
-        hidden,
-        batch.labels.clone(),
-        norm,
-        frozen_head_weight(model),
-        |h| model.logits(h),
-        |g| {
-            // Only a head with trainable parameters of its own (e.g. an adapter on lm_head) has any.
-            let g = GradientsParams::from_grads(g, model);
-            if !g.is_empty() {
-                acc.accumulate(model, g);
-                head_has_grads = true;
-            }
-        },
-    );
-    let Some(surrogate) = surrogate else {
-        return (value, GradientsParams::new());
-    };
-    let body = GradientsParams::from_grads(surrogate.backward(), model);
-    if !head_has_grads {
-        return (value, body);
+    let (value, surrogate) = qwen2_head_loss(model, hidden, batch.labels.clone(), norm, &mut acc);
+    if let Some(surrogate) = surrogate {
+        acc.accumulate(
+            model,
+            GradientsParams::from_grads(surrogate.backward(), model),
+        );
     }
-    acc.accumulate(model, body);
     (value, acc.grads())
 }
 

@@ -15,58 +15,19 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Flex;
 use burn::module::{AutodiffModule, Devices, Module, ModuleMapper, ModuleVisitor};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Tensor};
-use lora_core::{apply_lora, param_id, LoraConfig, LoraLinear, LoraModel};
-use lora_data::{Batch, Collator, Example};
+use lora_core::{param_id, LoraConfig, LoraLinear, LoraModel};
+use lora_data::{Batch, Collator};
 use lora_trainer::checkpoint::{checkpoints, read_state, resolve_resume};
 use lora_trainer::{train, CausalLm, TrainError, TrainEvent, TrainableLm, TrainingArguments};
 use qwen2::Qwen2ForCausalLM;
 
-type Ad = Autodiff<Flex>;
-
-/// Burn's CPU RNG is one global stream: tests that seed it and draw from it (adapter init, dropout)
-/// must not interleave, so each takes this lock (as in `train.rs`).
-static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
-    RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-untied-f32-sharded")
-}
-
-/// Deterministic toy examples for the 256-token fixture vocabulary: the first 3 tokens are prompt.
-fn examples(n: usize) -> Vec<Example> {
-    let mut s = 12345u64;
-    (0..n)
-        .map(|i| {
-            let len = 6 + (i * 5) % 9;
-            let ids: Vec<u32> = (0..len)
-                .map(|_| {
-                    s = s
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    1 + ((s >> 33) % 255) as u32
-                })
-                .collect();
-            let labels = ids
-                .iter()
-                .enumerate()
-                .map(|(j, &t)| if j < 3 { -100 } else { t as i64 })
-                .collect();
-            Example {
-                attention_mask: vec![1; len],
-                input_ids: ids,
-                labels,
-            }
-        })
-        .collect()
-}
+mod common;
+use common::{examples, fixture, model, rng_lock, Ad};
 
 fn lora_cfg() -> LoraConfig {
     LoraConfig {
@@ -85,14 +46,6 @@ fn small_lora_cfg() -> LoraConfig {
     c.lora_dropout = 0.1;
     c.init_lora_weights = lora_core::InitLoraWeights::Bool(false);
     c
-}
-
-fn model(cfg: &LoraConfig) -> Qwen2ForCausalLM<Ad> {
-    Ad::seed(&Default::default(), 1);
-    let base = qwen2::load_model::<Ad>(&fixture(), DType::F32, &Default::default())
-        .unwrap()
-        .model;
-    apply_lora(base, cfg).unwrap().0
 }
 
 /// One micro-batch per step, so the wrapper's call count is the step number.

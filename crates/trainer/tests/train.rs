@@ -1,65 +1,16 @@
 //! The loop's contracts on the tiny fixture model: accumulation equivalence, bitwise resume,
 //! NaN stop, checkpoint pruning and layout.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use burn::backend::{Autodiff, Flex};
 use burn::tensor::DType;
 use lora_core::{adapter_tensors, apply_lora, LoraConfig};
 use lora_data::{Collator, Example};
 use lora_trainer::{train, TrainError, TrainEvent, TrainingArguments};
 use qwen2::Qwen2ForCausalLM;
 
-type Ad = Autodiff<Flex>;
-
-/// Burn's CPU RNG is one global stream: tests that seed it and draw from it (adapter init, dropout)
-/// must not interleave, so each takes this lock.
-static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
-    RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-untied-f32-sharded")
-}
-
-/// Deterministic toy examples for the 256-token fixture vocabulary: the first 3 tokens are prompt.
-fn examples(n: usize) -> Vec<Example> {
-    let mut s = 12345u64;
-    (0..n)
-        .map(|i| {
-            let len = 6 + (i * 5) % 9;
-            let ids: Vec<u32> = (0..len)
-                .map(|_| {
-                    s = s
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    1 + ((s >> 33) % 255) as u32
-                })
-                .collect();
-            let labels = ids
-                .iter()
-                .enumerate()
-                .map(|(j, &t)| if j < 3 { -100 } else { t as i64 })
-                .collect();
-            Example {
-                attention_mask: vec![1; len],
-                input_ids: ids,
-                labels,
-            }
-        })
-        .collect()
-}
-
-fn model(cfg: &LoraConfig) -> Qwen2ForCausalLM<Ad> {
-    use burn::tensor::backend::Backend;
-    Ad::seed(&Default::default(), 1);
-    let base = qwen2::load_model::<Ad>(&fixture(), DType::F32, &Default::default())
-        .unwrap()
-        .model;
-    apply_lora(base, cfg).unwrap().0
-}
+mod common;
+use common::{compare_adapter_grads, examples, fixture, model, rng_lock, toy_example, Ad};
 
 fn lora_cfg(dropout: f64) -> LoraConfig {
     LoraConfig {
@@ -497,32 +448,7 @@ fn gradient_checkpointing_gives_the_same_gradients_and_run() {
     let (v0, mut g0) = m.loss_and_grads(&batch, 10.0, false, 0);
     let (v1, mut g1) = m.loss_and_grads(&batch, 10.0, true, 0);
     assert!((v0 - v1).abs() <= 1e-6 * v0.abs(), "loss {v0} vs {v1}");
-    let mut n = 0;
-    let mut worst = 0f32;
-    for (path, _) in adapter_tensors(&m) {
-        let a: burn::tensor::Tensor<Flex, 2> = g0
-            .remove(lora_core::param_id(&path))
-            .unwrap_or_else(|| panic!("{path}"));
-        let b: burn::tensor::Tensor<Flex, 2> = g1
-            .remove(lora_core::param_id(&path))
-            .unwrap_or_else(|| panic!("{path}"));
-        let (a, b) = (
-            a.into_data().to_vec::<f32>().unwrap(),
-            b.into_data().to_vec::<f32>().unwrap(),
-        );
-        let scale = a.iter().fold(0f32, |s, x| s.max(x.abs())).max(1e-12);
-        let err = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |s, (x, y)| s.max((x - y).abs()))
-            / scale;
-        assert!(
-            err <= 1e-5,
-            "{path}: checkpointed gradient differs by {err:e} (relative)"
-        );
-        worst = worst.max(err);
-        n += 1;
-    }
+    let (n, worst) = compare_adapter_grads(&m, &mut g0, &mut g1, 1e-5, "checkpointed");
     assert_eq!(n, 28);
     println!("checkpointed vs plain: {n} gradients, worst relative difference {worst:e}");
 
@@ -564,28 +490,7 @@ fn check_chunked_head(cfg: &LoraConfig) -> usize {
     use lora_trainer::{plain_loss_and_grads, TrainableLm, TRAIN_HEAD_CHUNK_ROWS};
     let m = model(cfg);
     let mut s = 99u64;
-    let ex: Vec<Example> = (0..2)
-        .map(|_| {
-            let ids: Vec<u32> = (0..300)
-                .map(|_| {
-                    s = s
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    1 + ((s >> 33) % 255) as u32
-                })
-                .collect();
-            let labels = ids
-                .iter()
-                .enumerate()
-                .map(|(j, &t)| if j < 20 { -100 } else { t as i64 })
-                .collect();
-            Example {
-                attention_mask: vec![1; ids.len()],
-                input_ids: ids,
-                labels,
-            }
-        })
-        .collect();
+    let ex: Vec<Example> = (0..2).map(|_| toy_example(&mut s, 300, 20)).collect();
     let supervised = 2 * (300 - 20);
     assert!(
         supervised > 2 * TRAIN_HEAD_CHUNK_ROWS,
@@ -597,30 +502,7 @@ fn check_chunked_head(cfg: &LoraConfig) -> usize {
     let (v0, mut g0) = plain_loss_and_grads(&m, &batch, norm);
     let (v1, mut g1) = m.loss_and_grads(&batch, norm, false, 0);
     assert!((v0 - v1).abs() <= 1e-6 * v0.abs(), "loss {v0} vs {v1}");
-    let mut worst = 0f32;
-    let mut n = 0;
-    for (path, _) in adapter_tensors(&m) {
-        let a: burn::tensor::Tensor<Flex, 2> = g0.remove(lora_core::param_id(&path)).unwrap();
-        let b: burn::tensor::Tensor<Flex, 2> = g1
-            .remove(lora_core::param_id(&path))
-            .unwrap_or_else(|| panic!("no gradient for {path}"));
-        let (a, b) = (
-            a.into_data().to_vec::<f32>().unwrap(),
-            b.into_data().to_vec::<f32>().unwrap(),
-        );
-        let scale = a.iter().fold(0f32, |s, x| s.max(x.abs())).max(1e-12);
-        let err = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |s, (x, y)| s.max((x - y).abs()))
-            / scale;
-        assert!(
-            err <= 1e-5,
-            "{path}: chunked-head gradient differs by {err:e} (relative)"
-        );
-        worst = worst.max(err);
-        n += 1;
-    }
+    let (n, worst) = compare_adapter_grads(&m, &mut g0, &mut g1, 1e-5, "chunked-head");
     assert!(
         g1.is_empty(),
         "gradients for parameters other than the adapters"
