@@ -6,96 +6,18 @@
 //!
 //! Mounting needs root (as in CI). Elsewhere the test skips with a message; under `CI=true` it fails.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use burn::backend::Flex;
 use burn::tensor::DType;
 
+#[path = "../../tests/support/tmpfs.rs"]
+mod tmpfs;
+use tmpfs::{page_size, pages, walk, Tmpfs};
+
 fn xtask() -> Command {
     Command::new(env!("CARGO_BIN_EXE_xtask"))
-}
-
-/// A tmpfs mounted on a fresh temporary directory; unmounted on drop (also when the test fails).
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// `None` (after saying why) when mounting is not possible here; under `CI=true` that fails.
-    fn mount(bytes: u64) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir.path())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
-            r => {
-                let why = match r {
-                    Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
-                    Err(e) => e.to_string(),
-                };
-                if std::env::var("CI").is_ok_and(|v| v == "true") {
-                    panic!("CI=true but `mount -t tmpfs` failed ({why}); the disk-full test needs root");
-                }
-                eprintln!("skipping: cannot mount a tmpfs ({why}); the disk-full test needs root");
-                None
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Grows the file system in place, keeping its files (the user freeing space).
-    fn resize(&self, bytes: u64) {
-        let ok = Command::new("mount")
-            .args(["-o", &format!("remount,size={bytes}")])
-            .arg(self.path())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "remount of {} failed", self.path().display());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount").arg(self.dir.path()).status();
-        if !ok.is_ok_and(|s| s.success()) {
-            eprintln!("could not unmount {}", self.dir.path().display());
-        }
-    }
-}
-
-const PAGE: u64 = 4096;
-
-/// Every path under `dir`.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        }
-        out.push(p);
-    }
-    out
-}
-
-/// Pages the files under `path` (a file or a directory) take on a tmpfs.
-fn pages(path: &Path) -> u64 {
-    let files = if path.is_dir() {
-        walk(path)
-    } else {
-        vec![path.to_path_buf()]
-    };
-    files
-        .iter()
-        .filter(|p| p.is_file())
-        .map(|p| p.metadata().unwrap().len().div_ceil(PAGE))
-        .sum()
 }
 
 fn train_args(model: &Path, data: &Path, out: &Path) -> Vec<String> {
@@ -183,10 +105,11 @@ fn disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let ckpt = pages(&full.join("checkpoint-2"));
+    let page = page_size();
+    let ckpt = pages(&full.join("checkpoint-2"), page);
     // metrics.jsonl, two checkpoints and half of a third.
-    let size = pages(&full.join("metrics.jsonl")) + 2 * ckpt + ckpt / 2;
-    let Some(fs) = Tmpfs::mount(size * PAGE) else {
+    let size = pages(&full.join("metrics.jsonl"), page) + 2 * ckpt + ckpt / 2;
+    let Some(fs) = Tmpfs::mount(size * page) else {
         return;
     };
     let dir = fs.path();
@@ -262,7 +185,7 @@ fn disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes() {
     lora_core::load_adapter(base, &dir.join("checkpoint-2")).unwrap();
 
     // Free space and resume: the uninterrupted run's result, bitwise.
-    fs.resize(4 * size * PAGE);
+    fs.resize(4 * size * page);
     let mut args = train_args(&model, &data, dir);
     args.extend(["--resume-from-checkpoint".into(), "latest".into()]);
     let resumed = xtask().args(args).output().unwrap();

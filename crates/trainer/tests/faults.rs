@@ -10,8 +10,7 @@
 //!   space is freed reproduces an uninterrupted run bitwise.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -27,7 +26,10 @@ use lora_trainer::{train, CausalLm, TrainError, TrainEvent, TrainableLm, Trainin
 use qwen2::Qwen2ForCausalLM;
 
 mod common;
+#[path = "../../../tests/support/tmpfs.rs"]
+mod tmpfs;
 use common::{examples, fixture, model, rng_lock, Ad};
+use tmpfs::{page_size, pages, walk, Tmpfs};
 
 fn lora_cfg() -> LoraConfig {
     LoraConfig {
@@ -242,19 +244,6 @@ fn floats(file: &Path) -> Vec<f32> {
         .collect()
 }
 
-/// Every path under `dir`.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        }
-        out.push(p);
-    }
-    out
-}
-
 /// After a run that failed: exactly the checkpoints `want` exist, complete (state, optimizer,
 /// adapter that loads into the model, all finite), `latest` is the newest, nothing partial or
 /// temporary is left, and no adapter anywhere holds NaN/Inf.
@@ -386,67 +375,6 @@ fn inf_gradient_mid_run_stops_at_that_step_with_or_without_clipping() {
 
 // ---------------------------------------------------------------------------------------------
 // Disk full, on a real tmpfs.
-
-/// A tmpfs mounted on a fresh temporary directory; unmounted on drop (also when a test fails).
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// `None` (after saying why) when mounting is not possible here; under `CI=true` that fails.
-    fn mount(bytes: u64) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir.path())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
-            r => {
-                let why = match r {
-                    Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
-                    Err(e) => e.to_string(),
-                };
-                if std::env::var("CI").is_ok_and(|v| v == "true") {
-                    panic!("CI=true but `mount -t tmpfs` failed ({why}); the disk-full tests need root");
-                }
-                eprintln!("skipping: cannot mount a tmpfs ({why}); the disk-full tests need root");
-                None
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount").arg(self.dir.path()).status();
-        if !ok.is_ok_and(|s| s.success()) {
-            eprintln!("could not unmount {}", self.dir.path().display());
-        }
-    }
-}
-
-fn page_size() -> u64 {
-    Command::new("getconf")
-        .arg("PAGESIZE")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(4096)
-}
-
-/// Pages the files under `dir` occupy on a tmpfs.
-fn pages(dir: &Path, page: u64) -> u64 {
-    walk(dir)
-        .iter()
-        .filter(|p| p.is_file())
-        .map(|p| p.metadata().unwrap().len().div_ceil(page))
-        .sum()
-}
 
 #[test]
 fn disk_full_at_any_write_keeps_the_last_checkpoint_and_resumes() {
