@@ -11,6 +11,7 @@
 
 mod adapter;
 mod config;
+mod dropout;
 mod error;
 mod linear;
 mod target;
@@ -24,6 +25,7 @@ pub use adapter::{
     ADAPTER_WEIGHTS, PEFT_PREFIX,
 };
 pub use config::{InitLoraWeights, LayerSelector, LoraConfig, ModuleSelector, TUTORIAL_TARGETS};
+pub use dropout::{dropout, is_host_backend};
 pub use error::{is_storage_full, LoraError};
 pub use linear::{matmul_t, param_id, LoraLinear, LoraWeight};
 pub use target::{apply_lora, is_targeted, merge_all, unmerge_all, LoraModel, LoraReport};

@@ -11,6 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 
 use crate::config::InitLoraWeights;
+use crate::dropout::dropout;
 use crate::error::LoraError;
 
 /// One LoRA factor; its parameter path ends in `lora_A.weight` / `lora_B.weight`, as in PEFT.
@@ -209,18 +210,18 @@ impl<B: Backend> LoraLinear<B> {
         let (Some(a), Some(b), false) = (&self.lora_A, &self.lora_B, self.merged) else {
             return self.forward_base(x);
         };
-        let xd = match &self.lora_dropout {
-            Some(d) => d.forward(x.clone()),
-            None => x.clone(),
-        };
         // Mixed precision: a bf16 base with f32 adapters computes the side path in the adapters'
-        // dtype and adds it back in the base's (PEFT does the same casts).
+        // dtype and adds it back in the base's (PEFT casts, then applies dropout, in that order).
         let (a, b) = (a.weight.val(), b.weight.val());
         let (dtype, adapter_dtype) = (x.dtype(), a.dtype());
         let xd = if dtype == adapter_dtype {
-            xd
+            x.clone()
         } else {
-            xd.cast(adapter_dtype)
+            x.clone().cast(adapter_dtype)
+        };
+        let xd = match &self.lora_dropout {
+            Some(d) => dropout(xd, d.prob),
+            None => xd,
         };
         // Rank-r side path: two thin GEMMs instead of a full-size `W + s·B·A`.
         let low = matmul_t(xd, a); // [.., r]

@@ -9,6 +9,7 @@ mod checkpointing;
 mod clip;
 mod error;
 mod eval;
+mod host_xent;
 mod loss;
 mod plot;
 mod train;

@@ -6,7 +6,9 @@
 
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::host_xent;
 
 type Gradients<B> = <B as AutodiffBackend>::Gradients;
 
@@ -207,6 +209,19 @@ fn linear_head_chunk<B: Backend>(
     let len = rows.dims()[0];
     let dtype = rows.dtype();
     let logits = rows.matmul(w.clone().transpose()).cast(DType::F32); // [len, vocab]
+    if lora_core::is_host_backend::<B>() {
+        // One fused pass per row on all cores, in the logits' own buffer.
+        let device = logits.device();
+        let targets = targets.into_data().convert::<i64>();
+        let targets = targets.as_slice::<i64>().expect("i64 after convert");
+        let mut data = logits.into_data();
+        let slice = data.as_mut_slice::<f32>().expect("f32 logits");
+        let loss = host_xent::softmax_xent_rows(slice, targets, norm as f32);
+        let dlogits = Tensor::<B, 2>::from_data(data, &device);
+        let loss = Tensor::<B, 1>::from_data(TensorData::new(vec![loss as f32], [1]), &device);
+        // The written-out path returns raw sums; `1/norm` is already inside `dlogits`.
+        return (loss, dlogits.cast(dtype).matmul(w));
+    }
     let t = targets.unsqueeze_dim::<2>(1); // [len, 1]
     let picked = logits.clone().gather(1, t.clone());
     let max = logits.clone().max_dim(1);
