@@ -12,7 +12,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use lora_core::{apply_lora, LoraConfig};
 use lora_data::Batch;
 use lora_trainer::TrainableLm;
-use qwen2::{additive_mask, attention_mask_4d, Qwen2Config, Qwen2ForCausalLM, RopeCache};
+use qwen2::{
+    additive_mask, attention_mask_4d, AttentionBias, Qwen2Config, Qwen2ForCausalLM, RopeCache,
+};
 
 type Ad = Autodiff<Flex>;
 
@@ -27,7 +29,11 @@ fn model(layers: usize, vocab: usize) -> (Qwen2Config, Qwen2ForCausalLM<Ad>) {
     (cfg, apply_lora(base, &cfg_lora).expect("tutorial config").0)
 }
 
-fn rope_and_mask(cfg: &Qwen2Config, batch: usize, seq: usize) -> (RopeCache<Ad>, Tensor<Ad, 4>) {
+fn rope_and_mask(
+    cfg: &Qwen2Config,
+    batch: usize,
+    seq: usize,
+) -> (RopeCache<Ad>, AttentionBias<Ad>) {
     let dev = Default::default();
     let positions = Tensor::<Ad, 1, Int>::arange(0..seq as i64, &dev)
         .reshape([1, seq])
@@ -38,7 +44,9 @@ fn rope_and_mask(cfg: &Qwen2Config, batch: usize, seq: usize) -> (RopeCache<Ad>,
         cfg.head_dim(),
         burn::tensor::DType::F32,
     );
-    let mask = additive_mask(attention_mask_4d::<Ad>(None, batch, seq, &dev));
+    let mask = AttentionBias::Dense(additive_mask(attention_mask_4d::<Ad>(
+        None, batch, seq, &dev,
+    )));
     (rope, mask)
 }
 
@@ -115,6 +123,7 @@ fn train_step(c: &mut Criterion) {
             input_ids: t(ids),
             attention_mask: t(vec![1; batch * seq]),
             labels: t(labels),
+            seq_lens: None,
         };
         g.throughput(Throughput::Elements((batch * seq) as u64));
         g.bench_function(

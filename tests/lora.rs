@@ -592,7 +592,10 @@ fn rust_adapter_fixture_reloads_to_its_logits() {
         Some(int2(&inputs["attention_mask"])),
         None,
     ));
-    assert_close("rust adapter logits", &got, &want["logits"].f32, 0.0);
+    // Not bitwise: the stored logits come from the GEMM kernel of the CPU that wrote them, and the
+    // kernel (AVX2 or AVX-512, picked at run time) changes the summation order at the 1e-6 level.
+    // The adapter file's own round trip is bitwise (`save_then_load_is_bitwise_and_matches_peft_layout`).
+    assert_close("rust adapter logits", &got, &want["logits"].f32, 2e-5);
 }
 
 #[test]

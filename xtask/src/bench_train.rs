@@ -40,12 +40,17 @@ pub struct BenchTrainArgs {
     dtype: String,
     /// Real batches instead of random tokens: this Huanhuan-style file, tokenized with the `seed`
     /// template (the tutorial's process_func, max length 384), `--batch` records a step in file order,
-    /// right-padded to the longest (`--seq` is then ignored; tokens/s counts non-padding tokens).
+    /// padding-free or right-padded to the longest (`--seq` is then ignored; tokens/s counts
+    /// non-padding tokens).
     #[arg(long)]
     real_data: Option<std::path::PathBuf>,
     /// Tokenizer for `--real-data` (a directory holding tokenizer.json).
     #[arg(long)]
     tokenizer: Option<std::path::PathBuf>,
+    /// With `--real-data`: true = each step's records back to back in one row (as `finetune`
+    /// does by default); false = right-padded rows, as transformers' DataCollatorForSeq2Seq.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    padding_free: bool,
 }
 
 fn config(size: &str) -> anyhow::Result<Qwen2Config> {
@@ -134,6 +139,7 @@ fn run_on<Ad: AutodiffBackend>(
                 input_ids: t(ids),
                 attention_mask: t(vec![1; a.batch * a.seq]),
                 labels: t(labels),
+                seq_lens: None,
             };
             let n_sup = a.batch * (a.seq - 1 - (a.seq / 3).saturating_sub(1));
             vec![(batch, n_sup, a.batch * a.seq); a.steps + 1]
@@ -163,7 +169,8 @@ fn run_on<Ad: AutodiffBackend>(
                     max_id, a.size, cfg.vocab_size
                 );
             }
-            let collator = lora_data::Collator::new(chat_tok.pad_token_id);
+            let collator =
+                lora_data::Collator::new(chat_tok.pad_token_id).with_padding_free(a.padding_free);
             let need = (a.steps + 1) * a.batch;
             if prepared.examples.len() < need {
                 bail!(
@@ -237,6 +244,7 @@ fn run_on<Ad: AutodiffBackend>(
         "step_s_median": (med * 1e4).round() / 1e4,
         "tokens_per_s": (tokens_per_s * 10.0).round() / 10.0,
         "real_data": a.real_data.is_some(),
+        "padding_free": a.real_data.is_some() && a.padding_free,
         "peak_rss_mib": (peak_rss_mib() * 10.0).round() / 10.0,
         "loss": (loss * 1e4).round() / 1e4,
     });

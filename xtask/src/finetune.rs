@@ -51,6 +51,9 @@ pub struct FinetuneOptions {
     pub eval_split: Option<f64>,
     /// `cpu` or `cuda[:N]`.
     pub device: String,
+    /// Padding-free batches: each step's examples back to back in one row, attending only within
+    /// themselves (the same losses and gradients as padded rows, without computing padding).
+    pub padding_free: bool,
     /// The loop's options (transformers' names).
     #[serde(flatten)]
     pub training: TrainingArguments,
@@ -75,6 +78,7 @@ impl Default for FinetuneOptions {
             eval_data: None,
             eval_split: None,
             device: "cpu".into(),
+            padding_free: true,
             training: TrainingArguments::tutorial(PathBuf::from("output")),
         }
     }
@@ -167,6 +171,9 @@ pub struct FinetuneArgs {
     /// true | false
     #[arg(long)]
     gradient_checkpointing: Option<bool>,
+    /// true | false: examples back to back in one row instead of padded rows (default true)
+    #[arg(long)]
+    padding_free: Option<bool>,
     /// A checkpoint directory, or `latest`.
     #[arg(long)]
     resume_from_checkpoint: Option<String>,
@@ -221,7 +228,7 @@ impl FinetuneArgs {
             resume_from_checkpoint => o.training.resume_from_checkpoint);
         set!(output => o.training.output_dir, template => o.template, max_length => o.max_length,
             lora_r => o.lora_r, lora_alpha => o.lora_alpha, lora_dropout => o.lora_dropout,
-            target_modules => o.target_modules, device => o.device,
+            target_modules => o.target_modules, device => o.device, padding_free => o.padding_free,
             per_device_train_batch_size => o.training.per_device_train_batch_size,
             gradient_accumulation_steps => o.training.gradient_accumulation_steps,
             learning_rate => o.training.learning_rate, num_train_epochs => o.training.num_train_epochs,
@@ -400,7 +407,7 @@ pub fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> an
 
     // Train. Log lines go to stdout (one JSON object each); the progress bar to stderr.
     let started = Instant::now();
-    let collator = Collator::new(tok.pad_token_id);
+    let collator = Collator::new(tok.pad_token_id).with_padding_free(o.padding_free);
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

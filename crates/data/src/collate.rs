@@ -14,6 +14,8 @@ pub struct Collator {
     pub pad_token_id: u32,
     /// Round the padded length up to a multiple of this (`pad_to_multiple_of`); `None` = longest.
     pub pad_to_multiple_of: Option<usize>,
+    /// Padding-free batches: the examples back to back in one row (see [`Collator::pad`]).
+    pub padding_free: bool,
 }
 
 /// A padded batch as flat row-major `[batch, seq]` values, before it becomes tensors.
@@ -24,6 +26,9 @@ pub struct PaddedBatch {
     pub input_ids: Vec<i64>,
     pub attention_mask: Vec<i64>,
     pub labels: Vec<i64>,
+    /// Padding-free batches: the length of each sequence in the one row, in order (a trailing
+    /// run of padding, when rounded up to a multiple, counts as one more).
+    pub seq_lens: Option<Vec<usize>>,
 }
 
 /// Model inputs: `input_ids`, `attention_mask` and `labels`, each `[batch, seq]`.
@@ -32,6 +37,8 @@ pub struct Batch<B: Backend> {
     pub input_ids: Tensor<B, 2, Int>,
     pub attention_mask: Tensor<B, 2, Int>,
     pub labels: Tensor<B, 2, Int>,
+    /// `Some` for a padding-free batch (`batch` is then 1): the sequence lengths of the row.
+    pub seq_lens: Option<Vec<usize>>,
 }
 
 impl Collator {
@@ -39,7 +46,14 @@ impl Collator {
         Self {
             pad_token_id,
             pad_to_multiple_of: None,
+            padding_free: false,
         }
+    }
+
+    /// Padding-free batches on or off (off by default).
+    pub fn with_padding_free(mut self, on: bool) -> Self {
+        self.padding_free = on;
+        self
     }
 
     pub fn with_pad_to_multiple_of(mut self, m: Option<usize>) -> Self {
@@ -48,8 +62,15 @@ impl Collator {
     }
 
     /// Pads `examples` into flat rows. Panics on an empty batch (a caller bug, not bad data).
+    ///
+    /// Padding-free: one row of the examples back to back, `seq_lens` set, and each example's
+    /// first label -100 (its first token is never predicted in a padded batch either; in the row,
+    /// the position before it belongs to the previous example).
     pub fn pad(&self, examples: &[&Example]) -> PaddedBatch {
         assert!(!examples.is_empty(), "collating an empty batch");
+        if self.padding_free {
+            return self.pack(examples);
+        }
         let longest = examples
             .iter()
             .map(|e| e.input_ids.len())
@@ -66,6 +87,7 @@ impl Collator {
             input_ids: Vec::with_capacity(n),
             attention_mask: Vec::with_capacity(n),
             labels: Vec::with_capacity(n),
+            seq_lens: None,
         };
         for e in examples {
             let pad = seq - e.input_ids.len();
@@ -82,6 +104,45 @@ impl Collator {
         out
     }
 
+    fn pack(&self, examples: &[&Example]) -> PaddedBatch {
+        let mut seq_lens: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
+        let total: usize = seq_lens.iter().sum();
+        let seq = match self.pad_to_multiple_of {
+            Some(m) => total.div_ceil(m) * m,
+            None => total,
+        };
+        let mut out = PaddedBatch {
+            batch: 1,
+            seq,
+            input_ids: Vec::with_capacity(seq),
+            attention_mask: Vec::with_capacity(seq),
+            labels: Vec::with_capacity(seq),
+            seq_lens: None,
+        };
+        for e in examples {
+            out.input_ids
+                .extend(e.input_ids.iter().map(|&t| i64::from(t)));
+            out.attention_mask
+                .extend(e.attention_mask.iter().map(|&m| i64::from(m)));
+            let first = out.labels.len();
+            out.labels.extend_from_slice(&e.labels);
+            if let Some(l) = out.labels.get_mut(first) {
+                *l = IGNORE_INDEX;
+            }
+        }
+        if seq > total {
+            let pad = seq - total;
+            seq_lens.push(pad);
+            out.input_ids
+                .extend(std::iter::repeat_n(i64::from(self.pad_token_id), pad));
+            out.attention_mask.extend(std::iter::repeat_n(0, pad));
+            out.labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
+        }
+        seq_lens.retain(|&n| n > 0);
+        out.seq_lens = Some(seq_lens);
+        out
+    }
+
     /// Pads `examples` and uploads them as Int tensors on `device`.
     pub fn collate<B: Backend>(&self, examples: &[&Example], device: &B::Device) -> Batch<B> {
         let p = self.pad(examples);
@@ -91,6 +152,55 @@ impl Collator {
             input_ids: t(p.input_ids),
             attention_mask: t(p.attention_mask),
             labels: t(p.labels),
+            seq_lens: p.seq_lens,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(ids: &[u32], prompt: usize) -> Example {
+        Example {
+            input_ids: ids.to_vec(),
+            attention_mask: vec![1; ids.len()],
+            labels: ids
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| {
+                    if i < prompt {
+                        IGNORE_INDEX
+                    } else {
+                        i64::from(t)
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn padding_free_puts_examples_back_to_back() {
+        let (a, b) = (ex(&[5, 6, 7], 1), ex(&[8, 9], 0));
+        let p = Collator::new(0).with_padding_free(true).pad(&[&a, &b]);
+        assert_eq!((p.batch, p.seq), (1, 5));
+        assert_eq!(p.input_ids, [5, 6, 7, 8, 9]);
+        assert_eq!(p.attention_mask, [1; 5]);
+        // Each example's first label is never a target: b's 8 would be predicted from a's 7.
+        assert_eq!(p.labels, [-100, 6, 7, -100, 9]);
+        assert_eq!(p.seq_lens, Some(vec![3, 2]));
+
+        let p = Collator::new(0)
+            .with_padding_free(true)
+            .with_pad_to_multiple_of(Some(4))
+            .pad(&[&a, &b]);
+        assert_eq!(p.seq, 8);
+        assert_eq!(p.input_ids, [5, 6, 7, 8, 9, 0, 0, 0]);
+        assert_eq!(p.attention_mask, [1, 1, 1, 1, 1, 0, 0, 0]);
+        assert_eq!(p.labels, [-100, 6, 7, -100, 9, -100, -100, -100]);
+        assert_eq!(p.seq_lens, Some(vec![3, 2, 3]));
+
+        let padded = Collator::new(0).pad(&[&a, &b]);
+        assert_eq!((padded.batch, padded.seq, padded.seq_lens), (2, 3, None));
     }
 }

@@ -51,17 +51,15 @@ impl<B: Backend> Qwen2Attention<B> {
         }
     }
 
-    /// `x` `[batch, seq, hidden]`; `mask` `[batch, 1, seq, seq]` f32, `f32::MIN` where a key is
-    /// hidden and 0 elsewhere.
+    /// `x` `[batch, seq, hidden]`; `bias` says which keys each query sees ([`AttentionBias`]).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeCache<B>,
-        mask: &Tensor<B, 4>,
+        bias: &AttentionBias<B>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let dtype = x.dtype();
 
         // [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]
         let q = self
@@ -85,17 +83,53 @@ impl<B: Backend> Qwen2Attention<B> {
         let k = repeat_kv(k, nh / nkv);
         let v = repeat_kv(v, nh / nkv);
 
-        // [batch, heads, seq, seq], in f32.
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .cast(DType::F32)
-            .mul_scalar(1.0 / (d as f64).sqrt());
-        let scores = scores + mask.clone().expand([b, nh, s, s]);
-        let probs = softmax(scores, 3).cast(dtype);
+        let out = match bias {
+            AttentionBias::Dense(mask) => attend(q, k, v, mask),
+            AttentionBias::Packed(masks) => {
+                // Each sequence of the packed row attends within itself: no score is computed
+                // between two sequences.
+                let mut start = 0;
+                let mut parts = Vec::with_capacity(masks.len());
+                for mask in masks {
+                    let len = mask.dims()[3];
+                    let part = |t: &Tensor<B, 4>| t.clone().narrow(2, start, len);
+                    parts.push(attend(part(&q), part(&k), part(&v), mask));
+                    start += len;
+                }
+                Tensor::cat(parts, 2)
+            }
+        };
         // [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, nh * d]);
-        self.o_proj.forward(out)
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, nh * d]))
     }
+}
+
+/// Which keys each query may see, as additive f32 masks (`0` where visible, `f32::MIN` where hidden).
+#[derive(Clone, Debug)]
+pub enum AttentionBias<B: Backend> {
+    /// `[batch, 1, seq, seq]` for a batch of rows (causal and padding).
+    Dense(Tensor<B, 4>),
+    /// One row holding several sequences back to back (a padding-free batch): per sequence, in
+    /// order, its causal mask `[1, 1, len, len]`; the lengths add up to the row's length.
+    Packed(Vec<Tensor<B, 4>>),
+}
+
+/// `softmax(q·kᵀ/√d + mask)·v` with scores and softmax in f32: `[b, heads, s, d]` in and out.
+fn attend<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [b, nh, s, d] = q.dims();
+    let dtype = q.dtype();
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .cast(DType::F32)
+        .mul_scalar(1.0 / (d as f64).sqrt());
+    let scores = scores + mask.clone().expand([b, nh, s, s]);
+    softmax(scores, 3).cast(dtype).matmul(v)
 }
 
 /// HF `repeat_kv`: each key/value head serves `n_rep` consecutive query heads.

@@ -18,7 +18,7 @@ mod rope;
 mod sampling;
 mod save;
 
-pub use attention::Qwen2Attention;
+pub use attention::{AttentionBias, Qwen2Attention};
 pub use config::{Qwen2Config, RopeParameters, TokenIds};
 pub use error::Qwen2Error;
 pub use export::{export_weights, parse_size, ExportReport};

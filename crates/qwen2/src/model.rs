@@ -7,10 +7,10 @@
 use burn::module::{Initializer, Module};
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, DType, Int, Tensor};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use lora_core::LoraLinear;
 
-use crate::attention::Qwen2Attention;
+use crate::attention::{AttentionBias, Qwen2Attention};
 use crate::mlp::Qwen2Mlp;
 use crate::norm::Qwen2RmsNorm;
 use crate::rope::RopeCache;
@@ -45,12 +45,12 @@ impl<B: Backend> Qwen2DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RopeCache<B>,
-        mask: &Tensor<B, 4>,
+        bias: &AttentionBias<B>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask);
+                .forward(self.input_layernorm.forward(x), rope, bias);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -125,11 +125,66 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
                 .reshape([1, seq])
                 .expand([batch, seq])
         });
-        let mut x = self.model.embed_tokens.forward(input_ids);
+        let x = self.model.embed_tokens.forward(input_ids);
         let rope = RopeCache::new(position_ids, self.rope_theta, self.head_dim, x.dtype());
-        let mask = additive_mask(attention_mask_4d(attention_mask, batch, seq, &device));
+        let bias = AttentionBias::Dense(additive_mask(attention_mask_4d(
+            attention_mask,
+            batch,
+            seq,
+            &device,
+        )));
+        self.run_layers(x, &rope, &bias)
+    }
+
+    /// Final hidden states `[1, seq, hidden]` of a padding-free batch: `input_ids` `[1, seq]` holds
+    /// sequences of `seq_lens` back to back (they add up to `seq`). Each sequence gets positions
+    /// from 0 and attends only within itself, so its hidden states equal those of the same
+    /// sequence in a padded batch, without computing anything for padding.
+    pub fn forward_hidden_packed(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        seq_lens: &[usize],
+    ) -> Tensor<B, 3> {
+        let x = self.model.embed_tokens.forward(input_ids);
+        let (rope, bias) = self.packed_inputs(seq_lens, x.dtype(), &x.device());
+        self.run_layers(x, &rope, &bias)
+    }
+
+    /// Rotary tables and attention bias of a padding-free row of sequences of `seq_lens`.
+    pub fn packed_inputs(
+        &self,
+        seq_lens: &[usize],
+        dtype: DType,
+        device: &B::Device,
+    ) -> (RopeCache<B>, AttentionBias<B>) {
+        let seq: usize = seq_lens.iter().sum();
+        let positions: Vec<i64> = seq_lens.iter().flat_map(|&n| 0..n as i64).collect();
+        let positions =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [1, seq]), device);
+        let rope = RopeCache::new(positions, self.rope_theta, self.head_dim, dtype);
+        let mut by_len: Vec<(usize, Tensor<B, 4>)> = Vec::new();
+        let masks = seq_lens
+            .iter()
+            .map(|&n| match by_len.iter().find(|(m, _)| *m == n) {
+                Some((_, mask)) => mask.clone(),
+                None => {
+                    let mask = additive_mask(attention_mask_4d::<B>(None, 1, n, device));
+                    by_len.push((n, mask.clone()));
+                    mask
+                }
+            })
+            .collect();
+        (rope, AttentionBias::Packed(masks))
+    }
+
+    fn run_layers(
+        &self,
+        mut x: Tensor<B, 3>,
+        rope: &RopeCache<B>,
+        bias: &AttentionBias<B>,
+    ) -> Tensor<B, 3> {
         for layer in &self.model.layers {
-            x = layer.forward(x, &rope, &mask);
+            x = layer.forward(x, rope, bias);
         }
         self.model.norm.forward(x)
     }

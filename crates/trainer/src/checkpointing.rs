@@ -14,7 +14,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor};
 use lora_data::Batch;
-use qwen2::{additive_mask, attention_mask_4d, Qwen2ForCausalLM, RopeCache};
+use qwen2::{additive_mask, attention_mask_4d, AttentionBias, Qwen2ForCausalLM, RopeCache};
 
 use crate::train::qwen2_head_loss;
 
@@ -35,22 +35,28 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
 ) -> (f64, GradientsParams) {
     let device = batch.input_ids.device();
     let [b, s] = batch.input_ids.dims();
-    let positions = Tensor::<B, 1, Int>::arange(0..s as i64, &device)
-        .reshape([1, s])
-        .expand([b, s]);
     // The embedding table is frozen: its output needs no graph.
     let mut x = model
         .model
         .embed_tokens
         .forward(batch.input_ids.clone())
         .detach();
-    let rope = RopeCache::new(positions, model.rope_theta, model.head_dim, x.dtype());
-    let mask = additive_mask(attention_mask_4d(
-        Some(batch.attention_mask.clone()),
-        b,
-        s,
-        &device,
-    ));
+    let (rope, mask) = match &batch.seq_lens {
+        Some(lens) => model.packed_inputs(lens, x.dtype(), &device),
+        None => {
+            let positions = Tensor::<B, 1, Int>::arange(0..s as i64, &device)
+                .reshape([1, s])
+                .expand([b, s]);
+            let rope = RopeCache::new(positions, model.rope_theta, model.head_dim, x.dtype());
+            let mask = additive_mask(attention_mask_4d(
+                Some(batch.attention_mask.clone()),
+                b,
+                s,
+                &device,
+            ));
+            (rope, AttentionBias::Dense(mask))
+        }
+    };
 
     // Forward: keep only the layer inputs.
     let mut inputs = Vec::with_capacity(model.model.layers.len());

@@ -131,11 +131,7 @@ fn head_chunked_loss_and_grads<B: AutodiffBackend>(
     batch: &Batch<B>,
     norm: f64,
 ) -> (f64, GradientsParams) {
-    let hidden = model.forward_hidden(
-        batch.input_ids.clone(),
-        Some(batch.attention_mask.clone()),
-        None,
-    );
+    let hidden = batch_hidden(model, batch);
     let mut acc = GradientsAccumulator::<Qwen2ForCausalLM<B>>::new();
     let (value, surrogate) = qwen2_head_loss(model, hidden, batch.labels.clone(), norm, &mut acc);
     if let Some(surrogate) = surrogate {
@@ -147,13 +143,21 @@ fn head_chunked_loss_and_grads<B: AutodiffBackend>(
     (value, acc.grads())
 }
 
-impl<B: Backend> CausalLm<B> for Qwen2ForCausalLM<B> {
-    fn loss_sum(&self, batch: &Batch<B>) -> Tensor<B, 1> {
-        let hidden = self.forward_hidden(
+/// Final hidden states of `batch`: padded rows, or the one row of a padding-free batch.
+fn batch_hidden<B: Backend>(model: &Qwen2ForCausalLM<B>, batch: &Batch<B>) -> Tensor<B, 3> {
+    match &batch.seq_lens {
+        Some(lens) => model.forward_hidden_packed(batch.input_ids.clone(), lens),
+        None => model.forward_hidden(
             batch.input_ids.clone(),
             Some(batch.attention_mask.clone()),
             None,
-        );
+        ),
+    }
+}
+
+impl<B: Backend> CausalLm<B> for Qwen2ForCausalLM<B> {
+    fn loss_sum(&self, batch: &Batch<B>) -> Tensor<B, 1> {
+        let hidden = batch_hidden(self, batch);
         label_aware_loss_sum(hidden, batch.labels.clone(), |h| self.logits(h))
     }
 }
