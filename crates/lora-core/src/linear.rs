@@ -224,8 +224,10 @@ impl<B: Backend> LoraLinear<B> {
             None => xd,
         };
         // Rank-r side path: two thin GEMMs instead of a full-size `W + s·B·A`.
-        let low = matmul_t(xd, a); // [.., r]
-        let side = matmul_t(low, b).mul_scalar(self.scaling); // [.., out]
+        // The scaling multiplies the thin `[.., r]` product, not the `[.., out]` one (the same
+        // value, bit for bit when the scaling is a power of two, as alpha 32 / r 8 is).
+        let low = matmul_t(xd, a).mul_scalar(self.scaling); // [.., r]
+        let side = matmul_t(low, b); // [.., out]
         let side = if dtype == adapter_dtype {
             side
         } else {

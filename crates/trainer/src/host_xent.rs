@@ -131,6 +131,227 @@ fn exp_nonpositive(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// Rows of the output head's weight per block of [`fused_linear_xent`]: 256 × 896 f32 is 0.9 MB,
+/// so a block stays in a core's L2 cache between its two products.
+const VOCAB_BLOCK: usize = 256;
+
+/// Running softmax state of some vocabulary blocks (online softmax, as in flash attention).
+struct Partial {
+    /// Per row: the largest logit seen.
+    max: Vec<f32>,
+    /// Per row: `Σ exp(logit − max)` over the blocks seen.
+    sum: Vec<f32>,
+    /// `[rows, hidden]`: `Σ exp(logit_v − max) · w_v` over the blocks seen.
+    acc: Vec<f32>,
+    /// Per row: the target's logit, once its block is seen.
+    picked: Vec<f32>,
+}
+
+impl Partial {
+    fn new(rows: usize, hidden: usize) -> Self {
+        Self {
+            max: vec![f32::NEG_INFINITY; rows],
+            sum: vec![0.0; rows],
+            acc: vec![0.0; rows * hidden],
+            picked: vec![f32::NAN; rows],
+        }
+    }
+
+    /// Brings row `i` to the running maximum `m` (rescales its sum and accumulator).
+    fn rescale(&mut self, i: usize, m: f32, hidden: usize) {
+        if self.max[i] == m {
+            return;
+        }
+        let f = exp_nonpositive(self.max[i] - m);
+        self.sum[i] *= f;
+        for a in &mut self.acc[i * hidden..(i + 1) * hidden] {
+            *a *= f;
+        }
+        self.max[i] = m;
+    }
+
+    fn merge(mut self, mut other: Self, hidden: usize) -> Self {
+        for i in 0..self.max.len() {
+            let m = self.max[i].max(other.max[i]);
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            self.rescale(i, m, hidden);
+            other.rescale(i, m, hidden);
+            self.sum[i] += other.sum[i];
+            if self.picked[i].is_nan() {
+                self.picked[i] = other.picked[i];
+            }
+        }
+        for (a, b) in self.acc.iter_mut().zip(&other.acc) {
+            *a += b;
+        }
+        self
+    }
+}
+
+/// Loss sum and `d(loss / norm)/d(rows)` of softmax cross-entropy through a frozen linear head,
+/// without the `[rows, vocab]` logits: `rows` `[n, hidden]` and `weight` `[vocab, hidden]` row-major.
+///
+/// The vocabulary is walked in blocks of [`VOCAB_BLOCK`] rows of `weight`, in parallel. Each block's
+/// logits `rows · w_blockᵀ` are exponentiated against a running maximum and multiplied straight back
+/// by the same block (`Σ exp(logit_v − max) · w_v`) while it is in cache; at the end the gradient is
+/// `(Σ_v p_v · w_v − w_target) / norm` and each row's loss `max + ln Σ exp − logit[target]`.
+///
+/// Panics when a target lies outside `0..vocab` or the slices do not have the stated shapes.
+pub fn fused_linear_xent(
+    rows: &[f32],
+    weight: &[f32],
+    targets: &[i64],
+    hidden: usize,
+    norm: f32,
+) -> (f64, Vec<f32>) {
+    let n = targets.len();
+    assert!(hidden > 0 && rows.len() == n * hidden && weight.len() % hidden == 0);
+    let vocab = weight.len() / hidden;
+    let targets: Vec<usize> = targets
+        .iter()
+        .map(|&t| {
+            usize::try_from(t)
+                .ok()
+                .filter(|&t| t < vocab)
+                .unwrap_or_else(|| panic!("target {t} outside the vocabulary of {vocab}"))
+        })
+        .collect();
+    let blocks = vocab.div_ceil(VOCAB_BLOCK);
+    let total = (0..blocks)
+        .into_par_iter()
+        .fold(
+            || (Partial::new(n, hidden), vec![0f32; n * VOCAB_BLOCK]),
+            |(mut st, mut logits), b| {
+                let v0 = b * VOCAB_BLOCK;
+                let vb = VOCAB_BLOCK.min(vocab - v0);
+                let w = &weight[v0 * hidden..(v0 + vb) * hidden];
+                let l = &mut logits[..n * vb];
+                // SAFETY: `rows` is [n, hidden], `w` is [vb, hidden] (read as its transpose
+                // [hidden, vb]), `l` is [n, vb]; all row-major, strides as stated.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        vb,
+                        hidden,
+                        l.as_mut_ptr(),
+                        1,
+                        vb as isize,
+                        false,
+                        rows.as_ptr(),
+                        1,
+                        hidden as isize,
+                        w.as_ptr(),
+                        hidden as isize,
+                        1,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for (i, row) in l.chunks_exact_mut(vb).enumerate() {
+                    let t = targets[i];
+                    if (v0..v0 + vb).contains(&t) {
+                        st.picked[i] = row[t - v0];
+                    }
+                    let m = st.max[i].max(lane_max(row));
+                    st.rescale(i, m, hidden);
+                    st.sum[i] += exp_in_place(row, m);
+                }
+                // acc += exp(logits − max) · w_block
+                // SAFETY: `l` is [n, vb], `w` is [vb, hidden], `acc` is [n, hidden]; row-major.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        hidden,
+                        vb,
+                        st.acc.as_mut_ptr(),
+                        1,
+                        hidden as isize,
+                        true,
+                        l.as_ptr(),
+                        1,
+                        vb as isize,
+                        w.as_ptr(),
+                        1,
+                        hidden as isize,
+                        1.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                (st, logits)
+            },
+        )
+        .map(|(st, _)| st)
+        .reduce_with(|a, b| a.merge(b, hidden))
+        .expect("a vocabulary of at least one token");
+    let mut loss = 0f64;
+    let mut grad = total.acc;
+    for (i, g) in grad.chunks_exact_mut(hidden).enumerate() {
+        let scale = 1.0 / (total.sum[i] * norm);
+        let wt = &weight[targets[i] * hidden..(targets[i] + 1) * hidden];
+        for (x, &w) in g.iter_mut().zip(wt) {
+            *x = *x * scale - w / norm;
+        }
+        loss += f64::from(total.max[i]) + f64::from(total.sum[i]).ln() - f64::from(total.picked[i]);
+    }
+    (loss, grad)
+}
+
+/// `row[j] = exp(row[j] − max)`; returns their sum.
+fn exp_in_place(row: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { exp_in_place_avx512(row, max) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { exp_in_place_avx2(row, max) };
+        }
+    }
+    exp_in_place_generic(row, max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_in_place_avx512(row: &mut [f32], max: f32) -> f32 {
+    exp_in_place_generic(row, max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_in_place_avx2(row: &mut [f32], max: f32) -> f32 {
+    exp_in_place_generic(row, max)
+}
+
+#[inline(always)]
+fn exp_in_place_generic(row: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
+            *x = exp_nonpositive(*x - max);
+            *a += *x;
+        }
+    }
+    let mut sum: f32 = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp_nonpositive(*x - max);
+        sum += *x;
+    }
+    sum + acc.iter().sum::<f32>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,5 +413,47 @@ mod tests {
     fn target_outside_vocab_panics() {
         let mut l = vec![0f32; 8];
         softmax_xent_rows(&mut l, &[2, 4], 1.0);
+    }
+
+    #[test]
+    fn fused_head_equals_logits_then_softmax() {
+        let (n, hidden, vocab, norm) = (3usize, 7usize, 2 * VOCAB_BLOCK + 37, 5.0f32);
+        let mut s = 3u64;
+        let mut draw = |scale: f32| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        };
+        let rows: Vec<f32> = (0..n * hidden).map(|_| draw(4.0)).collect();
+        let weight: Vec<f32> = (0..vocab * hidden).map(|_| draw(4.0)).collect();
+        // Targets in the first, a middle and the last (partial) block.
+        let targets = [1i64, VOCAB_BLOCK as i64 + 5, vocab as i64 - 1];
+        let (loss, grad) = fused_linear_xent(&rows, &weight, &targets, hidden, norm);
+        let mut want_loss = 0f64;
+        for i in 0..n {
+            let x = &rows[i * hidden..(i + 1) * hidden];
+            let logits: Vec<f64> = (0..vocab)
+                .map(|v| {
+                    (0..hidden)
+                        .map(|h| x[h] as f64 * weight[v * hidden + h] as f64)
+                        .sum()
+                })
+                .collect();
+            let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+            let t = targets[i] as usize;
+            want_loss += m + z.ln() - logits[t];
+            for h in 0..hidden {
+                let mut g: f64 = (0..vocab)
+                    .map(|v| (logits[v] - m).exp() / z * weight[v * hidden + h] as f64)
+                    .sum();
+                g = (g - weight[t * hidden + h] as f64) / norm as f64;
+                let got = grad[i * hidden + h] as f64;
+                assert!((got - g).abs() < 1e-5, "row {i} dim {h}: {got} vs {g}");
+            }
+        }
+        assert!(
+            (loss - want_loss).abs() < 1e-5 * want_loss.abs(),
+            "{loss} vs {want_loss}"
+        );
     }
 }

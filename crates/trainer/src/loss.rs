@@ -198,6 +198,46 @@ pub fn chunked_head_loss<B: AutodiffBackend>(
     (value, Some((hs * dhs).sum()))
 }
 
+/// [`host_xent::fused_linear_xent`] when everything is f32 in Flex's own memory (the CPU path):
+/// `None` elsewhere.
+fn host_fused_head<B: Backend>(
+    rows: &Tensor<B, 2>,
+    targets: &Tensor<B, 1, Int>,
+    w: &Tensor<B, 2>,
+    norm: f64,
+) -> Option<(Tensor<B, 1>, Tensor<B, 2>)> {
+    use burn::tensor::TensorPrimitive;
+    use std::any::Any;
+    if !lora_core::is_host_backend::<B>() || rows.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        return None;
+    }
+    let [vocab, hidden] = w.dims();
+    let prim = match w.clone().into_primitive() {
+        TensorPrimitive::Float(p) => p,
+        TensorPrimitive::QFloat(_) => return None,
+    };
+    let flex = (&prim as &dyn Any).downcast_ref::<burn_flex::FlexTensor>()?;
+    let weight = flex.as_slice::<f32>()?;
+    if weight.len() != vocab * hidden {
+        return None;
+    }
+    let device = rows.device();
+    let x = rows.clone().into_data().convert::<f32>();
+    let t = targets.clone().into_data().convert::<i64>();
+    let (loss, grad) = host_xent::fused_linear_xent(
+        x.as_slice::<f32>().ok()?,
+        weight,
+        t.as_slice::<i64>().ok()?,
+        hidden,
+        norm as f32,
+    );
+    let n = grad.len() / hidden;
+    Some((
+        Tensor::from_data(TensorData::new(vec![loss as f32], [1]), &device),
+        Tensor::from_data(TensorData::new(grad, [n, hidden]), &device),
+    ))
+}
+
 /// Loss sum `[1]` and `d(loss / norm)/d(rows)` of one chunk through the linear head `w`
 /// `[vocab, hidden]`: softmax cross-entropy in f32, written out (see [`chunked_head_loss`]).
 fn linear_head_chunk<B: Backend>(
@@ -208,6 +248,9 @@ fn linear_head_chunk<B: Backend>(
 ) -> (Tensor<B, 1>, Tensor<B, 2>) {
     let len = rows.dims()[0];
     let dtype = rows.dtype();
+    if let Some(result) = host_fused_head(&rows, &targets, &w, norm) {
+        return result;
+    }
     let logits = rows.matmul(w.clone().transpose()).cast(DType::F32); // [len, vocab]
     if lora_core::is_host_backend::<B>() {
         // One fused pass per row on all cores, in the logits' own buffer.
