@@ -206,7 +206,7 @@ pub fn defaults() -> FinetuneOptions {
     o.training.learning_rate = 2e-3;
     o.training.per_device_train_batch_size = 8;
     o.training.gradient_accumulation_steps = 1;
-    o.training.max_steps = Some(150);
+    o.training.max_steps = Some(200);
     o.training.warmup_steps = 10;
     o.training.logging_steps = 10;
     o.training.save_steps = 50;

@@ -129,12 +129,14 @@ fn finetune_writes_a_reloadable_peft_adapter() {
     };
     let (base_eval, tuned_eval) = (eval(None), eval(Some(&out)));
 
-    // A config file, a flag overriding it, and --init-adapter continuing from the trained adapter.
+    // A config file (padded batches; the run above was padding-free, the CPU default), a flag
+    // overriding it, and --init-adapter continuing from the trained adapter.
     let cfg_file = tmp.path().join("run.toml");
     std::fs::write(
         &cfg_file,
         "max_steps = 1\nlearning_rate = 1e-3\nper_device_train_batch_size = 2\n\
-         gradient_checkpointing = true\nmax_length = 64\nsave_steps = 0\nlogging_steps = 1\n",
+         gradient_checkpointing = true\nmax_length = 64\nsave_steps = 0\nlogging_steps = 1\n\
+         padding_free = false\n",
     )
     .unwrap();
     let out2 = tmp.path().join("out2");
