@@ -6,7 +6,7 @@
 #
 #   python3 -m venv .venv && .venv/bin/pip install torch transformers peft
 #   cargo build --release -p xtask
-#   ROUNDS=2 bash scripts/cpu_side_by_side.sh
+#   ROUNDS=2 bash scripts/cpu_side_by_side.sh      (CHECKPOINTING=1 adds the checkpointed random runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${FERROLORA_SHARED_DATA:-../shared/data}
@@ -25,6 +25,10 @@ run() { # label, command...
 for _ in $(seq "$ROUNDS"); do
     run ours-random "$X" bench-train --size mini --steps 3
     run peft-random "$PY" "$BENCH/peft_baseline.py" --size mini --steps 3
+    if [ -n "${CHECKPOINTING:-}" ]; then
+        run ours-random-ckpt "$X" bench-train --size mini --steps 3 --checkpointing
+        run peft-random-ckpt "$PY" "$BENCH/peft_baseline.py" --size mini --steps 3 --checkpointing
+    fi
     run ours-real "$X" bench-train --size mini --steps 5 "${REAL[@]}"
     run ours-real-padded "$X" bench-train --size mini --steps 5 --padding-free false "${REAL[@]}"
     run peft-real "$PY" scripts/peft_bench_real.py --size mini --steps 5 "${REAL[@]}"
