@@ -187,3 +187,28 @@ fn read_jsonl_rejects_mismatched_lists_naming_the_line() {
     std::fs::write(&p, "").unwrap();
     assert!(matches!(read_jsonl(&p), Err(DataError::Empty { .. })));
 }
+
+#[test]
+fn padding_free_puts_examples_back_to_back() {
+    let (a, b) = (ex(&[5, 6, 7], 1), ex(&[8, 9], 0));
+    let p = Collator::new(0).with_padding_free(true).pad(&[&a, &b]);
+    assert_eq!((p.batch, p.seq), (1, 5));
+    assert_eq!(p.input_ids, [5, 6, 7, 8, 9]);
+    assert_eq!(p.attention_mask, [1; 5]);
+    // Each example's first label is never a target: b's 8 would be predicted from a's 7.
+    assert_eq!(p.labels, [-100, 6, 7, -100, 9]);
+    assert_eq!(p.seq_lens, Some(vec![3, 2]));
+
+    let p = Collator::new(0)
+        .with_padding_free(true)
+        .with_pad_to_multiple_of(Some(4))
+        .pad(&[&a, &b]);
+    assert_eq!(p.seq, 8);
+    assert_eq!(p.input_ids, [5, 6, 7, 8, 9, 0, 0, 0]);
+    assert_eq!(p.attention_mask, [1, 1, 1, 1, 1, 0, 0, 0]);
+    assert_eq!(p.labels, [-100, 6, 7, -100, 9, -100, -100, -100]);
+    assert_eq!(p.seq_lens, Some(vec![3, 2, 3]));
+
+    let padded = Collator::new(0).pad(&[&a, &b]);
+    assert_eq!((padded.batch, padded.seq, padded.seq_lens), (2, 3, None));
+}

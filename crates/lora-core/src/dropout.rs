@@ -9,6 +9,7 @@
 
 use std::any::TypeId;
 
+use burn::nn::Dropout;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use rayon::prelude::*;
@@ -16,15 +17,14 @@ use rayon::prelude::*;
 /// `x ⊙ mask / (1 − p)` with each mask element 1 with probability `1 − p`; `x` itself when
 /// autodiff is off (inference) or `p` is 0.
 pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
+    if !is_host_backend::<B>() {
+        return Dropout { prob: p }.forward(x);
+    }
     let device = x.device();
     if p <= 0.0 || !B::ad_enabled(&device) {
         return x;
     }
     let keep = 1.0 - p;
-    if !is_host_backend::<B>() {
-        let mask = x.random_like(Distribution::Bernoulli(keep));
-        return x * mask * (1.0 / keep);
-    }
     // A 64-bit key from the backend's generator: three uniform draws, 23 random bits each.
     let draws = Tensor::<B, 1>::random([3], Distribution::Default, &device)
         .into_data()

@@ -118,22 +118,36 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         attention_mask: Option<Tensor<B, 2, Int>>,
         position_ids: Option<Tensor<B, 2, Int>>,
     ) -> Tensor<B, 3> {
-        let device = input_ids.device();
         let [batch, seq] = input_ids.dims();
+        let x = self.model.embed_tokens.forward(input_ids);
+        let (rope, bias) = self.padded_inputs(
+            [batch, seq],
+            attention_mask,
+            position_ids,
+            x.dtype(),
+            &x.device(),
+        );
+        self.run_layers(x, &rope, &bias)
+    }
+
+    /// Rotary tables and attention bias of padded rows `[batch, seq]`; `attention_mask` and
+    /// `position_ids` as in [`Self::forward_hidden`].
+    pub fn padded_inputs(
+        &self,
+        [batch, seq]: [usize; 2],
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        position_ids: Option<Tensor<B, 2, Int>>,
+        dtype: DType,
+        device: &B::Device,
+    ) -> (RopeCache<B>, AttentionBias<B>) {
         let position_ids = position_ids.unwrap_or_else(|| {
-            Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
+            Tensor::<B, 1, Int>::arange(0..seq as i64, device)
                 .reshape([1, seq])
                 .expand([batch, seq])
         });
-        let x = self.model.embed_tokens.forward(input_ids);
-        let rope = RopeCache::new(position_ids, self.rope_theta, self.head_dim, x.dtype());
-        let bias = AttentionBias::Dense(additive_mask(attention_mask_4d(
-            attention_mask,
-            batch,
-            seq,
-            &device,
-        )));
-        self.run_layers(x, &rope, &bias)
+        let rope = RopeCache::new(position_ids, self.rope_theta, self.head_dim, dtype);
+        let mask = attention_mask_4d(attention_mask, batch, seq, device);
+        (rope, AttentionBias::Dense(additive_mask(mask)))
     }
 
     /// Final hidden states `[1, seq, hidden]` of a padding-free batch: `input_ids` `[1, seq]` holds

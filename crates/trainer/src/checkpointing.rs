@@ -12,9 +12,9 @@
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::Tensor;
 use lora_data::Batch;
-use qwen2::{additive_mask, attention_mask_4d, AttentionBias, Qwen2ForCausalLM, RopeCache};
+use qwen2::Qwen2ForCausalLM;
 
 use crate::train::qwen2_head_loss;
 
@@ -43,19 +43,13 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
         .detach();
     let (rope, mask) = match &batch.seq_lens {
         Some(lens) => model.packed_inputs(lens, x.dtype(), &device),
-        None => {
-            let positions = Tensor::<B, 1, Int>::arange(0..s as i64, &device)
-                .reshape([1, s])
-                .expand([b, s]);
-            let rope = RopeCache::new(positions, model.rope_theta, model.head_dim, x.dtype());
-            let mask = additive_mask(attention_mask_4d(
-                Some(batch.attention_mask.clone()),
-                b,
-                s,
-                &device,
-            ));
-            (rope, AttentionBias::Dense(mask))
-        }
+        None => model.padded_inputs(
+            [b, s],
+            Some(batch.attention_mask.clone()),
+            None,
+            x.dtype(),
+            &device,
+        ),
     };
 
     // Forward: keep only the layer inputs.

@@ -1,94 +1,12 @@
-//! Softmax cross-entropy over full-vocabulary rows on the host CPU, in place and on all cores.
-//!
-//! For the written-out head gradient, one chunk's logits `[rows, vocab]` become
-//! `(softmax − onehot(target)) / norm` in three passes per row (max; exponentials and their sum;
-//! scale), with each row's loss `max + ln Σexp − logit[target]` taken on the way. Burn's ops for the
-//! same (`max_dim`, `softmax`, `gather`, `scatter`) make about eight passes, most on one thread,
-//! over a chunk of 256 × 151,936 values.
+//! Softmax cross-entropy through a frozen linear output head on the host CPU, on all cores, without
+//! the `[rows, vocab]` logits ([`fused_linear_xent`]). Burn's ops for the same (`matmul`, `max_dim`,
+//! `softmax`, `gather`, `scatter`, `matmul`) make about eight passes, most on one thread, over a
+//! chunk's 256 × 151,936 logits.
 
 use rayon::prelude::*;
 
 /// Lanes of the reductions: independent accumulators the compiler keeps in vector registers.
 const LANES: usize = 16;
-
-/// Turns each row of `logits` (row-major `[targets.len(), vocab]`) into `(softmax(row) −
-/// onehot(target)) / norm` and returns the sum of the rows' losses `logsumexp(row) − row[target]`.
-///
-/// Panics when a target lies outside `0..vocab` (labels are checked against the vocabulary before
-/// training starts).
-pub fn softmax_xent_rows(logits: &mut [f32], targets: &[i64], norm: f32) -> f64 {
-    let rows = targets.len();
-    assert!(
-        rows > 0 && logits.len() % rows == 0,
-        "logits are not [rows, vocab]"
-    );
-    let vocab = logits.len() / rows;
-    logits
-        .par_chunks_mut(vocab)
-        .zip(targets.par_iter())
-        .map(|(row, &t)| {
-            let t = usize::try_from(t)
-                .ok()
-                .filter(|&t| t < vocab)
-                .unwrap_or_else(|| panic!("target {t} outside the vocabulary of {vocab}"));
-            row_kernel(row, t, norm)
-        })
-        .sum()
-}
-
-fn row_kernel(row: &mut [f32], target: usize, norm: f32) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { row_avx512(row, target, norm) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            return unsafe { row_avx2(row, target, norm) };
-        }
-    }
-    row_generic(row, target, norm)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn row_avx512(row: &mut [f32], target: usize, norm: f32) -> f64 {
-    row_generic(row, target, norm)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_avx2(row: &mut [f32], target: usize, norm: f32) -> f64 {
-    row_generic(row, target, norm)
-}
-
-#[inline(always)]
-fn row_generic(row: &mut [f32], target: usize, norm: f32) -> f64 {
-    let picked = row[target];
-    let max = lane_max(row);
-    // Exponentials in place and their sum.
-    let mut acc = [0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
-            *x = exp_nonpositive(*x - max);
-            *a += *x;
-        }
-    }
-    let mut sum: f32 = 0.0;
-    for x in chunks.into_remainder() {
-        *x = exp_nonpositive(*x - max);
-        sum += *x;
-    }
-    let sum = sum + acc.iter().sum::<f32>();
-    let scale = 1.0 / (sum * norm);
-    for x in row.iter_mut() {
-        *x *= scale;
-    }
-    row[target] -= 1.0 / norm;
-    f64::from(max) + f64::from(sum).ln() - f64::from(picked)
-}
 
 #[inline(always)]
 fn lane_max(row: &[f32]) -> f32 {
@@ -135,6 +53,9 @@ fn exp_nonpositive(x: f32) -> f32 {
 /// so a block stays in a core's L2 cache between its two products.
 const VOCAB_BLOCK: usize = 256;
 
+/// Blocks per parallel task of [`fused_linear_xent`] (a fixed grouping: see there).
+const GROUP_BLOCKS: usize = 32;
+
 /// Running softmax state of some vocabulary blocks (online softmax, as in flash attention).
 struct Partial {
     /// Per row: the largest logit seen.
@@ -168,6 +89,72 @@ impl Partial {
             *a *= f;
         }
         self.max[i] = m;
+    }
+
+    /// Adds one vocabulary block: `w` `[vb, hidden]` holds the head's rows from `v0`; `l` is scratch
+    /// for the block's logits `[n, vb]`.
+    fn add_block(&mut self, rows: &[f32], w: &[f32], v0: usize, targets: &[usize], l: &mut [f32]) {
+        let (n, hidden) = (self.max.len(), rows.len() / self.max.len());
+        let vb = w.len() / hidden;
+        // SAFETY: `rows` is [n, hidden], `w` is [vb, hidden] (read as its transpose
+        // [hidden, vb]), `l` is [n, vb]; all row-major, strides as stated.
+        unsafe {
+            gemm::gemm(
+                n,
+                vb,
+                hidden,
+                l.as_mut_ptr(),
+                1,
+                vb as isize,
+                false,
+                rows.as_ptr(),
+                1,
+                hidden as isize,
+                w.as_ptr(),
+                hidden as isize,
+                1,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (i, row) in l.chunks_exact_mut(vb).enumerate() {
+            let t = targets[i];
+            if (v0..v0 + vb).contains(&t) {
+                self.picked[i] = row[t - v0];
+            }
+            let m = self.max[i].max(lane_max(row));
+            self.rescale(i, m, hidden);
+            self.sum[i] += exp_in_place(row, m);
+        }
+        // acc += exp(logits − max) · w_block
+        // SAFETY: `l` is [n, vb], `w` is [vb, hidden], `acc` is [n, hidden]; row-major.
+        unsafe {
+            gemm::gemm(
+                n,
+                hidden,
+                vb,
+                self.acc.as_mut_ptr(),
+                1,
+                hidden as isize,
+                true,
+                l.as_ptr(),
+                1,
+                vb as isize,
+                w.as_ptr(),
+                1,
+                hidden as isize,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
     }
 
     fn merge(mut self, mut other: Self, hidden: usize) -> Self {
@@ -218,80 +205,26 @@ pub fn fused_linear_xent(
                 .unwrap_or_else(|| panic!("target {t} outside the vocabulary of {vocab}"))
         })
         .collect();
+    // Blocks are grouped in a fixed way and the groups merged in order, so the sums do not depend on
+    // how rayon splits the work: the same inputs give the same bits (exact resume relies on it).
     let blocks = vocab.div_ceil(VOCAB_BLOCK);
-    let total = (0..blocks)
+    let groups: Vec<Partial> = (0..blocks.div_ceil(GROUP_BLOCKS))
         .into_par_iter()
-        .fold(
-            || (Partial::new(n, hidden), vec![0f32; n * VOCAB_BLOCK]),
-            |(mut st, mut logits), b| {
+        .map(|g| {
+            let mut st = Partial::new(n, hidden);
+            let mut logits = vec![0f32; n * VOCAB_BLOCK];
+            for b in g * GROUP_BLOCKS..blocks.min((g + 1) * GROUP_BLOCKS) {
                 let v0 = b * VOCAB_BLOCK;
                 let vb = VOCAB_BLOCK.min(vocab - v0);
                 let w = &weight[v0 * hidden..(v0 + vb) * hidden];
-                let l = &mut logits[..n * vb];
-                // SAFETY: `rows` is [n, hidden], `w` is [vb, hidden] (read as its transpose
-                // [hidden, vb]), `l` is [n, vb]; all row-major, strides as stated.
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        vb,
-                        hidden,
-                        l.as_mut_ptr(),
-                        1,
-                        vb as isize,
-                        false,
-                        rows.as_ptr(),
-                        1,
-                        hidden as isize,
-                        w.as_ptr(),
-                        hidden as isize,
-                        1,
-                        0.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                for (i, row) in l.chunks_exact_mut(vb).enumerate() {
-                    let t = targets[i];
-                    if (v0..v0 + vb).contains(&t) {
-                        st.picked[i] = row[t - v0];
-                    }
-                    let m = st.max[i].max(lane_max(row));
-                    st.rescale(i, m, hidden);
-                    st.sum[i] += exp_in_place(row, m);
-                }
-                // acc += exp(logits − max) · w_block
-                // SAFETY: `l` is [n, vb], `w` is [vb, hidden], `acc` is [n, hidden]; row-major.
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        hidden,
-                        vb,
-                        st.acc.as_mut_ptr(),
-                        1,
-                        hidden as isize,
-                        true,
-                        l.as_ptr(),
-                        1,
-                        vb as isize,
-                        w.as_ptr(),
-                        1,
-                        hidden as isize,
-                        1.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                (st, logits)
-            },
-        )
-        .map(|(st, _)| st)
-        .reduce_with(|a, b| a.merge(b, hidden))
+                st.add_block(rows, w, v0, &targets, &mut logits[..n * vb]);
+            }
+            st
+        })
+        .collect();
+    let total = groups
+        .into_iter()
+        .reduce(|a, b| a.merge(b, hidden))
         .expect("a vocabulary of at least one token");
     let mut loss = 0f64;
     let mut grad = total.acc;
@@ -371,48 +304,9 @@ mod tests {
     }
 
     #[test]
-    fn rows_equal_the_reference_softmax_cross_entropy() {
-        let (rows, vocab, norm) = (5, 1003, 7.0f32);
-        let mut s = 9u64;
-        let logits: Vec<f32> = (0..rows * vocab)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 30.0
-            })
-            .collect();
-        let targets = [0i64, 1002, 17, 500, 3];
-        let mut got = logits.clone();
-        let loss = softmax_xent_rows(&mut got, &targets, norm);
-        let mut want_loss = 0f64;
-        for (r, &t) in targets.iter().enumerate() {
-            let row: Vec<f64> = logits[r * vocab..(r + 1) * vocab]
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
-            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
-            want_loss += m + z.ln() - row[t as usize];
-            for (j, v) in row.iter().enumerate() {
-                let p = (v - m).exp() / z - if j == t as usize { 1.0 } else { 0.0 };
-                let g = got[r * vocab + j] as f64;
-                assert!(
-                    (g - p / norm as f64).abs() < 1e-7,
-                    "row {r} col {j}: {g} vs {}",
-                    p / norm as f64
-                );
-            }
-        }
-        assert!(
-            (loss - want_loss).abs() < 1e-5 * want_loss.abs(),
-            "{loss} vs {want_loss}"
-        );
-    }
-
-    #[test]
     #[should_panic(expected = "outside the vocabulary")]
     fn target_outside_vocab_panics() {
-        let mut l = vec![0f32; 8];
-        softmax_xent_rows(&mut l, &[2, 4], 1.0);
+        fused_linear_xent(&[0.0; 2], &[0.0; 4], &[2, 4], 1, 1.0); // vocabulary of 4
     }
 
     #[test]

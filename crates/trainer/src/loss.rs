@@ -211,16 +211,13 @@ fn host_fused_head<B: Backend>(
     if !lora_core::is_host_backend::<B>() || rows.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return None;
     }
-    let [vocab, hidden] = w.dims();
+    let hidden = w.dims()[1];
     let prim = match w.clone().into_primitive() {
         TensorPrimitive::Float(p) => p,
         TensorPrimitive::QFloat(_) => return None,
     };
     let flex = (&prim as &dyn Any).downcast_ref::<burn_flex::FlexTensor>()?;
     let weight = flex.as_slice::<f32>()?;
-    if weight.len() != vocab * hidden {
-        return None;
-    }
     let device = rows.device();
     let x = rows.clone().into_data().convert::<f32>();
     let t = targets.clone().into_data().convert::<i64>();
@@ -231,10 +228,9 @@ fn host_fused_head<B: Backend>(
         hidden,
         norm as f32,
     );
-    let n = grad.len() / hidden;
     Some((
         Tensor::from_data(TensorData::new(vec![loss as f32], [1]), &device),
-        Tensor::from_data(TensorData::new(grad, [n, hidden]), &device),
+        Tensor::from_data(TensorData::new(grad, [rows.dims()[0], hidden]), &device),
     ))
 }
 
@@ -252,19 +248,6 @@ fn linear_head_chunk<B: Backend>(
         return result;
     }
     let logits = rows.matmul(w.clone().transpose()).cast(DType::F32); // [len, vocab]
-    if lora_core::is_host_backend::<B>() {
-        // One fused pass per row on all cores, in the logits' own buffer.
-        let device = logits.device();
-        let targets = targets.into_data().convert::<i64>();
-        let targets = targets.as_slice::<i64>().expect("i64 after convert");
-        let mut data = logits.into_data();
-        let slice = data.as_mut_slice::<f32>().expect("f32 logits");
-        let loss = host_xent::softmax_xent_rows(slice, targets, norm as f32);
-        let dlogits = Tensor::<B, 2>::from_data(data, &device);
-        let loss = Tensor::<B, 1>::from_data(TensorData::new(vec![loss as f32], [1]), &device);
-        // The written-out path returns raw sums; `1/norm` is already inside `dlogits`.
-        return (loss, dlogits.cast(dtype).matmul(w));
-    }
     let t = targets.unsqueeze_dim::<2>(1); // [len, 1]
     let picked = logits.clone().gather(1, t.clone());
     let max = logits.clone().max_dim(1);

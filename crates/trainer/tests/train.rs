@@ -10,7 +10,9 @@ use lora_trainer::{train, TrainError, TrainEvent, TrainingArguments};
 use qwen2::Qwen2ForCausalLM;
 
 mod common;
-use common::{compare_adapter_grads, examples, fixture, model, rng_lock, toy_example, Ad};
+use common::{
+    compare_adapter_grads, examples, fixture, max_rel_err, model, rng_lock, toy_example, Ad,
+};
 
 fn lora_cfg(dropout: f64) -> LoraConfig {
     LoraConfig {
@@ -357,12 +359,7 @@ fn ten_steps_match_pytorch_reference_loop() {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        let scale = r.iter().fold(0f32, |a, x| a.max(x.abs()));
-        let err = v
-            .iter()
-            .zip(&r)
-            .fold(0f32, |a, (x, y)| a.max((x - y).abs()))
-            / scale;
+        let err = max_rel_err(&r, &v);
         assert!(
             err <= FINAL_WEIGHT_REL_TOL,
             "{path}: final weights differ by {err:e} (relative)"

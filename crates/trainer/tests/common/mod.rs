@@ -66,6 +66,15 @@ pub fn examples(n: usize) -> Vec<Example> {
         .collect()
 }
 
+/// Largest `|want − got|` relative to the largest `|want|`.
+pub fn max_rel_err(want: &[f32], got: &[f32]) -> f32 {
+    let scale = want.iter().fold(0f32, |s, x| s.max(x.abs())).max(1e-12);
+    want.iter()
+        .zip(got)
+        .fold(0f32, |s, (x, y)| s.max((x - y).abs()))
+        / scale
+}
+
 /// Removes every adapter gradient of `m` from `want` and `got` and asserts each pair agrees within
 /// `tol` relative to the largest `want` entry (`what` names the comparison in failures). Returns
 /// the number compared and the worst relative difference.
@@ -85,13 +94,7 @@ pub fn compare_adapter_grads(
                 .unwrap_or_else(|| panic!("no gradient for {path}"));
             t.into_data().to_vec::<f32>().unwrap()
         };
-        let (a, b) = (take(want), take(got));
-        let scale = a.iter().fold(0f32, |s, x| s.max(x.abs())).max(1e-12);
-        let err = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |s, (x, y)| s.max((x - y).abs()))
-            / scale;
+        let err = max_rel_err(&take(want), &take(got));
         assert!(
             err <= tol,
             "{path}: {what} gradient differs by {err:e} (relative)"
