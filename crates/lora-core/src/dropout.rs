@@ -24,27 +24,38 @@ pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B,
     if p <= 0.0 || !B::ad_enabled(&device) {
         return x;
     }
-    let keep = 1.0 - p;
-    // A 64-bit key from the backend's generator: three uniform draws, 23 random bits each.
-    let draws = Tensor::<B, 1>::random([3], Distribution::Default, &device)
-        .into_data()
-        .convert::<f32>();
-    let key = draws
-        .as_slice::<f32>()
-        .expect("f32 data")
-        .iter()
-        .fold(0x9E37_79B9_7F4A_7C15u64, |k, v| {
-            mix(k ^ u64::from(v.to_bits()))
-        });
+    keyed_dropout(x, draw_key::<B>(&device), 1.0 - p)
+}
+
+/// `x ⊙ mask` with the host mask of `key` ([`keep_mask`]).
+pub(crate) fn keyed_dropout<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    key: u64,
+    keep: f64,
+) -> Tensor<B, D> {
     let shape = x.shape();
     let mask = keep_mask(key, shape.num_elements(), keep);
-    let mask = Tensor::<B, D>::from_data(TensorData::new(mask, shape), &device);
+    let mask = Tensor::<B, D>::from_data(TensorData::new(mask, shape), &x.device());
     let mask = if x.dtype() == mask.dtype() {
         mask
     } else {
         mask.cast(x.dtype())
     };
     x * mask
+}
+
+/// A 64-bit key from the backend's seeded generator: three uniform draws, 23 random bits each.
+pub(crate) fn draw_key<B: Backend>(device: &B::Device) -> u64 {
+    let draws = Tensor::<B, 1>::random([3], Distribution::Default, device)
+        .into_data()
+        .convert::<f32>();
+    draws
+        .as_slice::<f32>()
+        .expect("f32 data")
+        .iter()
+        .fold(0x9E37_79B9_7F4A_7C15u64, |k, v| {
+            mix(k ^ u64::from(v.to_bits()))
+        })
 }
 
 /// Whether `B` computes on the host CPU (Flex, also under `Autodiff`), where a kernel written in
@@ -62,7 +73,7 @@ fn mix(mut z: u64) -> u64 {
 
 /// `n` values, each `1 / keep` with probability `keep` and 0 otherwise; element `i` depends only on
 /// `key` and `i` (two elements per hash, 32 bits each), so the result does not depend on threads.
-fn keep_mask(key: u64, n: usize, keep: f64) -> Vec<f32> {
+pub(crate) fn keep_mask(key: u64, n: usize, keep: f64) -> Vec<f32> {
     const CHUNK: usize = 1 << 16;
     // P(u < threshold) = keep for u uniform on [0, 2^32).
     let threshold = (keep * 4_294_967_296.0).round().min(4_294_967_295.0) as u64;

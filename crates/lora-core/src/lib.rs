@@ -13,6 +13,7 @@ mod adapter;
 mod config;
 mod dropout;
 mod error;
+mod host;
 mod linear;
 mod target;
 
@@ -27,6 +28,7 @@ pub use adapter::{
 pub use config::{InitLoraWeights, LayerSelector, LoraConfig, ModuleSelector, TUTORIAL_TARGETS};
 pub use dropout::{dropout, is_host_backend};
 pub use error::{is_storage_full, LoraError};
+pub use host::host_kernels_enabled;
 pub use linear::{matmul_t, param_id, LoraLinear, LoraWeight};
 pub use target::{apply_lora, is_targeted, merge_all, unmerge_all, LoraModel, LoraReport};
 

@@ -11,7 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 
 use crate::config::InitLoraWeights;
-use crate::dropout::dropout;
+use crate::dropout::{draw_key, dropout, is_host_backend, keyed_dropout};
 use crate::error::LoraError;
 
 /// One LoRA factor; its parameter path ends in `lora_A.weight` / `lora_B.weight`, as in PEFT.
@@ -206,7 +206,44 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// `x·Wᵀ + b + scaling · (dropout(x)·Aᵀ)·Bᵀ`; the base alone when no adapter is attached.
+    ///
+    /// Training on the CPU (`Autodiff<Flex>`, f32, frozen base) runs this as one operation with its
+    /// own backward, on all cores (see `host.rs`); everything else runs [`Self::forward_reference`].
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let key = self.dropout_key(&x.device());
+        if crate::host::applies(self, x.dtype()) {
+            crate::host::forward(self, x, key)
+        } else {
+            self.forward_burn(x, key)
+        }
+    }
+
+    /// Whether [`Self::forward`] runs the host operation for an input of `dtype`: on
+    /// `Autodiff<Flex>`, all in f32, with a frozen base, unless `FERROLORA_HOST_KERNELS=0`.
+    pub fn runs_on_host(&self, dtype: burn::tensor::DType) -> bool {
+        crate::host::applies(self, dtype)
+    }
+
+    /// [`Self::forward`] written with Burn ops, on any backend: the definition the host operation
+    /// is tested against.
+    pub fn forward_reference<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let key = self.dropout_key(&x.device());
+        self.forward_burn(x, key)
+    }
+
+    /// On the host under autodiff, the key of this call's dropout mask, drawn from the backend's
+    /// generator ([`dropout`]); drawn before anything else of the call, whichever path runs.
+    fn dropout_key(&self, device: &B::Device) -> Option<u64> {
+        let p = self.lora_dropout.as_ref()?.prob;
+        (self.has_adapter()
+            && !self.merged
+            && p > 0.0
+            && is_host_backend::<B>()
+            && B::ad_enabled(device))
+        .then(|| draw_key::<B>(device))
+    }
+
+    fn forward_burn<const D: usize>(&self, x: Tensor<B, D>, key: Option<u64>) -> Tensor<B, D> {
         let (Some(a), Some(b), false) = (&self.lora_A, &self.lora_B, self.merged) else {
             return self.forward_base(x);
         };
@@ -219,9 +256,10 @@ impl<B: Backend> LoraLinear<B> {
         } else {
             x.clone().cast(adapter_dtype)
         };
-        let xd = match &self.lora_dropout {
-            Some(d) => dropout(xd, d.prob),
-            None => xd,
+        let xd = match (&self.lora_dropout, key) {
+            (Some(d), Some(key)) => keyed_dropout(xd, key, 1.0 - d.prob),
+            (Some(d), None) if !is_host_backend::<B>() => dropout(xd, d.prob),
+            _ => xd,
         };
         // Rank-r side path: two thin GEMMs instead of a full-size `W + s·B·A`.
         // The scaling multiplies the thin `[.., r]` product, not the `[.., out]` one (the same

@@ -61,24 +61,16 @@ impl<B: Backend> Qwen2Attention<B> {
         let [b, s, _] = x.dims();
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
 
-        // [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, s, nh, d])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, s, nkv, d])
-            .swap_dims(1, 2);
+        // [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim], rotated
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, nh, d]);
+        let q = rope.apply_bshd(q).swap_dims(1, 2);
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, nkv, d]);
+        let k = rope.apply_bshd(k).swap_dims(1, 2);
         let v = self
             .v_proj
             .forward(x)
             .reshape([b, s, nkv, d])
             .swap_dims(1, 2);
-        let q = rope.apply(q);
-        let k = rope.apply(k);
         // [batch, kv_heads, seq, head_dim] -> [batch, heads, seq, head_dim]
         let k = repeat_kv(k, nh / nkv);
         let v = repeat_kv(v, nh / nkv);

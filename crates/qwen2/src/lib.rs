@@ -10,6 +10,7 @@ mod config;
 mod error;
 mod export;
 mod generate;
+mod host;
 mod load;
 mod mlp;
 mod model;
@@ -23,6 +24,7 @@ pub use config::{Qwen2Config, RopeParameters, TokenIds};
 pub use error::Qwen2Error;
 pub use export::{export_weights, parse_size, ExportReport};
 pub use generate::{generate, generate_cached, Generation, KvCache, StopReason};
+pub use host::swiglu;
 pub use load::{
     load_model, load_safetensors_into, parameter_shapes, resolve_model_dir, weight_files,
     LoadReport, LoadedModel,

@@ -57,6 +57,17 @@ impl<B: Backend> RopeCache<B> {
     }
 }
 
+impl<B: Backend> RopeCache<B> {
+    /// [`Self::apply`] for `x` in `[batch, seq, heads, head_dim]` order (the projections' own
+    /// layout, before heads are moved forward); on the CPU training path one fused operation.
+    pub fn apply_bshd(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        match crate::host::rope_bshd(&x, &self.cos, &self.sin) {
+            Some(y) => y,
+            None => self.apply(x.swap_dims(1, 2)).swap_dims(1, 2),
+        }
+    }
+}
+
 /// `cat(-x[..., d/2:], x[..., :d/2])`.
 fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let d = x.dims()[3];

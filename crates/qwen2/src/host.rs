@@ -1,0 +1,355 @@
+//! Fused element-wise operations with their own backward for training on the host CPU
+//! (`Autodiff<Flex>`, f32), on all cores. Written with Burn ops they are several single-threaded
+//! passes each, forward and backward; the Burn-ops form stays the definition (and the path of every
+//! other backend and dtype), and the fused form computes the same expressions in the same order, so
+//! the two agree bit for bit (tested).
+
+use std::any::{Any, TypeId};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+type Ad = Autodiff<Flex>;
+
+/// Elements per parallel task.
+const CHUNK: usize = 1 << 14;
+
+/// `t` as the same value of type `U`, when `T` and `U` are the same type.
+fn same_type<T: 'static, U: 'static>(t: T) -> Option<U> {
+    if TypeId::of::<T>() != TypeId::of::<U>() {
+        return None;
+    }
+    (Box::new(t) as Box<dyn Any>)
+        .downcast::<U>()
+        .ok()
+        .map(|b| *b)
+}
+
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32 tensor")
+}
+
+/// Flex's sigmoid, so that the fused form equals Burn's `sigmoid` bit for bit.
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// `silu(gate) · up` (SwiGLU), as `burn::tensor::activation::silu(gate) * up`.
+pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    if TypeId::of::<B>() != TypeId::of::<Ad>()
+        || !lora_core::host_kernels_enabled()
+        || gate.dtype() != DType::F32
+        || up.dtype() != DType::F32
+        || gate.dims() != up.dims()
+    {
+        return silu(gate) * up;
+    }
+    let shape = gate.shape();
+    let prim = |t: Tensor<B, D>| {
+        same_type::<_, Tensor<Ad, D>>(t)
+            .expect("checked above")
+            .into_primitive()
+            .tensor()
+    };
+    let (g, u) = (prim(gate), prim(up));
+    let (gp, up_) = (
+        contiguous(g.primitive.clone()),
+        contiguous(u.primitive.clone()),
+    );
+    let mut h = vec![0f32; gp.layout().num_elements()];
+    h.par_chunks_mut(CHUNK)
+        .zip(
+            slice(&gp)
+                .par_chunks(CHUNK)
+                .zip(slice(&up_).par_chunks(CHUNK)),
+        )
+        .for_each(|(h, (g, u))| {
+            for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+                *h = g * sigmoid(g) * u;
+            }
+        });
+    let h = FlexTensor::from_data(TensorData::new(h, shape));
+    let out = match <SwiGlu as Backward<Flex, 2>>::prepare::<NoCheckpointing>(
+        SwiGlu,
+        [g.node.clone(), u.node.clone()],
+    )
+    .compute_bound()
+    .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((gp, up_), h),
+        OpsKind::UnTracked(prep) => prep.finish(h),
+    };
+    same_type(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out))).expect("checked above")
+}
+
+#[derive(Debug)]
+struct SwiGlu;
+
+impl Backward<Flex, 2> for SwiGlu {
+    /// `(gate, up)`, contiguous.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let gh = contiguous(grads.consume::<Flex>(&ops.node));
+        let (gate, up) = ops.state;
+        let shape = gate.layout().shape().clone();
+        let n = shape.num_elements();
+        let mut gg = vec![0f32; n];
+        let mut gu = vec![0f32; n];
+        // The chain of the Burn ops: h = a·u, a = g·s, s = sigmoid(g).
+        gg.par_chunks_mut(CHUNK)
+            .zip(gu.par_chunks_mut(CHUNK))
+            .zip(slice(&gh).par_chunks(CHUNK))
+            .zip(
+                slice(&gate)
+                    .par_chunks(CHUNK)
+                    .zip(slice(&up).par_chunks(CHUNK)),
+            )
+            .for_each(|(((gg, gu), gh), (g, u))| {
+                for i in 0..gg.len() {
+                    let (d, g, u) = (gh[i], g[i], u[i]);
+                    let s = sigmoid(g);
+                    let da = d * u;
+                    gg[i] = da * s + da * g * s * (1.0 - s);
+                    gu[i] = d * (g * s);
+                }
+            });
+        let mut out = [gg, gu].into_iter();
+        for parent in &ops.parents {
+            let g = out.next().expect("two gradients");
+            if let Some(node) = parent {
+                grads.register::<Flex>(
+                    node.id,
+                    FlexTensor::from_data(TensorData::new(g, shape.clone())),
+                );
+            }
+        }
+    }
+}
+
+/// Rotary embedding of `x` `[batch, seq, heads, head_dim]` with tables `cos`, `sin`
+/// `[1 or batch, 1, seq, head_dim]`: `x·cos + rotate_half(x)·sin` per head, as
+/// [`RopeCache::apply`](crate::RopeCache::apply) computes it in `[batch, heads, seq, head_dim]`
+/// order; `None` off the host path. The backward needs only the tables.
+pub(crate) fn rope_bshd<B: Backend>(
+    x: &Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Option<Tensor<B, 4>> {
+    if TypeId::of::<B>() != TypeId::of::<Ad>()
+        || !lora_core::host_kernels_enabled()
+        || [x.dtype(), cos.dtype(), sin.dtype()] != [DType::F32; 3]
+    {
+        return None;
+    }
+    let [b, s, _, d] = x.dims();
+    let [tb, _, ts, td] = cos.dims();
+    if d % 2 != 0 || ts != s || td != d || !(tb == 1 || tb == b) || sin.dims() != cos.dims() {
+        return None;
+    }
+    let table = |t: &Tensor<B, 4>| {
+        contiguous(
+            same_type::<_, Tensor<Ad, 4>>(t.clone())
+                .expect("checked above")
+                .into_primitive()
+                .tensor()
+                .primitive,
+        )
+    };
+    let (cos, sin) = (table(cos), table(sin));
+    let shape = x.shape();
+    let x = same_type::<_, Tensor<Ad, 4>>(x.clone())
+        .expect("checked above")
+        .into_primitive()
+        .tensor();
+    let xp = contiguous(x.primitive.clone());
+    let y = rotate(
+        slice(&xp),
+        slice(&cos),
+        slice(&sin),
+        [b, s, d],
+        tb > 1,
+        false,
+    );
+    let y = FlexTensor::from_data(TensorData::new(y, shape));
+    let out = match <Rope as Backward<Flex, 1>>::prepare::<NoCheckpointing>(Rope, [x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((cos, sin, tb > 1), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    same_type(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// Rows of `d` values at `[batch, seq, heads]`, rotated: forward `x·c + rotate_half(x)·s`, or
+/// (`transpose`) its adjoint `g·c + rotate_halfᵀ(g·s)`, with `rotate_half(x) = (−x₂, x₁)` and
+/// `rotate_halfᵀ(z) = (z₂, −z₁)`.
+fn rotate(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    [b, s, d]: [usize; 3],
+    per_batch: bool,
+    transpose: bool,
+) -> Vec<f32> {
+    let half = d / 2;
+    let mut y = vec![0f32; x.len()];
+    let per_pos = x.len() / (b * s); // heads · d
+    y.par_chunks_mut(per_pos)
+        .zip(x.par_chunks(per_pos))
+        .enumerate()
+        .for_each(|(pos, (y, x))| {
+            let (bi, si) = (pos / s, pos % s);
+            let t = (if per_batch { bi * s } else { 0 } + si) * d;
+            let (c, sn) = (&cos[t..t + d], &sin[t..t + d]);
+            for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                for j in 0..half {
+                    if transpose {
+                        y[j] = x[j] * c[j] + x[j + half] * sn[j + half];
+                        y[j + half] = x[j + half] * c[j + half] + -(x[j] * sn[j]);
+                    } else {
+                        y[j] = x[j] * c[j] + -x[j + half] * sn[j];
+                        y[j + half] = x[j + half] * c[j + half] + x[j] * sn[j + half];
+                    }
+                }
+            }
+        });
+    y
+}
+
+#[derive(Debug)]
+struct Rope;
+
+impl Backward<Flex, 1> for Rope {
+    /// `(cos, sin, one table per batch row)`.
+    type State = (FlexTensor, FlexTensor, bool);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let gy = contiguous(grads.consume::<Flex>(&ops.node));
+        let Some(node) = &ops.parents[0] else {
+            return;
+        };
+        let (cos, sin, per_batch) = ops.state;
+        let shape = gy.layout().shape().clone();
+        let [b, s, _, d] = shape.dims::<4>();
+        let gx = rotate(
+            slice(&gy),
+            slice(&cos),
+            slice(&sin),
+            [b, s, d],
+            per_batch,
+            true,
+        );
+        grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(gx, shape)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn bits(t: Tensor<Flex, 2>) -> Vec<u32> {
+        t.into_data()
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    #[test]
+    fn fused_swiglu_equals_burn_ops_bit_for_bit() {
+        let device = Default::default();
+        // More elements than one parallel task, and values of both signs and large magnitude.
+        let dims = [3, 2 * CHUNK / 3 + 5];
+        let dist = Distribution::Normal(0.0, 6.0);
+        let g0 = Tensor::<Flex, 2>::random(dims, dist, &device);
+        let u0 = Tensor::<Flex, 2>::random(dims, dist, &device);
+        let up = Tensor::<Flex, 2>::random(dims, dist, &device);
+        let run = |fused: bool| {
+            let g = Tensor::<Ad, 2>::from_inner(g0.clone()).require_grad();
+            let u = Tensor::<Ad, 2>::from_inner(u0.clone()).require_grad();
+            let h = if fused {
+                swiglu(g.clone(), u.clone())
+            } else {
+                silu(g.clone()) * u.clone()
+            };
+            let grads = (h.clone() * Tensor::from_inner(up.clone()))
+                .sum()
+                .backward();
+            [h.inner(), g.grad(&grads).unwrap(), u.grad(&grads).unwrap()]
+        };
+        let (fused, reference) = (run(true), run(false));
+        for (name, (f, r)) in ["h", "grad gate", "grad up"]
+            .iter()
+            .zip(fused.into_iter().zip(reference))
+        {
+            assert_eq!(bits(f), bits(r), "{name}");
+        }
+    }
+
+    fn values(t: Tensor<Flex, 4>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn fused_rope_equals_burn_ops() {
+        use crate::RopeCache;
+        use burn::tensor::{Int, TensorData};
+        let device = Default::default();
+        let (b, s, h, d) = (2, 7, 3, 8);
+        // Per-row positions (left padding in the first row), and one shared row of positions.
+        let rows = TensorData::new(vec![0i64, 0, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], [b, s]);
+        let shared = TensorData::new((0..s as i64).collect::<Vec<_>>(), [1, s]);
+        for pos in [rows, shared] {
+            let pos = Tensor::<Ad, 2, Int>::from_data(pos, &device);
+            let rope = RopeCache::new(pos, 10_000.0, d, DType::F32);
+            let x0 =
+                Tensor::<Flex, 4>::random([b, s, h, d], Distribution::Normal(0.0, 2.0), &device);
+            let up =
+                Tensor::<Flex, 4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), &device);
+            let run = |fused: bool| {
+                let x = Tensor::<Ad, 4>::from_inner(x0.clone()).require_grad();
+                let y = if fused {
+                    rope_bshd(&x, &rope.cos, &rope.sin)
+                        .expect("the host path")
+                        .swap_dims(1, 2)
+                } else {
+                    rope.apply(x.clone().swap_dims(1, 2))
+                };
+                let grads = (y.clone() * Tensor::from_inner(up.clone()))
+                    .sum()
+                    .backward();
+                (values(y.inner()), values(x.grad(&grads).unwrap()))
+            };
+            let ((y, gx), (y_ref, gx_ref)) = (run(true), run(false));
+            assert_eq!(y, y_ref, "rotated values");
+            assert_eq!(gx, gx_ref, "gradient");
+            assert!(y.iter().any(|v| v.abs() > 1.0));
+        }
+    }
+}
