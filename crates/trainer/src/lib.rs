@@ -20,6 +20,7 @@ pub use checkpointing::checkpointed_loss_and_grads;
 pub use clip::clip_global_norm;
 pub use error::TrainError;
 pub use eval::{evaluate, EvalResult};
+pub use host_xent::fused_linear_xent;
 pub use loss::{
     causal_lm_loss, causal_lm_loss_sum, chunked_head_loss, label_aware_loss_sum, HEAD_CHUNK_ROWS,
     IGNORE_INDEX, TRAIN_HEAD_CHUNK_ROWS,
