@@ -265,20 +265,23 @@ impl Qwen2Config {
                 return bad(format!("`{name}` is 0; it must be at least 1"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "`hidden_size` {} is not divisible by `num_attention_heads` {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads() != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads())
+        {
             return bad(format!(
                 "`num_attention_heads` {} is not divisible by `num_key_value_heads` {}",
                 self.num_attention_heads,
                 self.num_key_value_heads()
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim (hidden_size / num_attention_heads) is {}, but rotary embeddings need it even",
                 self.head_dim()

@@ -411,7 +411,7 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
             lr,
         });
 
-        if step % args.logging_steps.max(1) == 0 || step == total {
+        if step.is_multiple_of(args.logging_steps.max(1)) || step == total {
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
             let entry = LogEntry {
                 step,
@@ -428,7 +428,10 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
             (window_loss, window_steps, window_tokens) = (0.0, 0, 0);
             window_start = Instant::now();
         }
-        let eval_due = args.eval_steps.is_some_and(|n| n > 0 && step % n == 0) || step == total;
+        let eval_due = args
+            .eval_steps
+            .is_some_and(|n| n > 0 && step.is_multiple_of(n))
+            || step == total;
         if !eval_examples.is_empty() && eval_due {
             let inner = model.valid();
             let r = evaluate(
@@ -449,7 +452,7 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
             state.eval_history.push(entry.clone());
             go_on &= on_event(&TrainEvent::Eval(entry));
         }
-        if args.save_steps > 0 && step % args.save_steps == 0 {
+        if args.save_steps > 0 && step.is_multiple_of(args.save_steps) {
             let dir = save_checkpoint(&model, lora_cfg, &optim, &state, out)?;
             checkpoint::prune(out, args.save_total_limit)?;
             go_on &= on_event(&TrainEvent::Saved(dir));
