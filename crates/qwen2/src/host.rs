@@ -267,6 +267,109 @@ impl Backward<Flex, 1> for Rope {
     }
 }
 
+/// RMSNorm over the last dimension with a frozen weight, as [`Qwen2RmsNorm::forward`]
+/// (crate::Qwen2RmsNorm::forward) computes it in f32: `(x · 1/√(mean(x²) + eps)) · w`. Each row's
+/// sum of squares is accumulated in order, in f32, so a row's result does not depend on the rows
+/// beside it; the backward is `gx = g·r − x·r³·(Σ g·x)/n` with `g = gy·w`. `None` off the host path
+/// or when the weight takes a gradient.
+pub(crate) fn rms_norm<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    weight: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<Tensor<B, D>> {
+    if TypeId::of::<B>() != TypeId::of::<Ad>()
+        || !lora_core::host_kernels_enabled()
+        || x.dtype() != DType::F32
+        || weight.dtype() != DType::F32
+        || weight.is_require_grad()
+        || x.dims()[D - 1] != weight.dims()[0]
+    {
+        return None;
+    }
+    let w = contiguous(
+        same_type::<_, Tensor<Ad, 1>>(weight.clone())?
+            .into_primitive()
+            .tensor()
+            .primitive,
+    );
+    let shape = x.shape();
+    let x = same_type::<_, Tensor<Ad, D>>(x.clone())?
+        .into_primitive()
+        .tensor();
+    let xp = contiguous(x.primitive.clone());
+    let n = weight.dims()[0];
+    let (xs, ws) = (slice(&xp), slice(&w));
+    let rows = xs.len() / n;
+    let mut y = vec![0f32; xs.len()];
+    let mut r = vec![0f32; rows];
+    const ROWS: usize = 8;
+    y.par_chunks_mut(ROWS * n)
+        .zip(r.par_chunks_mut(ROWS))
+        .zip(xs.par_chunks(ROWS * n))
+        .for_each(|((y, r), x)| {
+            for ((y, r), x) in y
+                .chunks_exact_mut(n)
+                .zip(r.iter_mut())
+                .zip(x.chunks_exact(n))
+            {
+                let ss: f32 = x.iter().map(|v| v * v).sum();
+                *r = 1.0 / ((ss / n as f32) + eps as f32).sqrt();
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(ws) {
+                    *y = (x * *r) * w;
+                }
+            }
+        });
+    let y = FlexTensor::from_data(TensorData::new(y, shape));
+    let out =
+        match <RmsNorm as Backward<Flex, 1>>::prepare::<NoCheckpointing>(RmsNorm, [x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((xp, w, r), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+    same_type(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
+}
+
+#[derive(Debug)]
+struct RmsNorm;
+
+impl Backward<Flex, 1> for RmsNorm {
+    /// `(x, weight, 1/rms per row)`.
+    type State = (FlexTensor, FlexTensor, Vec<f32>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let gy = contiguous(grads.consume::<Flex>(&ops.node));
+        let Some(node) = &ops.parents[0] else {
+            return;
+        };
+        let (x, w, r) = ops.state;
+        let shape = x.layout().shape().clone();
+        let (xs, ws, gys) = (slice(&x), slice(&w), slice(&gy));
+        let n = ws.len();
+        let mut gx = vec![0f32; xs.len()];
+        const ROWS: usize = 8;
+        gx.par_chunks_mut(ROWS * n)
+            .zip(r.par_chunks(ROWS))
+            .zip(xs.par_chunks(ROWS * n).zip(gys.par_chunks(ROWS * n)))
+            .for_each(|((gx, r), (x, gy))| {
+                for (((gx, &r), x), gy) in gx
+                    .chunks_exact_mut(n)
+                    .zip(r)
+                    .zip(x.chunks_exact(n))
+                    .zip(gy.chunks_exact(n))
+                {
+                    let dot: f32 = gy.iter().zip(ws).zip(x).map(|((g, w), x)| g * w * x).sum();
+                    let c = r * r * r * dot / n as f32;
+                    for (((gx, &g), &w), &x) in gx.iter_mut().zip(gy).zip(ws).zip(x) {
+                        *gx = g * w * r - x * c;
+                    }
+                }
+            });
+        grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(gx, shape)));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,6 +453,44 @@ mod tests {
             assert_eq!(y, y_ref, "rotated values");
             assert_eq!(gx, gx_ref, "gradient");
             assert!(y.iter().any(|v| v.abs() > 1.0));
+        }
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_burn_ops() {
+        use crate::Qwen2RmsNorm;
+        use burn::module::Module;
+        let device = Default::default();
+        let (rows, n) = (19, 40);
+        let norm = Qwen2RmsNorm::<Ad>::new(n, 1e-6, &device).no_grad();
+        let w = Tensor::<Ad, 1>::random([n], Distribution::Normal(1.0, 0.5), &device);
+        let norm = Qwen2RmsNorm {
+            weight: norm.weight.map(|_| w.set_require_grad(false)),
+            eps: norm.eps,
+        };
+        let x0 = Tensor::<Flex, 3>::random([1, rows, n], Distribution::Normal(0.0, 3.0), &device);
+        let up = Tensor::<Flex, 3>::random([1, rows, n], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            let x = Tensor::<Ad, 3>::from_inner(x0.clone()).require_grad();
+            let y = if fused {
+                rms_norm(&x, &norm.weight.val(), norm.eps).expect("the host path")
+            } else {
+                norm.forward_reference(x.clone())
+            };
+            let grads = (y.clone() * Tensor::from_inner(up.clone()))
+                .sum()
+                .backward();
+            let flat = |t: Tensor<Flex, 3>| t.into_data().to_vec::<f32>().unwrap();
+            (flat(y.inner()), flat(x.grad(&grads).unwrap()))
+        };
+        let ((y, gx), (y_ref, gx_ref)) = (run(true), run(false));
+        for (name, a, b) in [("y", &y, &y_ref), ("grad x", &gx, &gx_ref)] {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                scale > 0.1 && err <= 2e-6 * scale,
+                "{name}: {err} of {scale}"
+            );
         }
     }
 }
