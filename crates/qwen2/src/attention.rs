@@ -61,40 +61,52 @@ impl<B: Backend> Qwen2Attention<B> {
         let [b, s, _] = x.dims();
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
 
-        // [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim], rotated
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, nh, d]);
-        let q = rope.apply_bshd(q).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, nkv, d]);
-        let k = rope.apply_bshd(k).swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, s, nkv, d])
-            .swap_dims(1, 2);
-        // [batch, kv_heads, seq, head_dim] -> [batch, heads, seq, head_dim]
-        let k = repeat_kv(k, nh / nkv);
-        let v = repeat_kv(v, nh / nkv);
-
-        let out = match bias {
-            AttentionBias::Dense(mask) => attend(q, k, v, mask),
-            AttentionBias::Packed(masks) => {
-                // Each sequence of the packed row attends within itself: no score is computed
-                // between two sequences.
-                let mut start = 0;
-                let mut parts = Vec::with_capacity(masks.len());
-                for mask in masks {
-                    let len = mask.dims()[3];
-                    let part = |t: &Tensor<B, 4>| t.clone().narrow(2, start, len);
-                    parts.push(attend(part(&q), part(&k), part(&v), mask));
-                    start += len;
-                }
-                Tensor::cat(parts, 2)
-            }
+        // [batch, seq, heads * head_dim] -> [batch, seq, heads, head_dim], rotated
+        let q = rope.apply_bshd(self.q_proj.forward(x.clone()).reshape([b, s, nh, d]));
+        let k = rope.apply_bshd(self.k_proj.forward(x.clone()).reshape([b, s, nkv, d]));
+        let v = self.v_proj.forward(x).reshape([b, s, nkv, d]);
+        let out = match crate::host::attention_bshd(&q, &k, &v, bias) {
+            Some(out) => out,
+            None => attention_reference(q, k, v, bias),
         };
-        // [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]
-        self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, s, nh * d]))
+        self.o_proj.forward(out.reshape([b, s, nh * d]))
     }
+}
+
+/// Grouped-query attention with Burn ops, `[batch, seq, heads, head_dim]` in and out (`k`, `v` with
+/// `kv_heads`): heads moved forward, `k` and `v` repeated per query head, [`attend`] per row or per
+/// packed sequence. The definition the CPU's fused operation is tested against.
+pub(crate) fn attention_reference<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: &AttentionBias<B>,
+) -> Tensor<B, 4> {
+    let (nh, nkv) = (q.dims()[2], k.dims()[2]);
+    // [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
+    let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
+    // [batch, kv_heads, seq, head_dim] -> [batch, heads, seq, head_dim]
+    let k = repeat_kv(k, nh / nkv);
+    let v = repeat_kv(v, nh / nkv);
+
+    let out = match bias {
+        AttentionBias::Dense(mask) => attend(q, k, v, mask),
+        AttentionBias::Packed(masks) => {
+            // Each sequence of the packed row attends within itself: no score is computed
+            // between two sequences.
+            let mut start = 0;
+            let mut parts = Vec::with_capacity(masks.len());
+            for mask in masks {
+                let len = mask.dims()[3];
+                let part = |t: &Tensor<B, 4>| t.clone().narrow(2, start, len);
+                parts.push(attend(part(&q), part(&k), part(&v), mask));
+                start += len;
+            }
+            Tensor::cat(parts, 2)
+        }
+    };
+    // [batch, heads, seq, head_dim] -> [batch, seq, heads, head_dim]
+    out.swap_dims(1, 2)
 }
 
 /// Which keys each query may see, as additive f32 masks (`0` where visible, `f32::MIN` where hidden).

@@ -370,6 +370,427 @@ impl Backward<Flex, 1> for RmsNorm {
     }
 }
 
+/// One sequence of a batch for [`attention_bshd`]: its batch row, first position, length, and its
+/// additive mask `[len, len]` (tensor `mask` of the list, from element `offset`).
+#[derive(Clone, Debug)]
+struct Segment {
+    row: usize,
+    start: usize,
+    len: usize,
+    mask: usize,
+    offset: usize,
+}
+
+/// Grouped-query attention `softmax(q·kᵀ/√d + mask)·v` for `q` `[batch, seq, heads, head_dim]`,
+/// `k`, `v` `[batch, seq, kv_heads, head_dim]`, out `[batch, seq, heads, head_dim]`, as
+/// `Qwen2Attention` computes it with Burn ops after moving heads forward and repeating `k`, `v`.
+/// Here no head is repeated or moved: each (sequence, key/value head) is one parallel task that
+/// multiplies its query heads with `gemm` and keeps the probabilities for the backward, which
+/// accumulates the key/value gradients of its query heads in place. `None` off the host path.
+pub(crate) fn attention_bshd<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    bias: &crate::AttentionBias<B>,
+) -> Option<Tensor<B, 4>> {
+    use crate::AttentionBias;
+    if TypeId::of::<B>() != TypeId::of::<Ad>()
+        || !lora_core::host_kernels_enabled()
+        || [q.dtype(), k.dtype(), v.dtype()] != [DType::F32; 3]
+    {
+        return None;
+    }
+    let [b, s, nh, d] = q.dims();
+    let [_, _, nkv, _] = k.dims();
+    if k.dims() != [b, s, nkv, d] || v.dims() != [b, s, nkv, d] || nkv == 0 || nh % nkv != 0 {
+        return None;
+    }
+    let flex = |t: &Tensor<B, 4>| -> Option<FlexTensor> {
+        Some(contiguous(
+            same_type::<_, Tensor<Ad, 4>>(t.clone())?
+                .into_primitive()
+                .tensor()
+                .primitive,
+        ))
+    };
+    let (masks, segments) = match bias {
+        AttentionBias::Dense(mask) => {
+            if mask.dims() != [b, 1, s, s] || mask.dtype() != DType::F32 {
+                return None;
+            }
+            let segs = (0..b)
+                .map(|row| Segment {
+                    row,
+                    start: 0,
+                    len: s,
+                    mask: 0,
+                    offset: row * s * s,
+                })
+                .collect();
+            (vec![flex(mask)?], segs)
+        }
+        AttentionBias::Packed(list) => {
+            if b != 1 || list.iter().map(|m| m.dims()[3]).sum::<usize>() != s {
+                return None;
+            }
+            let mut start = 0;
+            let mut masks = Vec::with_capacity(list.len());
+            let mut segs = Vec::with_capacity(list.len());
+            for (i, m) in list.iter().enumerate() {
+                let len = m.dims()[3];
+                if m.dims() != [1, 1, len, len] || m.dtype() != DType::F32 {
+                    return None;
+                }
+                masks.push(flex(m)?);
+                segs.push(Segment {
+                    row: 0,
+                    start,
+                    len,
+                    mask: i,
+                    offset: 0,
+                });
+                start += len;
+            }
+            (masks, segs)
+        }
+    };
+    let prim = |t: &Tensor<B, 4>| {
+        same_type::<_, Tensor<Ad, 4>>(t.clone())
+            .expect("checked above")
+            .into_primitive()
+            .tensor()
+    };
+    let (qa, ka, va) = (prim(q), prim(k), prim(v));
+    let st = AttnState {
+        q: contiguous(qa.primitive.clone()),
+        k: contiguous(ka.primitive.clone()),
+        v: contiguous(va.primitive.clone()),
+        dims: [b, s, nh, nkv, d],
+        segments,
+        probs: Vec::new(),
+    };
+    let n_rep = nh / nkv;
+    let scale = 1.0 / (d as f32).sqrt();
+    let tasks: Vec<(usize, usize)> = (0..st.segments.len())
+        .flat_map(|seg| (0..nkv).map(move |g| (seg, g)))
+        .collect();
+    // Per task: the output of its query heads `[n_rep, len, d]` and their probabilities.
+    let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(si, g)| {
+            let seg = &st.segments[si];
+            let len = seg.len;
+            let mask = &slice(&masks[seg.mask])[seg.offset..seg.offset + len * len];
+            let mut out = vec![0f32; n_rep * len * d];
+            let mut probs = vec![0f32; n_rep * len * len];
+            for r in 0..n_rep {
+                let h = g * n_rep + r;
+                let p = &mut probs[r * len * len..(r + 1) * len * len];
+                // S = (Q_h · K_gᵀ)·scale
+                // SAFETY: the operands are the segment's rows of one head, inside q and k.
+                unsafe {
+                    mm(
+                        len,
+                        len,
+                        d,
+                        p.as_mut_ptr(),
+                        len,
+                        false,
+                        st.q_at(seg, h),
+                        st.kv_at(&st.k, seg, g),
+                        true,
+                        scale,
+                    );
+                }
+                for (row, m) in p.chunks_exact_mut(len).zip(mask.chunks_exact(len)) {
+                    for (x, m) in row.iter_mut().zip(m) {
+                        *x += m;
+                    }
+                    softmax_row(row);
+                }
+                // O_h = P · V_g
+                // SAFETY: P is [len, len], V_g the segment's rows of one head.
+                unsafe {
+                    mm(
+                        len,
+                        d,
+                        len,
+                        out[r * len * d..].as_mut_ptr(),
+                        d,
+                        false,
+                        (p.as_ptr(), len, 1),
+                        st.kv_at(&st.v, seg, g),
+                        false,
+                        1.0,
+                    );
+                }
+            }
+            (out, probs)
+        })
+        .collect();
+    let mut y = vec![0f32; b * s * nh * d];
+    let mut st = st;
+    for (&(si, g), (out, probs)) in tasks.iter().zip(results) {
+        let seg = &st.segments[si];
+        for r in 0..n_rep {
+            let h = g * n_rep + r;
+            for i in 0..seg.len {
+                let dst = ((seg.row * s + seg.start + i) * nh + h) * d;
+                y[dst..dst + d]
+                    .copy_from_slice(&out[(r * seg.len + i) * d..(r * seg.len + i + 1) * d]);
+            }
+        }
+        st.probs.push(probs);
+    }
+    let y = FlexTensor::from_data(TensorData::new(y, [b, s, nh, d]));
+    let out = match <Attention as Backward<Flex, 3>>::prepare::<NoCheckpointing>(
+        Attention,
+        [qa.node.clone(), ka.node.clone(), va.node.clone()],
+    )
+    .compute_bound()
+    .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(st, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    same_type(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// A row-major operand for [`mm`]: `(pointer, row stride, column stride)`.
+type Operand = (*const f32, usize, usize);
+
+/// `dst` `[m, n]` (row stride `dst_rs`) `= (acc ? dst : 0) + beta · lhs·rhs`, on this thread.
+///
+/// # Safety
+/// `dst`, `lhs` `[m, k]` and `rhs` `[k, n]` must lie inside live allocations with the strides given;
+/// `transpose_rhs` reads `rhs` as the transpose of a `[n, k]` operand.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    acc: bool,
+    lhs: Operand,
+    rhs: Operand,
+    transpose_rhs: bool,
+    beta: f32,
+) {
+    let (rhs_rs, rhs_cs) = if transpose_rhs {
+        (rhs.2, rhs.1)
+    } else {
+        (rhs.1, rhs.2)
+    };
+    // SAFETY: vouched for by the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            acc,
+            lhs.0,
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0f32,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// In place: `exp(x − max) / Σ exp(x − max)`, as Burn's `softmax` (masked entries are `f32::MIN`
+/// added to a score, so a fully masked row comes out uniform, as in transformers).
+fn softmax_row(row: &mut [f32]) {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = (*x - m).exp();
+        sum += *x;
+    }
+    for x in row.iter_mut() {
+        *x /= sum;
+    }
+}
+
+/// What the backward of [`attention_bshd`] keeps.
+#[derive(Clone, Debug)]
+struct AttnState {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    /// `[batch, seq, heads, kv_heads, head_dim]`.
+    dims: [usize; 5],
+    segments: Vec<Segment>,
+    /// Per (segment, kv head) task, in order: `[n_rep, len, len]` probabilities.
+    probs: Vec<Vec<f32>>,
+}
+
+impl AttnState {
+    /// Query head `h` of the segment's rows: `[len, d]` with row stride `heads · d`.
+    fn q_at(&self, seg: &Segment, h: usize) -> Operand {
+        let [_, s, nh, _, d] = self.dims;
+        let base = ((seg.row * s + seg.start) * nh + h) * d;
+        (slice(&self.q)[base..].as_ptr(), nh * d, 1)
+    }
+
+    /// Key/value head `g` of the segment's rows in `t`: `[len, d]` with row stride `kv_heads · d`.
+    fn kv_at(&self, t: &FlexTensor, seg: &Segment, g: usize) -> Operand {
+        let [_, s, _, nkv, d] = self.dims;
+        let base = ((seg.row * s + seg.start) * nkv + g) * d;
+        (slice(t)[base..].as_ptr(), nkv * d, 1)
+    }
+}
+
+/// Raw pointers into the state's buffers cross rayon's threads only for reading.
+struct Shared<'a>(&'a AttnState, &'a [f32]);
+// SAFETY: `AttnState` and the gradient slice are only read while shared.
+unsafe impl Sync for Shared<'_> {}
+
+#[derive(Debug)]
+struct Attention;
+
+impl Backward<Flex, 3> for Attention {
+    type State = AttnState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let gy = contiguous(grads.consume::<Flex>(&ops.node));
+        let st = ops.state;
+        let [b, s, nh, nkv, d] = st.dims;
+        let n_rep = nh / nkv;
+        let scale = 1.0 / (d as f32).sqrt();
+        let tasks: Vec<(usize, usize)> = (0..st.segments.len())
+            .flat_map(|seg| (0..nkv).map(move |g| (seg, g)))
+            .collect();
+        let shared = Shared(&st, slice(&gy));
+        // Per task: dQ of its query heads `[n_rep, len, d]`, dK and dV of its head `[len, d]`.
+        let results: Vec<[Vec<f32>; 3]> = tasks
+            .par_iter()
+            .enumerate()
+            .map(|(t, &(si, g))| {
+                let Shared(st, gys) = &shared;
+                let seg = &st.segments[si];
+                let len = seg.len;
+                let probs = &st.probs[t];
+                let mut dq = vec![0f32; n_rep * len * d];
+                let mut dk = vec![0f32; len * d];
+                let mut dv = vec![0f32; len * d];
+                let mut ds = vec![0f32; len * len];
+                for r in 0..n_rep {
+                    let h = g * n_rep + r;
+                    let p = &probs[r * len * len..(r + 1) * len * len];
+                    let go: Operand = (
+                        gys[((seg.row * s + seg.start) * nh + h) * d..].as_ptr(),
+                        nh * d,
+                        1,
+                    );
+                    // SAFETY (all products below): the operands are the segment's rows of one
+                    // head inside q, k, v and the output gradient, and local [len, len] / [len, d]
+                    // buffers.
+                    unsafe {
+                        // dP = dO_h · V_gᵀ
+                        mm(
+                            len,
+                            len,
+                            d,
+                            ds.as_mut_ptr(),
+                            len,
+                            false,
+                            go,
+                            st.kv_at(&st.v, seg, g),
+                            true,
+                            1.0,
+                        );
+                        // dV_g += P_hᵀ · dO_h
+                        mm(
+                            len,
+                            d,
+                            len,
+                            dv.as_mut_ptr(),
+                            d,
+                            true,
+                            (p.as_ptr(), 1, len),
+                            go,
+                            false,
+                            1.0,
+                        );
+                    }
+                    // dS = P ⊙ (dP − Σ P⊙dP), scaled
+                    for (dsr, pr) in ds.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
+                        let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                        for (x, &pv) in dsr.iter_mut().zip(pr) {
+                            *x = pv * (*x - dot) * scale;
+                        }
+                    }
+                    unsafe {
+                        // dQ_h = dS · K_g
+                        mm(
+                            len,
+                            d,
+                            len,
+                            dq[r * len * d..].as_mut_ptr(),
+                            d,
+                            false,
+                            (ds.as_ptr(), len, 1),
+                            st.kv_at(&st.k, seg, g),
+                            false,
+                            1.0,
+                        );
+                        // dK_g += dSᵀ · Q_h
+                        mm(
+                            len,
+                            d,
+                            len,
+                            dk.as_mut_ptr(),
+                            d,
+                            true,
+                            (ds.as_ptr(), 1, len),
+                            st.q_at(seg, h),
+                            false,
+                            1.0,
+                        );
+                    }
+                }
+                [dq, dk, dv]
+            })
+            .collect();
+        let mut gq = vec![0f32; b * s * nh * d];
+        let mut gk = vec![0f32; b * s * nkv * d];
+        let mut gv = vec![0f32; b * s * nkv * d];
+        for (&(si, g), [dq, dk, dv]) in tasks.iter().zip(results) {
+            let seg = &st.segments[si];
+            for i in 0..seg.len {
+                let pos = seg.row * s + seg.start + i;
+                for r in 0..n_rep {
+                    let dst = (pos * nh + g * n_rep + r) * d;
+                    let src = (r * seg.len + i) * d;
+                    gq[dst..dst + d].copy_from_slice(&dq[src..src + d]);
+                }
+                let dst = (pos * nkv + g) * d;
+                gk[dst..dst + d].copy_from_slice(&dk[i * d..(i + 1) * d]);
+                gv[dst..dst + d].copy_from_slice(&dv[i * d..(i + 1) * d]);
+            }
+        }
+        for (parent, (g, heads)) in ops.parents.iter().zip([(gq, nh), (gk, nkv), (gv, nkv)]) {
+            if let Some(node) = parent {
+                grads.register::<Flex>(
+                    node.id,
+                    FlexTensor::from_data(TensorData::new(g, [b, s, heads, d])),
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,6 +912,68 @@ mod tests {
                 scale > 0.1 && err <= 2e-6 * scale,
                 "{name}: {err} of {scale}"
             );
+        }
+    }
+
+    #[test]
+    fn fused_attention_matches_burn_ops() {
+        use crate::attention::attention_reference;
+        use crate::{additive_mask, attention_mask_4d, AttentionBias};
+        use burn::tensor::{Int, TensorData};
+        let device = Default::default();
+        let (nh, nkv, d) = (6, 2, 8);
+        // Left padding (row 0's first two queries see no key at all: uniform attention, as in
+        // transformers), and a packed row of three sequences.
+        let pad = Tensor::<Ad, 2, Int>::from_data(
+            TensorData::new(vec![0i64, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [2, 7]),
+            &device,
+        );
+        let dense =
+            AttentionBias::Dense(additive_mask(attention_mask_4d(Some(pad), 2, 7, &device)));
+        let packed = AttentionBias::Packed(
+            [3usize, 5, 6]
+                .iter()
+                .map(|&n| additive_mask(attention_mask_4d::<Ad>(None, 1, n, &device)))
+                .collect(),
+        );
+        for (bias, b, s) in [(dense, 2, 7), (packed, 1, 14)] {
+            let dist = Distribution::Normal(0.0, 1.5);
+            let q0 = Tensor::<Flex, 4>::random([b, s, nh, d], dist, &device);
+            let k0 = Tensor::<Flex, 4>::random([b, s, nkv, d], dist, &device);
+            let v0 = Tensor::<Flex, 4>::random([b, s, nkv, d], dist, &device);
+            let up = Tensor::<Flex, 4>::random([b, s, nh, d], dist, &device);
+            let run = |fused: bool| {
+                let leaf =
+                    |t: &Tensor<Flex, 4>| Tensor::<Ad, 4>::from_inner(t.clone()).require_grad();
+                let (q, k, v) = (leaf(&q0), leaf(&k0), leaf(&v0));
+                let y = if fused {
+                    attention_bshd(&q, &k, &v, &bias).expect("the host path")
+                } else {
+                    attention_reference(q.clone(), k.clone(), v.clone(), &bias)
+                };
+                let grads = (y.clone() * Tensor::from_inner(up.clone()))
+                    .sum()
+                    .backward();
+                [
+                    y.inner(),
+                    q.grad(&grads).unwrap(),
+                    k.grad(&grads).unwrap(),
+                    v.grad(&grads).unwrap(),
+                ]
+                .map(values)
+            };
+            let (fused, reference) = (run(true), run(false));
+            for (name, (a, r)) in ["out", "grad q", "grad k", "grad v"]
+                .iter()
+                .zip(fused.iter().zip(&reference))
+            {
+                let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = a.iter().zip(r).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    scale > 0.1 && err <= 2e-6 * scale,
+                    "{name} (batch {b}): {err} of {scale}"
+                );
+            }
         }
     }
 }
