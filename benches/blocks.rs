@@ -75,8 +75,9 @@ fn blocks(c: &mut Criterion) {
             b.iter(|| black_box(layer.input_layernorm.forward(x.clone()).sum().backward()))
         });
         g.bench_function(id("rope"), |b| {
-            let q = x.clone().reshape([batch, seq, 14, 64]).swap_dims(1, 2);
-            b.iter(|| black_box(rope.apply(q.clone()).sum().backward()))
+            // The projections' own layout, as the attention applies it in training.
+            let q = x.clone().reshape([batch, seq, 14, 64]);
+            b.iter(|| black_box(rope.apply_bshd(q.clone()).sum().backward()))
         });
         g.bench_function(id("attention"), |b| {
             b.iter(|| {

@@ -12,7 +12,7 @@
 //! * `gx = gy·W + (ga·A) ⊙ mask`, where the dropout mask is drawn again from its saved key.
 //!
 //! The operations and their order are those of the Burn-ops path ([`LoraLinear::forward_reference`]
-//! (crate::LoraLinear::forward_reference)), so the two agree to rounding (tested). The frozen base
+//! (crate::LoraLinear::forward_reference)), so the two agree bit for bit (tested). The frozen base
 //! weight gets no gradient; a base weight or bias that requires one sends the layer down the
 //! Burn-ops path, as does any other backend or dtype.
 
@@ -52,7 +52,7 @@ fn same_type<T: 'static, U: 'static>(t: T) -> Option<U> {
         .map(|b| *b)
 }
 
-/// Whether [`try_forward`] takes the layer for an input of `dtype`.
+/// Whether [`forward`] takes the layer for an input of `dtype`.
 pub(crate) fn applies<B: Backend>(layer: &LoraLinear<B>, dtype: DType) -> bool {
     let f32_frozen = |t: &Tensor<B, 2>| t.dtype() == DType::F32 && !t.is_require_grad();
     TypeId::of::<B>() == TypeId::of::<Ad>()

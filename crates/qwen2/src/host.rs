@@ -651,11 +651,6 @@ impl AttnState {
     }
 }
 
-/// Raw pointers into the state's buffers cross rayon's threads only for reading.
-struct Shared<'a>(&'a AttnState, &'a [f32]);
-// SAFETY: `AttnState` and the gradient slice are only read while shared.
-unsafe impl Sync for Shared<'_> {}
-
 #[derive(Debug)]
 struct Attention;
 
@@ -671,13 +666,12 @@ impl Backward<Flex, 3> for Attention {
         let tasks: Vec<(usize, usize)> = (0..st.segments.len())
             .flat_map(|seg| (0..nkv).map(move |g| (seg, g)))
             .collect();
-        let shared = Shared(&st, slice(&gy));
+        let gys = slice(&gy);
         // Per task: dQ of its query heads `[n_rep, len, d]`, dK and dV of its head `[len, d]`.
         let results: Vec<[Vec<f32>; 3]> = tasks
             .par_iter()
             .enumerate()
             .map(|(t, &(si, g))| {
-                let Shared(st, gys) = &shared;
                 let seg = &st.segments[si];
                 let len = seg.len;
                 let probs = &st.probs[t];
