@@ -15,6 +15,9 @@
 //! (crate::LoraLinear::forward_reference)), so the two agree bit for bit (tested). The frozen base
 //! weight gets no gradient; a base weight or bias that requires one sends the layer down the
 //! Burn-ops path, as does any other backend or dtype.
+//!
+//! The small helpers at the top ([`same_type`], [`contiguous`], [`slice()`],
+//! [`host_kernels_enabled`]) serve the model crates' own fused operations too.
 
 use std::any::{Any, TypeId};
 use std::sync::OnceLock;
@@ -41,8 +44,9 @@ pub fn host_kernels_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("FERROLORA_HOST_KERNELS").map_or(true, |v| v != "0"))
 }
 
-/// `t` as the same value of type `U` (`T` and `U` are checked to be the same type first).
-fn same_type<T: 'static, U: 'static>(t: T) -> Option<U> {
+/// `t` as the same value of type `U`, when `T` and `U` are the same type (a generic
+/// `Tensor<B, D>` seen as `Tensor<Autodiff<Flex>, D>`, say).
+pub fn same_type<T: 'static, U: 'static>(t: T) -> Option<U> {
     if TypeId::of::<T>() != TypeId::of::<U>() {
         return None;
     }
@@ -129,8 +133,8 @@ struct State {
 #[derive(Debug)]
 struct HostLoraLinear;
 
-/// A contiguous f32 view of `t` (copied when strided).
-fn contiguous(t: FlexTensor) -> FlexTensor {
+/// `t` itself when its f32 elements are contiguous, else a contiguous copy.
+pub fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.as_slice::<f32>().is_some() {
         t
     } else {
@@ -138,7 +142,8 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
     }
 }
 
-fn slice(t: &FlexTensor) -> &[f32] {
+/// The f32 elements of a contiguous tensor (see [`contiguous`]).
+pub fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32 tensor")
 }
 

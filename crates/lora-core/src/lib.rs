@@ -13,7 +13,7 @@ mod adapter;
 mod config;
 mod dropout;
 mod error;
-mod host;
+pub mod host;
 mod linear;
 mod target;
 

@@ -1,10 +1,11 @@
-//! Fused element-wise operations with their own backward for training on the host CPU
-//! (`Autodiff<Flex>`, f32), on all cores. Written with Burn ops they are several single-threaded
-//! passes each, forward and backward; the Burn-ops form stays the definition (and the path of every
-//! other backend and dtype), and the fused form computes the same expressions in the same order, so
-//! the two agree bit for bit (tested).
+//! The model's fused operations with their own backward for training on the host CPU
+//! (`Autodiff<Flex>`, f32), on all cores: SwiGLU, rotary embedding, RMSNorm and grouped-query
+//! attention. Written with Burn ops each is several passes forward and backward, most of them on one
+//! thread. The Burn-ops form stays the definition (and the path of every other backend and dtype).
+//! SwiGLU and RoPE compute its expressions in the same order and agree with it bit for bit; RMSNorm
+//! and attention sum in another order and agree to rounding (all tested).
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -15,35 +16,13 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
+use lora_core::host::{contiguous, same_type, slice};
 use rayon::prelude::*;
 
 type Ad = Autodiff<Flex>;
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
-
-/// `t` as the same value of type `U`, when `T` and `U` are the same type.
-fn same_type<T: 'static, U: 'static>(t: T) -> Option<U> {
-    if TypeId::of::<T>() != TypeId::of::<U>() {
-        return None;
-    }
-    (Box::new(t) as Box<dyn Any>)
-        .downcast::<U>()
-        .ok()
-        .map(|b| *b)
-}
-
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.as_slice::<f32>().is_some() {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("contiguous f32 tensor")
-}
 
 /// Flex's sigmoid, so that the fused form equals Burn's `sigmoid` bit for bit.
 #[inline]

@@ -133,7 +133,7 @@ impl Partial {
 /// Loss sum and `d(loss / norm)/d(rows)` of softmax cross-entropy through a frozen linear head,
 /// without the `[rows, vocab]` logits: `rows` `[n, hidden]` and `weight` `[vocab, hidden]` row-major.
 ///
-/// The vocabulary is walked in blocks of [`VOCAB_BLOCK`] rows of `weight`, in parallel. Each block's
+/// The vocabulary is walked in blocks of 256 (`VOCAB_BLOCK`) rows of `weight`, in parallel. Each block's
 /// logits `rows · w_blockᵀ` are exponentiated against a running maximum and multiplied straight back
 /// by the same block (`Σ exp(logit_v − max) · w_v`) while it is in cache; at the end the gradient is
 /// `(Σ_v p_v · w_v − w_target) / norm` and each row's loss `max + ln Σ exp − logit[target]`.
