@@ -449,7 +449,7 @@ pub(crate) fn attention_bshd<B: Backend>(
         probs: Vec::new(),
     };
     let n_rep = nh / nkv;
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = (1.0 / (d as f64).sqrt()) as f32; // as Burn's `mul_scalar` rounds it
     let tasks: Vec<(usize, usize)> = (0..st.segments.len())
         .flat_map(|seg| (0..nkv).map(move |g| (seg, g)))
         .collect();
@@ -641,7 +641,7 @@ impl Backward<Flex, 3> for Attention {
         let st = ops.state;
         let [b, s, nh, nkv, d] = st.dims;
         let n_rep = nh / nkv;
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = (1.0 / (d as f64).sqrt()) as f32; // as Burn's `mul_scalar` rounds it
         let tasks: Vec<(usize, usize)> = (0..st.segments.len())
             .flat_map(|seg| (0..nkv).map(move |g| (seg, g)))
             .collect();

@@ -55,9 +55,7 @@ impl<B: Backend> RopeCache<B> {
         let sin = self.sin.clone().expand([b, h, s, d]);
         x.clone() * cos + rotate_half(x) * sin
     }
-}
 
-impl<B: Backend> RopeCache<B> {
     /// [`Self::apply`] for `x` in `[batch, seq, heads, head_dim]` order (the projections' own
     /// layout, before heads are moved forward); on the CPU training path one fused operation.
     pub fn apply_bshd(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
