@@ -16,7 +16,7 @@
 //! weight gets no gradient; a base weight or bias that requires one sends the layer down the
 //! Burn-ops path, as does any other backend or dtype.
 //!
-//! The small helpers at the top ([`same_type`], [`contiguous`], [`slice()`],
+//! The small helpers at the top ([`to_host`], [`from_host`], [`contiguous`], [`slice()`],
 //! [`host_kernels_enabled`]) serve the model crates' own fused operations too.
 
 use std::any::{Any, TypeId};
@@ -44,9 +44,21 @@ pub fn host_kernels_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("FERROLORA_HOST_KERNELS").map_or(true, |v| v != "0"))
 }
 
-/// `t` as the same value of type `U`, when `T` and `U` are the same type (a generic
-/// `Tensor<B, D>` seen as `Tensor<Autodiff<Flex>, D>`, say).
-pub fn same_type<T: 'static, U: 'static>(t: T) -> Option<U> {
+/// `Autodiff<Flex>`'s float primitive: the Flex tensor and its autodiff node.
+pub type HostTensor = burn::tensor::ops::FloatTensor<Ad>;
+
+/// `t`'s `Autodiff<Flex>` primitive, or `None` when `B` is another backend.
+pub fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Option<HostTensor> {
+    Some(same_type::<_, Tensor<Ad, D>>(t)?.into_primitive().tensor())
+}
+
+/// A host primitive back as a `Tensor<B, D>`, or `None` when `B` is another backend.
+pub fn from_host<B: Backend, const D: usize>(t: HostTensor) -> Option<Tensor<B, D>> {
+    same_type(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(t)))
+}
+
+/// `t` as the same value of type `U`, when `T` and `U` are the same type.
+fn same_type<T: 'static, U: 'static>(t: T) -> Option<U> {
     if TypeId::of::<T>() != TypeId::of::<U>() {
         return None;
     }
@@ -82,19 +94,9 @@ pub(crate) fn forward<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     key: Option<u64>,
 ) -> Tensor<B, D> {
-    let ad2 = |t: Tensor<B, 2>| -> AdTensor {
-        same_type::<_, Tensor<Ad, 2>>(t)
-            .expect("applies() checked the backend")
-            .into_primitive()
-            .tensor()
-    };
-    let bias = layer.bias.as_ref().map(|b| {
-        same_type::<_, Tensor<Ad, 1>>(b.val())
-            .expect("applies() checked the backend")
-            .into_primitive()
-            .tensor()
-            .primitive
-    });
+    const CHECKED: &str = "applies() checked the backend";
+    let ad2 = |t: Tensor<B, 2>| to_host(t).expect(CHECKED);
+    let bias = (layer.bias.as_ref()).map(|b| to_host(b.val()).expect(CHECKED).primitive);
     let adapter = match (&layer.lora_A, &layer.lora_B, layer.merged) {
         (Some(a), Some(b), false) => Some((ad2(a.weight.val()), ad2(b.weight.val()))),
         _ => None,
@@ -110,13 +112,10 @@ pub(crate) fn forward<B: Backend, const D: usize>(
         layer.scaling as f32,
         key.map(|k| (k, keep)),
     );
-    let y: Tensor<B, 2> = same_type(Tensor::<Ad, 2>::from_primitive(TensorPrimitive::Float(out)))
-        .expect("applies() checked the backend");
+    let y: Tensor<B, 2> = from_host(out).expect(CHECKED);
     dims[D - 1] = y.dims()[1];
     y.reshape(dims)
 }
-
-type AdTensor = burn::tensor::ops::FloatTensor<Ad>;
 
 /// What the backward needs.
 #[derive(Clone, Debug)]
@@ -222,6 +221,17 @@ unsafe fn mm(
     }
 }
 
+/// `lhs·rhs` (`[m, k]`·`[k, n]`) in a new `[m, n]` buffer.
+///
+/// # Safety
+/// As for [`mm`].
+unsafe fn product(mnk: (usize, usize, usize), lhs: Mat, rhs: Mat) -> Vec<f32> {
+    let mut dst = output(mnk.0 * mnk.1);
+    // SAFETY: vouched for by the caller.
+    unsafe { mm(mnk, &mut dst, false, lhs, rhs, 1.0) };
+    dst
+}
+
 /// An `[m, n]` output buffer for a GEMM that overwrites it.
 fn output(len: usize) -> Vec<f32> {
     // Zeroed lazily by the kernel's pages; the GEMM writes every element before any is read.
@@ -243,13 +253,13 @@ fn add_mul(a: &mut [f32], b: &[f32], c: &[f32]) {
 /// The forward; see the module docs. `x` `[rows, in]`, `w` `[out, in]`, `adapter` `(A [r, in],
 /// B [out, r])`, `dropout` `(key, keep probability)`.
 fn lora_linear(
-    x: AdTensor,
+    x: HostTensor,
     w: FlexTensor,
     bias: Option<FlexTensor>,
-    adapter: Option<(AdTensor, AdTensor)>,
+    adapter: Option<(HostTensor, HostTensor)>,
     scaling: f32,
     dropout: Option<(u64, f64)>,
-) -> AdTensor {
+) -> HostTensor {
     let w = contiguous(w);
     let [out_f, in_f] = w.layout().shape().dims::<2>();
     let xp = contiguous(x.primitive.clone());
@@ -257,18 +267,8 @@ fn lora_linear(
     let (xs, ws) = (slice(&xp), slice(&w));
 
     // y = x·Wᵀ
-    let mut y = output(rows * out_f);
     // SAFETY: x is [rows, in], w is [out, in] read as its transpose [in, out].
-    unsafe {
-        mm(
-            (rows, out_f, in_f),
-            &mut y,
-            false,
-            Mat::n(xs, in_f),
-            Mat::t(ws, in_f),
-            1.0,
-        )
-    };
+    let mut y = unsafe { product((rows, out_f, in_f), Mat::n(xs, in_f), Mat::t(ws, in_f)) };
     // + b
     if let Some(b) = bias {
         let b = contiguous(b);
@@ -360,82 +360,38 @@ fn backward(state: State, gy: FlexTensor, want: [bool; 3]) -> [Option<FlexTensor
     let [out_f, in_f] = w.layout().shape().dims::<2>();
     let rows = gy.layout().shape().dims::<2>()[0];
     let gys = slice(&gy);
-    let mut gx = want[0].then(|| {
-        let mut gx = output(rows * in_f);
-        // SAFETY: gy is [rows, out], W is [out, in].
-        unsafe {
-            mm(
-                (rows, in_f, out_f),
-                &mut gx,
-                false,
-                Mat::n(gys, out_f),
-                Mat::n(slice(w), in_f),
-                1.0,
-            )
-        };
-        gx
+    // SAFETY: gy is [rows, out], W is [out, in].
+    let mut gx = want[0].then(|| unsafe {
+        product(
+            (rows, in_f, out_f),
+            Mat::n(gys, out_f),
+            Mat::n(slice(w), in_f),
+        )
     });
     let (mut ga_out, mut gb_out) = (None, None);
     if let Some([xd, u, a, b]) = &state.adapter {
         let r = a.layout().shape().dims::<2>()[0];
         if want[2] {
-            let mut gb = output(out_f * r);
             // SAFETY: gyᵀ is [out, rows], u is [rows, r].
-            unsafe {
-                mm(
-                    (out_f, r, rows),
-                    &mut gb,
-                    false,
-                    Mat::t(gys, out_f),
-                    Mat::n(slice(u), r),
-                    1.0,
-                )
-            };
+            let gb = unsafe { product((out_f, r, rows), Mat::t(gys, out_f), Mat::n(slice(u), r)) };
             gb_out = Some(flex(gb, [out_f, r]));
         }
         if want[0] || want[1] {
             // ga = s·(gy·B)
-            let mut ga = output(rows * r);
             // SAFETY: gy is [rows, out], B is [out, r].
-            unsafe {
-                mm(
-                    (rows, r, out_f),
-                    &mut ga,
-                    false,
-                    Mat::n(gys, out_f),
-                    Mat::n(slice(b), r),
-                    1.0,
-                )
-            };
+            let mut ga =
+                unsafe { product((rows, r, out_f), Mat::n(gys, out_f), Mat::n(slice(b), r)) };
             ga.iter_mut().for_each(|v| *v *= state.scaling);
             if want[1] {
-                let mut g = output(r * in_f);
                 // SAFETY: gaᵀ is [r, rows], xd is [rows, in].
-                unsafe {
-                    mm(
-                        (r, in_f, rows),
-                        &mut g,
-                        false,
-                        Mat::t(&ga, r),
-                        Mat::n(slice(xd), in_f),
-                        1.0,
-                    )
-                };
+                let g =
+                    unsafe { product((r, in_f, rows), Mat::t(&ga, r), Mat::n(slice(xd), in_f)) };
                 ga_out = Some(flex(g, [r, in_f]));
             }
             if let Some(gx) = gx.as_mut() {
-                let mut gxd = output(rows * in_f);
                 // SAFETY: ga is [rows, r], A is [r, in].
-                unsafe {
-                    mm(
-                        (rows, in_f, r),
-                        &mut gxd,
-                        false,
-                        Mat::n(&ga, r),
-                        Mat::n(slice(a), in_f),
-                        1.0,
-                    )
-                };
+                let gxd =
+                    unsafe { product((rows, in_f, r), Mat::n(&ga, r), Mat::n(slice(a), in_f)) };
                 match state.key {
                     Some((key, keep)) => add_mul(gx, &gxd, &keep_mask(key, rows * in_f, keep)),
                     None => gx.par_iter_mut().zip(&gxd).for_each(|(g, d)| *g += d),

@@ -6,9 +6,9 @@ use std::sync::Mutex;
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Module;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Distribution, Tensor};
-use lora_core::{InitLoraWeights, LoraLinear};
+use lora_core::{InitLoraWeights, LoraLinear, LoraWeight};
 
 type Ad = Autodiff<Flex>;
 
@@ -43,6 +43,15 @@ fn max_abs(a: Tensor<Flex, 2>, b: Tensor<Flex, 2>) -> (f32, f32) {
     (err, scale)
 }
 
+/// The gradients of `lora_A` and `lora_B`.
+fn adapter_grads(
+    layer: &LoraLinear<Ad>,
+    grads: &<Ad as AutodiffBackend>::Gradients,
+) -> (Tensor<Flex, 2>, Tensor<Flex, 2>) {
+    let grad = |w: &Option<LoraWeight<Ad>>| w.as_ref().unwrap().weight.val().grad(grads).unwrap();
+    (grad(&layer.lora_A), grad(&layer.lora_B))
+}
+
 /// `(y, gx, gA, gB)` of `sum(forward(x) · g)` for a fixed upstream gradient `g`.
 fn run(
     layer: &LoraLinear<Ad>,
@@ -62,22 +71,7 @@ fn run(
     let [b, s, o] = y.dims();
     let gx = x.grad(&grads).unwrap();
     let i = gx.dims()[2];
-    let ga = layer
-        .lora_A
-        .as_ref()
-        .unwrap()
-        .weight
-        .val()
-        .grad(&grads)
-        .unwrap();
-    let gb = layer
-        .lora_B
-        .as_ref()
-        .unwrap()
-        .weight
-        .val()
-        .grad(&grads)
-        .unwrap();
+    let (ga, gb) = adapter_grads(layer, &grads);
     [
         y.inner().reshape([b * s, o]),
         gx.reshape([b * s, i]),
@@ -145,22 +139,7 @@ fn frozen_input_gets_no_gradient_but_adapters_do() {
     let x = Tensor::<Ad, 2>::random([6, 24], Distribution::Normal(0.0, 1.0), &device);
     let grads = layer.forward(x.clone()).sum().backward();
     assert!(x.grad(&grads).is_none());
-    let ga = layer
-        .lora_A
-        .as_ref()
-        .unwrap()
-        .weight
-        .val()
-        .grad(&grads)
-        .unwrap();
-    let gb = layer
-        .lora_B
-        .as_ref()
-        .unwrap()
-        .weight
-        .val()
-        .grad(&grads)
-        .unwrap();
+    let (ga, gb) = adapter_grads(&layer, &grads);
     assert_eq!(ga.dims(), [2, 24]);
     assert_eq!(gb.dims(), [12, 2]);
     assert!(

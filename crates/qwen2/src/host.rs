@@ -14,9 +14,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::FlexTensor;
-use lora_core::host::{contiguous, same_type, slice};
+use lora_core::host::{contiguous, from_host, slice, to_host};
 use rayon::prelude::*;
 
 type Ad = Autodiff<Flex>;
@@ -46,12 +46,7 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
         return silu(gate) * up;
     }
     let shape = gate.shape();
-    let prim = |t: Tensor<B, D>| {
-        same_type::<_, Tensor<Ad, D>>(t)
-            .expect("checked above")
-            .into_primitive()
-            .tensor()
-    };
+    let prim = |t: Tensor<B, D>| to_host(t).expect("checked above");
     let (g, u) = (prim(gate), prim(up));
     let (gp, up_) = (
         contiguous(g.primitive.clone()),
@@ -80,7 +75,7 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
         OpsKind::Tracked(prep) => prep.finish((gp, up_), h),
         OpsKind::UnTracked(prep) => prep.finish(h),
     };
-    same_type(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out))).expect("checked above")
+    from_host(out).expect("checked above")
 }
 
 #[derive(Debug)]
@@ -148,21 +143,10 @@ pub(crate) fn rope_bshd<B: Backend>(
     if d % 2 != 0 || ts != s || td != d || !(tb == 1 || tb == b) || sin.dims() != cos.dims() {
         return None;
     }
-    let table = |t: &Tensor<B, 4>| {
-        contiguous(
-            same_type::<_, Tensor<Ad, 4>>(t.clone())
-                .expect("checked above")
-                .into_primitive()
-                .tensor()
-                .primitive,
-        )
-    };
+    let table = |t: &Tensor<B, 4>| contiguous(to_host(t.clone()).expect("checked above").primitive);
     let (cos, sin) = (table(cos), table(sin));
     let shape = x.shape();
-    let x = same_type::<_, Tensor<Ad, 4>>(x.clone())
-        .expect("checked above")
-        .into_primitive()
-        .tensor();
+    let x = to_host(x.clone()).expect("checked above");
     let xp = contiguous(x.primitive.clone());
     let y = rotate(
         slice(&xp),
@@ -180,7 +164,7 @@ pub(crate) fn rope_bshd<B: Backend>(
         OpsKind::Tracked(prep) => prep.finish((cos, sin, tb > 1), y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
-    same_type(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
+    from_host(out)
 }
 
 /// Rows of `d` values at `[batch, seq, heads]`, rotated: forward `x·c + rotate_half(x)·s`, or
@@ -265,16 +249,9 @@ pub(crate) fn rms_norm<B: Backend, const D: usize>(
     {
         return None;
     }
-    let w = contiguous(
-        same_type::<_, Tensor<Ad, 1>>(weight.clone())?
-            .into_primitive()
-            .tensor()
-            .primitive,
-    );
+    let w = contiguous(to_host(weight.clone())?.primitive);
     let shape = x.shape();
-    let x = same_type::<_, Tensor<Ad, D>>(x.clone())?
-        .into_primitive()
-        .tensor();
+    let x = to_host(x.clone())?;
     let xp = contiguous(x.primitive.clone());
     let n = weight.dims()[0];
     let (xs, ws) = (slice(&xp), slice(&w));
@@ -307,7 +284,7 @@ pub(crate) fn rms_norm<B: Backend, const D: usize>(
             OpsKind::Tracked(prep) => prep.finish((xp, w, r), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
-    same_type(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
+    from_host(out)
 }
 
 #[derive(Debug)]
@@ -385,12 +362,7 @@ pub(crate) fn attention_bshd<B: Backend>(
         return None;
     }
     let flex = |t: &Tensor<B, 4>| -> Option<FlexTensor> {
-        Some(contiguous(
-            same_type::<_, Tensor<Ad, 4>>(t.clone())?
-                .into_primitive()
-                .tensor()
-                .primitive,
-        ))
+        Some(contiguous(to_host(t.clone())?.primitive))
     };
     let (masks, segments) = match bias {
         AttentionBias::Dense(mask) => {
@@ -433,12 +405,7 @@ pub(crate) fn attention_bshd<B: Backend>(
             (masks, segs)
         }
     };
-    let prim = |t: &Tensor<B, 4>| {
-        same_type::<_, Tensor<Ad, 4>>(t.clone())
-            .expect("checked above")
-            .into_primitive()
-            .tensor()
-    };
+    let prim = |t: &Tensor<B, 4>| to_host(t.clone()).expect("checked above");
     let (qa, ka, va) = (prim(q), prim(k), prim(v));
     let st = AttnState {
         q: contiguous(qa.primitive.clone()),
@@ -532,7 +499,7 @@ pub(crate) fn attention_bshd<B: Backend>(
         OpsKind::Tracked(prep) => prep.finish(st, y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
-    same_type(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
+    from_host(out)
 }
 
 /// A row-major operand for [`mm`]: `(pointer, row stride, column stride)`.
