@@ -24,7 +24,7 @@ fn model(layers: usize, vocab: usize) -> (Qwen2Config, Qwen2ForCausalLM<Ad>) {
     let base = Qwen2ForCausalLM::<Ad>::new(&cfg, &Default::default());
     let cfg_lora = LoraConfig {
         lora_dropout: 0.0,
-        ..LoraConfig::tutorial()
+        ..lora_trainer::recipe::lora_config()
     };
     (cfg, apply_lora(base, &cfg_lora).expect("tutorial config").0)
 }
@@ -84,7 +84,7 @@ fn blocks(c: &mut Criterion) {
                 black_box(
                     layer
                         .self_attn
-                        .forward(x.clone(), &rope, &mask)
+                        .forward(x.clone(), &rope, &mask, None)
                         .sum()
                         .backward(),
                 )
@@ -94,7 +94,14 @@ fn blocks(c: &mut Criterion) {
             b.iter(|| black_box(layer.mlp.forward(x.clone()).sum().backward()))
         });
         g.bench_function(id("decoder_layer"), |b| {
-            b.iter(|| black_box(layer.forward(x.clone(), &rope, &mask).sum().backward()))
+            b.iter(|| {
+                black_box(
+                    layer
+                        .forward(x.clone(), &rope, &mask, None)
+                        .sum()
+                        .backward(),
+                )
+            })
         });
     }
     g.finish();

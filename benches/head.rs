@@ -1,12 +1,12 @@
 //! The CPU output head of training: softmax cross-entropy through Qwen2.5's tied embedding
 //! (151,936 × 896, f32) for the supervised rows of one step, loss and input gradient, with
-//! `lora_trainer::fused_linear_xent` (vocabulary-blocked, no `[rows, vocab]` logits). Two products
+//! `kernels::cpu::fused_linear_cross_entropy` (vocabulary-blocked, no `[rows, vocab]` logits). Two products
 //! of `rows × 896 × 151,936` multiply-adds: the throughput is reported in FLOP.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use lora_trainer::fused_linear_xent;
+use kernels::cpu::fused_linear_cross_entropy;
 
 fn head(c: &mut Criterion) {
     let (vocab, hidden) = (151_936usize, 896usize);
@@ -29,7 +29,15 @@ fn head(c: &mut Criterion) {
             BenchmarkId::new("flex/flop", format!("{rows}x{hidden}x{vocab}")),
             &x,
             |b, x| {
-                b.iter(|| black_box(fused_linear_xent(x, &weight, &targets, hidden, rows as f32)))
+                b.iter(|| {
+                    black_box(fused_linear_cross_entropy(
+                        x,
+                        &weight,
+                        &targets,
+                        hidden,
+                        rows as f32,
+                    ))
+                })
             },
         );
     }

@@ -2,6 +2,7 @@
 //!
 //! This umbrella crate re-exports the workspace's libraries and owns the workspace-level integration
 //! tests (`tests/`) and benchmarks (`benches/`). Depend on the individual crates to take only a part.
+#![forbid(unsafe_code)]
 
 pub use lora_core;
 pub use lora_trainer;

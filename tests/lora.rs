@@ -195,7 +195,7 @@ fn identity_adapter_reproduces_base_logits_exactly() {
     let r = read_reference(&fixtures().join("tiny-untied-f32-sharded/reference.safetensors"));
     let (ids, mask) = (int2(&r["input_ids"]), int2(&r["attention_mask"]));
     let plain = floats(base::<Cpu>().forward(ids.clone(), Some(mask.clone()), None));
-    let cfg = LoraConfig::tutorial(); // init_lora_weights = true: B = 0
+    let cfg = lora_trainer::recipe::lora_config(); // init_lora_weights = true: B = 0
     let (model, _) = apply_lora(base::<Cpu>(), &cfg).unwrap();
     let adapted = floats(model.forward(ids, Some(mask), None));
     assert_eq!(plain, adapted, "B = 0 must leave logits bit-identical");
@@ -272,14 +272,14 @@ fn trainable_parameter_report_equals_peft_for_qwen25_7b() {
             .unwrap();
     // Lazy parameters: the 7.6B base weights are never allocated; only the 20M adapter values are.
     let model = Qwen2ForCausalLM::<Cpu>::new(&cfg, &Default::default());
-    let (_, report) = apply_lora(model, &LoraConfig::tutorial()).unwrap();
+    let (_, report) = apply_lora(model, &lora_trainer::recipe::lora_config()).unwrap();
     println!("{report}");
     assert_eq!(report.trainable as u64, want["trainable"].as_u64().unwrap());
     assert_eq!(report.all as u64, want["all"].as_u64().unwrap());
     assert_eq!(report.to_string(), want["line"].as_str().unwrap());
 
     let tiny = &peft["tiny"];
-    let (_, report) = apply_lora(base::<Cpu>(), &LoraConfig::tutorial()).unwrap();
+    let (_, report) = apply_lora(base::<Cpu>(), &lora_trainer::recipe::lora_config()).unwrap();
     assert_eq!(report.trainable as u64, tiny["trainable"].as_u64().unwrap());
     assert_eq!(report.all as u64, tiny["all"].as_u64().unwrap());
 }
@@ -388,7 +388,7 @@ fn bad_configs_and_adapters_are_refused_with_names() {
         base::<Cpu>(),
         &LoraConfig {
             use_dora: true,
-            ..LoraConfig::tutorial()
+            ..lora_trainer::recipe::lora_config()
         },
     )
     .unwrap_err();
@@ -397,7 +397,7 @@ fn bad_configs_and_adapters_are_refused_with_names() {
         base::<Cpu>(),
         &LoraConfig {
             r: 0,
-            ..LoraConfig::tutorial()
+            ..lora_trainer::recipe::lora_config()
         },
     )
     .unwrap_err();
@@ -447,7 +447,7 @@ fn bad_configs_and_adapters_are_refused_with_names() {
 
 #[test]
 fn gaussian_and_false_inits_have_peft_statistics() {
-    let mut cfg = LoraConfig::tutorial();
+    let mut cfg = lora_trainer::recipe::lora_config();
     cfg.init_lora_weights = InitLoraWeights::Named("gaussian".into());
     let (m, _) = apply_lora(base::<Cpu>(), &cfg).unwrap();
     let b = floats(

@@ -11,7 +11,7 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use lora_core::{apply_lora, LoraConfig};
+use lora_core::apply_lora;
 use lora_data::Batch;
 use lora_trainer::{clip_global_norm, TrainableLm};
 use qwen2::{Qwen2Config, Qwen2ForCausalLM};
@@ -109,7 +109,7 @@ fn run_on<Ad: AutodiffBackend>(
     if dtype != DType::F32 {
         base = base.map(&mut Cast(dtype));
     }
-    let (mut model, _) = apply_lora(base, &LoraConfig::tutorial())?;
+    let (mut model, _) = apply_lora(base, &lora_trainer::recipe::lora_config())?;
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
         .with_weight_decay(0.01)

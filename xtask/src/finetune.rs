@@ -74,7 +74,9 @@ impl Default for FinetuneOptions {
             lora_r: 8,
             lora_alpha: 32.0,
             lora_dropout: 0.1,
-            target_modules: lora_core::TUTORIAL_TARGETS.map(String::from).to_vec(),
+            target_modules: lora_trainer::recipe::TUTORIAL_TARGETS
+                .map(String::from)
+                .to_vec(),
             use_rslora: false,
             init_adapter: None,
             eval_data: None,
@@ -273,7 +275,7 @@ impl FinetuneOptions {
             target_modules: Some(targets),
             use_rslora: self.use_rslora,
             base_model_name_or_path: self.model.as_ref().map(|p| p.display().to_string()),
-            ..LoraConfig::tutorial()
+            ..lora_trainer::recipe::lora_config()
         }
     }
 }

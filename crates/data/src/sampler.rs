@@ -3,9 +3,10 @@
 //!
 //! Mirrors transformers' `RandomSampler` (one permutation per epoch) and `LengthGroupedSampler`
 //! (shuffle, cut into mega-batches of 50 batches, sort each by length descending, put the longest
-//! example first so an out-of-memory shows up at step one). The generator is SplitMix64 written
-//! here rather than `rand`, so the order can never change under a dependency upgrade.
+//! example first so an out-of-memory shows up at step one). The generator is SplitMix64
+//! (`kernels::rng`) rather than `rand`, so the order can never change under a dependency upgrade.
 
+use kernels::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
@@ -143,41 +144,5 @@ impl Sampler {
             };
         }
         batch
-    }
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): small, fast, and fixed here forever.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2^-40 for any dataset size).
-    fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::SplitMix64;
-
-    /// The reference outputs of SplitMix64 seeded with 0 (Vigna's `splitmix64.c`).
-    #[test]
-    fn splitmix64_matches_the_reference_generator() {
-        let mut r = SplitMix64::new(0);
-        assert_eq!(r.next_u64(), 0xE220_A839_7B1D_CDAF);
-        assert_eq!(r.next_u64(), 0x6E78_9E6A_A1B9_65F4);
-        assert_eq!(r.next_u64(), 0x06C4_5D18_8009_454F);
     }
 }

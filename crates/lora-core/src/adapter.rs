@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use safetensors::tensor::TensorView;
@@ -12,6 +12,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::config::LoraConfig;
 use crate::error::LoraError;
+use crate::params::{visit_params, ParamRef};
 use crate::target::{apply_lora, is_targeted, LoraModel, LoraReport};
 
 /// PEFT's weights file name.
@@ -21,34 +22,39 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 /// PEFT's key prefix for a `PeftModelForCausalLM` around a `*ForCausalLM`.
 pub const PEFT_PREFIX: &str = "base_model.model.";
 
-/// Every adapter parameter of `model` as `(path, tensor)`, in model order.
-pub fn adapter_tensors<B: Backend, M: Module<B>>(model: &M) -> Vec<(String, Tensor<B, 2>)> {
-    struct Collect<B: Backend> {
-        stack: Vec<String>,
-        out: Vec<(String, Tensor<B, 2>)>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Collect<B> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            let path = self.stack.join(".");
-            if D == 2 && (path.ends_with(".lora_A.weight") || path.ends_with(".lora_B.weight")) {
-                // Same tensor (same autodiff node), only the rank is made static.
-                let t = Tensor::<B, 2>::from_primitive(p.val().into_primitive());
-                self.out.push((path, t));
+/// The two LoRA factors of a layer, by their PEFT module names.
+pub(crate) const FACTORS: [&str; 2] = ["lora_A", "lora_B"];
+
+/// The key of factor `factor` (`lora_A` / `lora_B`) of the layer at `module` in PEFT's
+/// `adapter_model.safetensors`: what [`save_adapter`] writes and [`load_adapter`] reads.
+pub fn adapter_key(module: &str, factor: &str) -> String {
+    format!("{PEFT_PREFIX}{module}.{factor}.weight")
+}
+
+/// Every adapter factor of `model` as `(layer path, factor, tensor)`, in model order; the tensor is
+/// the parameter itself (same autodiff node).
+fn adapter_factors<B: Backend, M: Module<B>>(
+    model: &M,
+) -> Vec<(String, &'static str, Tensor<B, 2>)> {
+    let mut out = Vec::new();
+    visit_params(model, |p: ParamRef<'_, B>| {
+        for factor in FACTORS {
+            let module = p.path.strip_suffix(&format!(".{factor}.weight") as &str);
+            if let (Some(module), Some(t)) = (module, p.value::<2>()) {
+                out.push((module.to_string(), factor, t));
             }
         }
-    }
-    let mut c = Collect {
-        stack: Vec::new(),
-        out: Vec::new(),
-    };
-    model.visit(&mut c);
-    c.out
+    });
+    out
+}
+
+/// Every adapter parameter of `model` as `(parameter path, tensor)`, in model order, e.g.
+/// `model.layers.0.self_attn.q_proj.lora_A.weight`; the tensor is the parameter itself.
+pub fn adapter_tensors<B: Backend, M: Module<B>>(model: &M) -> Vec<(String, Tensor<B, 2>)> {
+    adapter_factors(model)
+        .into_iter()
+        .map(|(module, factor, t)| (format!("{module}.{factor}.weight"), t))
+        .collect()
 }
 
 /// Writes `dir/adapter_model.safetensors` (f32) and `dir/adapter_config.json` as PEFT's
@@ -60,9 +66,10 @@ pub fn save_adapter<B: Backend, M: Module<B>>(
     dir: &Path,
 ) -> Result<PathBuf, LoraError> {
     std::fs::create_dir_all(dir).map_err(|e| LoraError::write(dir, e))?;
-    let tensors = adapter_tensors(model);
+    let tensors = adapter_factors(model);
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
-    for (path, t) in tensors {
+    for (module, factor, t) in tensors {
+        let key = adapter_key(&module, factor);
         let shape = t.dims().to_vec();
         let v = t
             .into_data()
@@ -70,10 +77,10 @@ pub fn save_adapter<B: Backend, M: Module<B>>(
             .to_vec::<f32>()
             .map_err(|e| LoraError::BadFile {
                 file: dir.join(ADAPTER_WEIGHTS),
-                reason: format!("reading `{path}`: {e:?}"),
+                reason: format!("reading `{key}`: {e:?}"),
             })?;
         let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        data.push((format!("{PEFT_PREFIX}{path}"), shape, bytes));
+        data.push((key, shape, bytes));
     }
     let views: Vec<(String, TensorView)> = data
         .iter()
@@ -98,37 +105,9 @@ pub fn save_adapter<B: Backend, M: Module<B>>(
     Ok(weights)
 }
 
-/// Writes `path` via a temporary sibling, an fsync and a rename, then fsyncs the directory: after
-/// `Ok`, `path` holds `bytes` durably; after `Err`, `path` is untouched (its previous content, or
-/// absent) and the temporary file is removed. A full device gives [`LoraError::NoSpace`] naming
-/// `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LoraError> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp-partial");
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
-        // Frees what the partial file took (on a full disk, the space the user needs).
-        let _ = std::fs::remove_file(&tmp);
-        return Err(LoraError::write(path, e));
-    }
-    sync_dir(path.parent().unwrap_or(Path::new(".")));
-    Ok(())
-}
-
-/// Makes a rename or file creation in `dir` durable. Best effort: some file systems refuse to
-/// fsync a directory, and the file's data is already synced.
-pub fn sync_dir(dir: &Path) {
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+/// [`kernels::io::write_atomic`] with this crate's error, naming `path`.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LoraError> {
+    kernels::io::write_atomic(path, bytes).map_err(|e| LoraError::write(path, e))
 }
 
 /// Loads a PEFT LoRA adapter directory into `model` (PEFT `PeftModel.from_pretrained`): reads and
@@ -178,8 +157,8 @@ pub fn load_adapter<B: Backend, M: LoraModel<B>>(
             continue;
         }
         let (r, [out_f, in_f]) = (cfg.rank_for(&path), linear.shape());
-        for (which, expected) in [("lora_A", [r, in_f]), ("lora_B", [out_f, r])] {
-            let key = format!("{PEFT_PREFIX}{path}.{which}.weight");
+        for (factor, expected) in FACTORS.into_iter().zip([[r, in_f], [out_f, r]]) {
+            let key = adapter_key(&path, factor);
             let view = found.get(&key).ok_or_else(|| LoraError::MissingTensor {
                 key: key.clone(),
                 module: path.clone(),
@@ -202,14 +181,14 @@ pub fn load_adapter<B: Backend, M: LoraModel<B>>(
         if !linear.has_adapter() {
             continue;
         }
-        for which in ["lora_A", "lora_B"] {
-            let key = format!("{PEFT_PREFIX}{path}.{which}.weight");
+        for factor in FACTORS {
+            let key = adapter_key(&path, factor);
             let view = found.remove(&key).ok_or_else(|| LoraError::MissingTensor {
                 key: key.clone(),
                 module: path.clone(),
                 file: file.clone(),
             })?;
-            let slot = if which == "lora_A" {
+            let slot = if factor == FACTORS[0] {
                 linear.lora_A.as_mut()
             } else {
                 linear.lora_B.as_mut()

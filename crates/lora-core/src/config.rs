@@ -149,32 +149,7 @@ const EXTRA_DEFAULTS: &[(&str, &str)] = &[
     ("runtime_config", "{\"ephemeral_gpu_offload\": false}"),
 ];
 
-/// The tutorial's targets: every linear projection of a Qwen2/Llama decoder layer.
-pub const TUTORIAL_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 impl LoraConfig {
-    /// The tutorial's config: r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down, causal LM.
-    pub fn tutorial() -> Self {
-        Self {
-            task_type: Some("CAUSAL_LM".into()),
-            r: 8,
-            lora_alpha: 32.0,
-            lora_dropout: 0.1,
-            target_modules: Some(ModuleSelector::List(
-                TUTORIAL_TARGETS.map(String::from).to_vec(),
-            )),
-            ..Self::default()
-        }
-    }
-
     /// Parses `adapter_config.json` text and validates it.
     pub fn from_json_str(text: &str) -> Result<Self, LoraError> {
         let cfg: Self = serde_json::from_str(text).map_err(|e| LoraError::ConfigParse {

@@ -14,7 +14,7 @@ pub enum LoraError {
         source: std::io::Error,
     },
     /// A write failed because the file system is full (or a quota or file-size limit was hit).
-    /// [`write_atomic`](crate::write_atomic) has removed its temporary file; `path` was not changed.
+    /// `kernels::io::write_atomic` has removed its temporary file; `path` was not changed.
     #[error("no space left on device while writing {path}: free space and write it again")]
     NoSpace {
         /// The file being written.
@@ -126,7 +126,7 @@ impl LoraError {
 
     /// A write error: [`LoraError::NoSpace`] when the device is full, else [`LoraError::Io`].
     pub(crate) fn write(path: &Path, source: std::io::Error) -> Self {
-        if is_storage_full(&source) {
+        if kernels::io::is_storage_full(&source) {
             LoraError::NoSpace {
                 path: path.to_path_buf(),
                 source,
@@ -149,14 +149,4 @@ impl LoraError {
             e => e,
         }
     }
-}
-
-/// Whether `e` says the file system is out of space: ENOSPC, a disk quota (EDQUOT) or the
-/// file-size limit (EFBIG). Each leaves nothing to do but free space or write elsewhere.
-pub fn is_storage_full(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind;
-    matches!(
-        e.kind(),
-        ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge
-    )
 }

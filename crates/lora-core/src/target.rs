@@ -10,7 +10,7 @@ use regex::Regex;
 use crate::config::{LayerSelector, LoraConfig, ModuleSelector};
 use crate::error::LoraError;
 use crate::linear::LoraLinear;
-use crate::param_count;
+use crate::params::param_count;
 
 /// A model whose linear layers can carry adapters. Implemented by the model crate (a few lines:
 /// list each `LoraLinear` with its module path); nothing else is needed to use this crate.

@@ -26,8 +26,8 @@ fn layer(i: usize, o: usize, bias: bool, r: usize, dropout: f64) -> LoraLinear<A
     }
     let mut layer = layer.no_grad();
     layer.attach_adapter("fc", r, 2.0, dropout, &InitLoraWeights::Bool(false));
-    assert!(layer.runs_on_host(DType::F32));
-    assert!(!layer.runs_on_host(DType::BF16));
+    assert!(layer.runs_fused(DType::F32));
+    assert!(!layer.runs_fused(DType::BF16));
     layer
 }
 

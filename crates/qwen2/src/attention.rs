@@ -1,4 +1,5 @@
-//! Grouped-query self-attention as HF `Qwen2Attention` (eager path).
+//! Grouped-query self-attention as HF `Qwen2Attention` (eager path), for training, evaluation and
+//! cached decoding alike.
 //!
 //! q/k/v projections carry biases, o_proj does not. Scores are computed, masked and soft-maxed in f32
 //! whatever the compute dtype, as HF's eager attention does (`softmax(..., dtype=float32)`). The mask
@@ -6,11 +7,17 @@
 //! then attends uniformly instead of producing NaN, and gradients flow through masked scores as they
 //! do in PyTorch (zero wherever a key has any unmasked competitor), so even the loss terms of such rows
 //! get transformers' gradients.
+//!
+//! Differences from HF, on purpose: no `repeat_kv`: the queries of the `n_rep` heads sharing a
+//! key/value head are stacked into one matrix, so keys and values (cached ones included) are never
+//! copied per head; and training on the CPU runs `kernels::cpu::attention`, one fused operation
+//! with its own backward.
 
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
+use kernels::cpu::AttentionMask;
 use lora_core::LoraLinear;
 
 use crate::rope::RopeCache;
@@ -35,6 +42,23 @@ pub struct Qwen2Attention<B: Backend> {
     pub head_dim: usize,
 }
 
+/// Which keys each query may see, as additive f32 masks (`0` where visible, `f32::MIN` where hidden).
+#[derive(Clone, Debug)]
+pub enum AttentionBias<B: Backend> {
+    /// `[batch or 1, 1, seq, keys]` for a batch of rows (causal and padding); `keys` counts the
+    /// cached positions too.
+    Dense(Tensor<B, 4>),
+    /// One row holding several sequences back to back (a padding-free batch): per sequence, in
+    /// order, its causal mask `[1, 1, len, len]`; the lengths add up to the row's length.
+    Packed(Vec<Tensor<B, 4>>),
+    /// Every query sees every key (one new token after a cache).
+    Full,
+}
+
+/// A layer's keys and values for the positions seen so far: `[batch, kv_heads, cached, head_dim]`
+/// each, RoPE already applied (HF `DynamicCache`'s entry for one layer).
+pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+
 impl<B: Backend> Qwen2Attention<B> {
     /// Lazily initialised random attention.
     pub fn new(cfg: &Qwen2Config, device: &B::Device) -> Self {
@@ -52,11 +76,14 @@ impl<B: Backend> Qwen2Attention<B> {
     }
 
     /// `x` `[batch, seq, hidden]`; `bias` says which keys each query sees ([`AttentionBias`]).
+    /// With a `cache`, `x` follows the cached positions: its keys and values are appended to the
+    /// cache and its queries attend over all of them.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeCache<B>,
         bias: &AttentionBias<B>,
+        cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -65,32 +92,53 @@ impl<B: Backend> Qwen2Attention<B> {
         let q = rope.apply_bshd(self.q_proj.forward(x.clone()).reshape([b, s, nh, d]));
         let k = rope.apply_bshd(self.k_proj.forward(x.clone()).reshape([b, s, nkv, d]));
         let v = self.v_proj.forward(x).reshape([b, s, nkv, d]);
-        let out = match crate::host::attention_bshd(&q, &k, &v, bias) {
+        let fused = match (&cache, bias) {
+            (None, AttentionBias::Dense(m)) => {
+                kernels::cpu::attention(&q, &k, &v, AttentionMask::Dense(m))
+            }
+            (None, AttentionBias::Packed(m)) => {
+                kernels::cpu::attention(&q, &k, &v, AttentionMask::Packed(m))
+            }
+            _ => None,
+        };
+        let out = match fused {
             Some(out) => out,
-            None => attention_reference(q, k, v, bias),
+            None => {
+                // [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
+                let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
+                let (k, v) = match cache {
+                    Some(cache) => {
+                        // [batch, kv_heads, cached + seq, head_dim]
+                        let (k, v) = match cache.take() {
+                            Some((pk, pv)) => {
+                                (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2))
+                            }
+                            None => (k, v),
+                        };
+                        *cache = Some((k.clone(), v.clone()));
+                        (k, v)
+                    }
+                    None => (k, v),
+                };
+                attention_reference(q, k, v, bias).swap_dims(1, 2)
+            }
         };
         self.o_proj.forward(out.reshape([b, s, nh * d]))
     }
 }
 
-/// Grouped-query attention with Burn ops, `[batch, seq, heads, head_dim]` in and out (`k`, `v` with
-/// `kv_heads`): heads moved forward, `k` and `v` repeated per query head, [`attend`] per row or per
-/// packed sequence. The definition the CPU's fused operation is tested against.
-pub(crate) fn attention_reference<B: Backend>(
+/// Grouped-query attention with Burn ops, `[batch, heads, seq, head_dim]` queries over
+/// `[batch, kv_heads, keys, head_dim]` keys and values, out `[batch, heads, seq, head_dim]`, per row
+/// or per packed sequence: the definition the CPU's fused operation is tested against.
+pub fn attention_reference<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     bias: &AttentionBias<B>,
 ) -> Tensor<B, 4> {
-    let (nh, nkv) = (q.dims()[2], k.dims()[2]);
-    // [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
-    let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
-    // [batch, kv_heads, seq, head_dim] -> [batch, heads, seq, head_dim]
-    let k = repeat_kv(k, nh / nkv);
-    let v = repeat_kv(v, nh / nkv);
-
-    let out = match bias {
-        AttentionBias::Dense(mask) => attend(q, k, v, mask),
+    match bias {
+        AttentionBias::Dense(mask) => attend(q, k, v, Some(mask)),
+        AttentionBias::Full => attend(q, k, v, None),
         AttentionBias::Packed(masks) => {
             // Each sequence of the packed row attends within itself: no score is computed
             // between two sequences.
@@ -99,51 +147,47 @@ pub(crate) fn attention_reference<B: Backend>(
             for mask in masks {
                 let len = mask.dims()[3];
                 let part = |t: &Tensor<B, 4>| t.clone().narrow(2, start, len);
-                parts.push(attend(part(&q), part(&k), part(&v), mask));
+                parts.push(attend(part(&q), part(&k), part(&v), Some(mask)));
                 start += len;
             }
             Tensor::cat(parts, 2)
         }
-    };
-    // [batch, heads, seq, head_dim] -> [batch, seq, heads, head_dim]
-    out.swap_dims(1, 2)
+    }
 }
 
-/// Which keys each query may see, as additive f32 masks (`0` where visible, `f32::MIN` where hidden).
-#[derive(Clone, Debug)]
-pub enum AttentionBias<B: Backend> {
-    /// `[batch, 1, seq, seq]` for a batch of rows (causal and padding).
-    Dense(Tensor<B, 4>),
-    /// One row holding several sequences back to back (a padding-free batch): per sequence, in
-    /// order, its causal mask `[1, 1, len, len]`; the lengths add up to the row's length.
-    Packed(Vec<Tensor<B, 4>>),
-}
-
-/// `softmax(q·kᵀ/√d + mask)·v` with scores and softmax in f32: `[b, heads, s, d]` in and out.
+/// `softmax(q·kᵀ/√d + mask)·v` with scores and softmax in f32, grouped: query head
+/// `h = g·n_rep + r` uses key/value head `g` (HF `repeat_kv`'s pairing, without the copies).
 fn attend<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    mask: &Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4>>,
 ) -> Tensor<B, 4> {
     let [b, nh, s, d] = q.dims();
+    let [_, nkv, t, _] = k.dims();
+    let n_rep = nh / nkv;
     let dtype = q.dtype();
+    // [batch, heads, seq, head_dim] -> [batch, kv_heads, n_rep * seq, head_dim]
+    let q = q.reshape([b, nkv, n_rep * s, d]);
+    // [batch, kv_heads, n_rep * seq, keys], in f32 as HF's eager attention.
     let scores = q
         .matmul(k.swap_dims(2, 3))
         .cast(DType::F32)
         .mul_scalar(1.0 / (d as f64).sqrt());
-    let scores = scores + mask.clone().expand([b, nh, s, s]);
-    softmax(scores, 3).cast(dtype).matmul(v)
-}
-
-/// HF `repeat_kv`: each key/value head serves `n_rep` consecutive query heads.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, kv, s, d] = x.dims();
-    // [b, kv, 1, s, d] -> [b, kv, n_rep, s, d] -> [b, kv * n_rep, s, d]
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, kv, n_rep, s, d])
-        .reshape([b, kv * n_rep, s, d])
+    let scores = match mask {
+        Some(m) => {
+            // [batch or 1, 1, seq, keys] -> [batch, kv_heads, n_rep, seq, keys]
+            let m = m
+                .clone()
+                .unsqueeze_dim::<5>(1)
+                .expand([b, nkv, n_rep, s, t]);
+            (scores.reshape([b, nkv, n_rep, s, t]) + m).reshape([b, nkv, n_rep * s, t])
+        }
+        None => scores,
+    };
+    // [batch, kv_heads, n_rep * seq, head_dim] -> [batch, heads, seq, head_dim]
+    softmax(scores, 3)
+        .cast(dtype)
+        .matmul(v)
+        .reshape([b, nh, s, d])
 }

@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use safetensors::tensor::TensorView;
@@ -129,38 +128,18 @@ pub fn export_weights<B: Backend>(
 
 /// `(key, shape, flat tensor)` of every parameter except LoRA factors, in module order.
 fn collect<B: Backend>(model: &Qwen2ForCausalLM<B>) -> Vec<(String, Vec<usize>, Tensor<B, 1>)> {
-    struct Collect<B: Backend> {
-        stack: Vec<String>,
-        out: Vec<(String, Vec<usize>, Tensor<B, 1>)>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Collect<B> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            if self.stack.iter().any(|s| s == "lora_A" || s == "lora_B") {
-                return;
-            }
-            let t = p.val();
-            let shape = t.dims().to_vec();
+    let mut out = Vec::new();
+    lora_core::visit_params(model, |p: lora_core::ParamRef<'_, B>| {
+        if !p.is_adapter() {
             // A flat view (no copy for a contiguous tensor), so one type holds every rank.
-            self.out
-                .push((self.stack.join("."), shape, t.reshape([-1])));
+            out.push((p.path.to_string(), p.shape.to_vec(), p.flat()));
         }
-    }
-    let mut c = Collect {
-        stack: Vec::new(),
-        out: Vec::new(),
-    };
-    model.visit(&mut c);
-    c.out
+    });
+    out
 }
 
 fn write_err(path: &Path, e: std::io::Error) -> Qwen2Error {
-    let reason = if lora_core::is_storage_full(&e) {
+    let reason = if kernels::io::is_storage_full(&e) {
         format!("no space left on device ({e}): free space and run the command again")
     } else {
         e.to_string()
@@ -171,22 +150,9 @@ fn write_err(path: &Path, e: std::io::Error) -> Qwen2Error {
     }
 }
 
-/// Writes `path` via a temporary sibling, an fsync and a rename, then fsyncs the directory; on
-/// failure the temporary file is removed (on a full disk, it holds the space the user needs) and
-/// `path` keeps its previous content.
+/// [`kernels::io::write_atomic`] with this crate's error, naming `path`.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Qwen2Error> {
-    use std::io::Write;
-    let tmp = path.with_extension("partial");
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(write_err(path, e));
-    }
-    lora_core::sync_dir(path.parent().unwrap_or(Path::new(".")));
-    Ok(())
+    kernels::io::write_atomic(path, bytes).map_err(|e| write_err(path, e))
 }
 
 /// Parses a shard size as transformers does: an integer number of bytes, or a number with a unit

@@ -4,39 +4,43 @@
 //! The linear projections are [`lora_core::LoraLinear`], so a LoRA adapter attaches to this model
 //! without rewriting it; with no adapter attached they are plain linear layers. Generation (KV
 //! cache, HF's sampling) and export of a (merged) model as an HF checkpoint live here too.
+#![forbid(unsafe_code)]
 
 mod attention;
 mod config;
 mod error;
 mod export;
 mod generate;
-mod host;
 mod load;
 mod mlp;
 mod model;
 mod norm;
+mod resolve;
 mod rope;
 mod sampling;
 mod save;
+#[cfg(test)]
+mod tests_fused;
 
-pub use attention::{AttentionBias, Qwen2Attention};
+pub use attention::{attention_reference, AttentionBias, LayerCache, Qwen2Attention};
 pub use config::{Qwen2Config, RopeParameters, TokenIds};
 pub use error::Qwen2Error;
 pub use export::{export_weights, parse_size, ExportReport};
 pub use generate::{generate, generate_cached, Generation, KvCache, StopReason};
-pub use host::swiglu;
+/// The seeded generator of sampling (`kernels::rng::SplitMix64`).
+pub use kernels::rng::SplitMix64;
 pub use load::{
-    load_model, load_safetensors_into, parameter_shapes, resolve_model_dir, weight_files,
-    LoadReport, LoadedModel,
+    load_model, load_safetensors_into, parameter_shapes, weight_files, LoadReport, LoadedModel,
 };
 pub use mlp::Qwen2Mlp;
 pub use model::{
     additive_mask, attention_mask_4d, Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model,
 };
 pub use norm::Qwen2RmsNorm;
+pub use resolve::resolve_model_dir;
 pub use rope::{inv_freq, RopeCache};
 pub use sampling::{
-    argmax, repetition_penalty, softmax, top_k, top_p, GenerationConfig, SplitMix64, TokenSampler,
+    argmax, repetition_penalty, softmax, top_k, top_p, GenerationConfig, TokenSampler,
     GENERATION_CONFIG,
 };
 pub use save::save_model;

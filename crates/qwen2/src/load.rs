@@ -12,16 +12,17 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ParamId};
 use burn::store::{ModuleSnapshot, TensorSnapshot, TensorSnapshotError};
 use burn::tensor::backend::Backend;
-use burn::tensor::{bf16, f16, DType, Shape, Tensor, TensorData};
+use burn::tensor::{bf16, f16, DType, Shape, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::Qwen2Error;
+use crate::resolve::resolve_model_dir;
 use crate::{Qwen2Config, Qwen2ForCausalLM};
 
-const CONFIG: &str = "config.json";
+pub(crate) const CONFIG: &str = "config.json";
 const SINGLE: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
 
@@ -52,115 +53,6 @@ pub struct LoadReport {
     pub ignored: Vec<String>,
     /// Storage dtypes seen in the files.
     pub file_dtypes: Vec<String>,
-}
-
-/// Finds the model directory for `path`:
-/// * a directory holding `config.json` (a plain download, e.g. ModelScope's `qwen/Qwen2.5-7B-Instruct`);
-/// * a Hugging Face hub cache repo dir (`models--Qwen--Qwen2.5-7B-Instruct`): the snapshot that
-///   `refs/main` names, or the only snapshot;
-/// * a repo id `Org/Name` not found as a path: looked up in the Hugging Face hub cache (`HF_HUB_CACHE`,
-///   `HF_HOME/hub`, `~/.cache/huggingface/hub`) and the ModelScope cache (`MODELSCOPE_CACHE`,
-///   `~/.cache/modelscope/hub`).
-pub fn resolve_model_dir(path: &Path) -> Result<PathBuf, Qwen2Error> {
-    if path.join(CONFIG).is_file() {
-        return Ok(path.to_path_buf());
-    }
-    if path.join("snapshots").is_dir() {
-        return hub_snapshot(path);
-    }
-    if !path.exists() {
-        if let Some(found) = lookup_repo_id(path) {
-            return Ok(found);
-        }
-        return Err(Qwen2Error::ModelNotFound {
-            path: path.to_path_buf(),
-            hint:
-                "no such directory, and no Hugging Face or ModelScope cache entry for it; pass the \
-                   directory that holds config.json and the *.safetensors files"
-                    .into(),
-        });
-    }
-    Err(Qwen2Error::ModelNotFound {
-        path: path.to_path_buf(),
-        hint: format!(
-            "the directory has no {CONFIG}; pass the directory that holds config.json and the \
-             *.safetensors files (for a hub cache, the models--Org--Name directory)"
-        ),
-    })
-}
-
-fn hub_snapshot(repo: &Path) -> Result<PathBuf, Qwen2Error> {
-    let snaps = repo.join("snapshots");
-    if let Ok(rev) = std::fs::read_to_string(repo.join("refs").join("main")) {
-        let dir = snaps.join(rev.trim());
-        if dir.join(CONFIG).is_file() {
-            return Ok(dir);
-        }
-    }
-    let mut candidates: Vec<PathBuf> = std::fs::read_dir(&snaps)
-        .map_err(|e| Qwen2Error::io(&snaps, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join(CONFIG).is_file())
-        .collect();
-    candidates.sort();
-    match candidates.len() {
-        1 => Ok(candidates.remove(0)),
-        0 => Err(Qwen2Error::ModelNotFound {
-            path: repo.to_path_buf(),
-            hint: "hub cache entry has no snapshot with config.json; download the model again".into(),
-        }),
-        _ => Err(Qwen2Error::ModelNotFound {
-            path: repo.to_path_buf(),
-            hint: format!(
-                "hub cache entry has {} snapshots and refs/main names none of them; pass one of them: {}",
-                candidates.len(),
-                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-            ),
-        }),
-    }
-}
-
-fn lookup_repo_id(id: &Path) -> Option<PathBuf> {
-    let s = id.to_str()?;
-    let (org, name) = s.split_once('/')?;
-    if org.is_empty() || name.is_empty() || name.contains('/') {
-        return None;
-    }
-    let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
-    let home = env("HOME").unwrap_or_default();
-    let xdg = env("XDG_CACHE_HOME").unwrap_or_else(|| home.join(".cache"));
-    let hf_roots = [
-        env("HF_HUB_CACHE"),
-        env("HF_HOME").map(|h| h.join("hub")),
-        Some(xdg.join("huggingface").join("hub")),
-    ];
-    for root in hf_roots.into_iter().flatten() {
-        let repo = root.join(format!("models--{org}--{name}"));
-        if repo.is_dir() {
-            if let Ok(dir) = hub_snapshot(&repo) {
-                return Some(dir);
-            }
-        }
-    }
-    let ms_roots = [
-        env("MODELSCOPE_CACHE"),
-        Some(xdg.join("modelscope").join("hub")),
-    ];
-    // ModelScope writes `.` in names as `___` in newer versions.
-    let names = [name.to_string(), name.replace('.', "___")];
-    for root in ms_roots.into_iter().flatten() {
-        for base in [root.clone(), root.join("models")] {
-            for org in [org.to_string(), org.to_lowercase()] {
-                for n in &names {
-                    let dir = base.join(&org).join(n);
-                    if dir.join(CONFIG).is_file() {
-                        return Some(dir);
-                    }
-                }
-            }
-        }
-    }
-    None
 }
 
 /// The safetensors files of a model directory: the shards named by `model.safetensors.index.json`
@@ -220,28 +112,11 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, Qwen2Error> {
 
 /// Every float parameter of a module as `(path, shape)`, without materializing lazy parameters.
 pub fn parameter_shapes<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<usize>)> {
-    struct Lister {
-        stack: Vec<String>,
-        out: Vec<(String, Vec<usize>)>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Lister {
-        fn enter_module(&mut self, name: &str, _ty: &str) {
-            self.stack.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _ty: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            self.out
-                .push((self.stack.join("."), p.lazy_shape().to_vec()));
-        }
-    }
-    let mut l = Lister {
-        stack: Vec::new(),
-        out: Vec::new(),
-    };
-    module.visit(&mut l);
-    l.out
+    let mut out = Vec::new();
+    lora_core::visit_params(module, |p: lora_core::ParamRef<'_, B>| {
+        out.push((p.path.to_string(), p.shape.to_vec()));
+    });
+    out
 }
 
 /// One tensor's place in a file, after the header was validated.
@@ -271,7 +146,7 @@ fn read_header(file: &Path) -> Result<BTreeMap<String, Entry>, Qwen2Error> {
     // Mapping only to parse the header: the data pages are never touched through this map.
     // SAFETY: the map is read-only and dropped before this function returns; a concurrent
     // truncation of the file by another process is the only hazard, as with any mmap reader.
-    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Qwen2Error::io(file, e))?;
+    let map = kernels::io::map_readonly(&f).map_err(|e| Qwen2Error::io(file, e))?;
     let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
         let header_len = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
         bad(format!(

@@ -1,6 +1,7 @@
 //! SwiGLU MLP as HF `Qwen2MLP`: `down_proj(silu(gate_proj(x)) * up_proj(x))`, no biases.
 
 use burn::module::Module;
+use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use lora_core::LoraLinear;
@@ -36,7 +37,9 @@ impl<B: Backend> Qwen2Mlp<B> {
     /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate = self.gate_proj.forward(x.clone());
-        self.down_proj
-            .forward(crate::swiglu(gate, self.up_proj.forward(x)))
+        let up = self.up_proj.forward(x);
+        // Training on the CPU: one fused operation with its own backward, equal bit for bit.
+        let h = kernels::cpu::swiglu(&gate, &up).unwrap_or_else(|| silu(gate) * up);
+        self.down_proj.forward(h)
     }
 }

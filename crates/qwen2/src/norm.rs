@@ -28,10 +28,10 @@ impl<B: Backend> Qwen2RmsNorm<B> {
     /// `weight * (x / sqrt(mean(x², -1) + eps))`, the statistics accumulated in f32.
     ///
     /// Training on the CPU (`Autodiff<Flex>`, f32, frozen weight) runs it as one operation with its
-    /// own backward, on all cores.
+    /// own backward, on all cores (`kernels::cpu::rms_norm`).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let weight = self.weight.val();
-        if let Some(y) = crate::host::rms_norm(&x, &weight, self.eps) {
+        if let Some(y) = kernels::cpu::rms_norm(&x, &weight, self.eps) {
             return y;
         }
         self.forward_reference(x)

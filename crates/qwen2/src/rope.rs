@@ -59,7 +59,7 @@ impl<B: Backend> RopeCache<B> {
     /// [`Self::apply`] for `x` in `[batch, seq, heads, head_dim]` order (the projections' own
     /// layout, before heads are moved forward); on the CPU training path one fused operation.
     pub fn apply_bshd(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        match crate::host::rope_bshd(&x, &self.cos, &self.sin) {
+        match kernels::cpu::rope(&x, &self.cos, &self.sin) {
             Some(y) => y,
             None => self.apply(x.swap_dims(1, 2)).swap_dims(1, 2),
         }

@@ -4,10 +4,11 @@
 //!
 //! Mirrors `RepetitionPenaltyLogitsProcessor`, `TemperatureLogitsWarper`, `TopKLogitsWarper` and
 //! `TopPLogitsWarper` (`transformers/generation/logits_process.py`, `min_tokens_to_keep = 1`).
-//! Deliberately different: the random draw uses SplitMix64 written here, not torch's generator, so
+//! Deliberately different: the random draw uses SplitMix64 (`kernels::rng`), not torch's generator, so
 //! a seed reproduces a run of this crate (on any platform, under any dependency upgrade) but not a
 //! run of PyTorch. Greedy decoding has no randomness and matches transformers token for token.
 
+use kernels::rng::SplitMix64;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -144,31 +145,6 @@ impl GenerationConfig {
     /// Whether the next token is drawn at random (sampling with a non-zero temperature).
     pub fn samples(&self) -> bool {
         self.do_sample && self.temperature > 0.0
-    }
-}
-
-/// SplitMix64 (Steele, Lea & Flood 2014): a tiny generator whose stream a seed fixes forever.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)` with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 }
 

@@ -9,9 +9,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use burn::optim::Optimizer;
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use lora_core::{save_adapter, LoraConfig};
 use lora_data::SamplerState;
 
 use crate::error::TrainError;
+use crate::lm::TrainableLm;
 
 /// One logged line (also a line of `metrics.jsonl`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,10 +135,8 @@ pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
 /// Writes `trainer_state.json` into `dir` (atomically and durably: a temporary file, fsync, rename).
 pub fn write_state(dir: &Path, state: &TrainerState) -> Result<(), TrainError> {
     let json = serde_json::to_string_pretty(state).expect("state serializes");
-    Ok(lora_core::write_atomic(
-        &dir.join(STATE_FILE),
-        json.as_bytes(),
-    )?)
+    let path = dir.join(STATE_FILE);
+    kernels::io::write_atomic(&path, json.as_bytes()).map_err(|e| TrainError::io(&path, e))
 }
 
 /// Removes the oldest complete checkpoints beyond `limit`.
@@ -150,4 +153,47 @@ pub fn prune(output_dir: &Path, limit: Option<usize>) -> Result<Vec<PathBuf>, Tr
         }
     }
     Ok(removed)
+}
+
+/// Writes `checkpoint-{step}` atomically: every file into a temporary directory (each fsynced),
+/// then one rename, then an fsync of `out`. On any failure the temporary directory is removed
+/// (on a full disk that frees the space it took) and the complete checkpoints are untouched.
+pub(crate) fn save_checkpoint<B: AutodiffBackend, M: TrainableLm<B>, O: Optimizer<M, B>>(
+    model: &M,
+    lora_cfg: &LoraConfig,
+    optim: &O,
+    state: &TrainerState,
+    out: &Path,
+) -> Result<PathBuf, TrainError> {
+    let final_dir = out.join(format!("checkpoint-{}", state.global_step));
+    let tmp = out.join(format!(".checkpoint-{}.partial", state.global_step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    }
+    let write_all = || -> Result<(), TrainError> {
+        save_adapter(model, lora_cfg, &tmp)?;
+        // Encoded in memory and written by `write_atomic` (same bincode layout as
+        // `BinFileRecorder`, which loads it) so that a write error keeps its OS error kind and the
+        // file is fsynced.
+        let path = tmp.join(OPTIMIZER_FILE).with_extension("bin");
+        let bytes = BinBytesRecorder::<FullPrecisionSettings>::new()
+            .record(optim.to_record(), ())
+            .map_err(|e| TrainError::Record {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        kernels::io::write_atomic(&path, &bytes).map_err(|e| TrainError::io(&path, e))?;
+        // The state file last: a directory without it is never picked for resuming.
+        write_state(&tmp, state)?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))
+    };
+    if let Err(e) = write_all() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    kernels::io::sync_dir(out);
+    Ok(final_dir)
 }

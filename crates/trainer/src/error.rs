@@ -2,7 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use lora_core::{is_storage_full, LoraError};
+use kernels::io::is_storage_full;
+use lora_core::LoraError;
 
 use crate::checkpoint::last_checkpoint;
 

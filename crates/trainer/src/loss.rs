@@ -6,9 +6,7 @@
 
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
-
-use crate::host_xent;
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor};
 
 type Gradients<B> = <B as AutodiffBackend>::Gradients;
 
@@ -198,42 +196,6 @@ pub fn chunked_head_loss<B: AutodiffBackend>(
     (value, Some((hs * dhs).sum()))
 }
 
-/// [`host_xent::fused_linear_xent`] when everything is f32 in Flex's own memory (the CPU path):
-/// `None` elsewhere.
-fn host_fused_head<B: Backend>(
-    rows: &Tensor<B, 2>,
-    targets: &Tensor<B, 1, Int>,
-    w: &Tensor<B, 2>,
-    norm: f64,
-) -> Option<(Tensor<B, 1>, Tensor<B, 2>)> {
-    use burn::tensor::TensorPrimitive;
-    use std::any::Any;
-    if !lora_core::is_host_backend::<B>() || rows.dtype() != DType::F32 || w.dtype() != DType::F32 {
-        return None;
-    }
-    let hidden = w.dims()[1];
-    let prim = match w.clone().into_primitive() {
-        TensorPrimitive::Float(p) => p,
-        TensorPrimitive::QFloat(_) => return None,
-    };
-    let flex = (&prim as &dyn Any).downcast_ref::<burn_flex::FlexTensor>()?;
-    let weight = flex.as_slice::<f32>()?;
-    let device = rows.device();
-    let x = rows.clone().into_data().convert::<f32>();
-    let t = targets.clone().into_data().convert::<i64>();
-    let (loss, grad) = host_xent::fused_linear_xent(
-        x.as_slice::<f32>().ok()?,
-        weight,
-        t.as_slice::<i64>().ok()?,
-        hidden,
-        norm as f32,
-    );
-    Some((
-        Tensor::from_data(TensorData::new(vec![loss as f32], [1]), &device),
-        Tensor::from_data(TensorData::new(grad, [rows.dims()[0], hidden]), &device),
-    ))
-}
-
 /// Loss sum `[1]` and `d(loss / norm)/d(rows)` of one chunk through the linear head `w`
 /// `[vocab, hidden]`: softmax cross-entropy in f32, written out (see [`chunked_head_loss`]).
 fn linear_head_chunk<B: Backend>(
@@ -244,7 +206,8 @@ fn linear_head_chunk<B: Backend>(
 ) -> (Tensor<B, 1>, Tensor<B, 2>) {
     let len = rows.dims()[0];
     let dtype = rows.dtype();
-    if let Some(result) = host_fused_head(&rows, &targets, &w, norm) {
+    // On the CPU: one fused pass over the vocabulary, without the `[len, vocab]` logits.
+    if let Some(result) = kernels::cpu::linear_cross_entropy(&rows, &targets, &w, norm) {
         return result;
     }
     let logits = rows.matmul(w.clone().transpose()).cast(DType::F32); // [len, vocab]

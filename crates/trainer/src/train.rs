@@ -7,160 +7,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::record::{BinBytesRecorder, BinFileRecorder, FullPrecisionSettings, Recorder};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor};
-use lora_core::{load_adapter, save_adapter, sync_dir, write_atomic, LoraConfig, LoraModel};
-use lora_data::{Batch, Collator, Example, Sampler, SamplerState, IGNORE_INDEX};
-use qwen2::Qwen2ForCausalLM;
+use burn::optim::{AdamWConfig, GradientsAccumulator, Optimizer};
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use lora_core::{load_adapter, save_adapter, LoraConfig};
+use lora_data::{Collator, Example, Sampler, SamplerState, IGNORE_INDEX};
 
 use crate::args::TrainingArguments;
-use crate::checkpoint::{self, EvalEntry, LogEntry, TrainerState, OPTIMIZER_FILE};
-use crate::checkpointing::checkpointed_loss_and_grads;
+use crate::checkpoint::{self, save_checkpoint, EvalEntry, LogEntry, TrainerState, OPTIMIZER_FILE};
 use crate::clip::clip_global_norm;
 use crate::error::TrainError;
 use crate::eval::evaluate;
-use crate::loss::{chunked_head_loss, label_aware_loss_sum};
+use crate::lm::TrainableLm;
 use crate::plot::write_loss_svg;
-
-/// A causal language model that can score a batch (training and evaluation).
-pub trait CausalLm<B: Backend> {
-    /// Sum of token losses over the supervised positions of `batch` (labels shifted inside).
-    fn loss_sum(&self, batch: &Batch<B>) -> Tensor<B, 1>;
-}
-
-/// A causal language model the trainer can fine-tune: scored on the autodiff backend, evaluated on
-/// the inner one (`valid()`, no graph), with LoRA layers.
-pub trait TrainableLm<B: AutodiffBackend>: CausalLm<B> + LoraModel<B> + AutodiffModule<B> {
-    /// [`CausalLm::loss_sum`] of the inference-path copy of the model.
-    fn inner_loss_sum(
-        inner: &Self::InnerModule,
-        batch: &Batch<B::InnerBackend>,
-    ) -> Tensor<B::InnerBackend, 1>;
-
-    /// `(value, adapter gradients)` of `loss_sum(batch) / norm`. With `checkpointing`, a model may
-    /// recompute activations in backward instead of keeping them (same gradients, less memory);
-    /// `seed` then seeds its dropout replay. The default keeps everything (one plain backward).
-    fn loss_and_grads(
-        &self,
-        batch: &Batch<B>,
-        norm: f64,
-        checkpointing: bool,
-        seed: u64,
-    ) -> (f64, GradientsParams) {
-        let _ = (checkpointing, seed);
-        plain_loss_and_grads(self, batch, norm)
-    }
-}
-
-/// One plain backward of `loss_sum(batch) / norm`: every activation kept.
-pub fn plain_loss_and_grads<B: AutodiffBackend, M: TrainableLm<B>>(
-    model: &M,
-    batch: &Batch<B>,
-    norm: f64,
-) -> (f64, GradientsParams) {
-    let loss = model.loss_sum(batch).div_scalar(norm);
-    let value = loss.clone().into_scalar().elem::<f64>();
-    (value, GradientsParams::from_grads(loss.backward(), model))
-}
-
-impl<B: AutodiffBackend> TrainableLm<B> for Qwen2ForCausalLM<B> {
-    fn inner_loss_sum(
-        inner: &Self::InnerModule,
-        batch: &Batch<B::InnerBackend>,
-    ) -> Tensor<B::InnerBackend, 1> {
-        inner.loss_sum(batch)
-    }
-
-    fn loss_and_grads(
-        &self,
-        batch: &Batch<B>,
-        norm: f64,
-        checkpointing: bool,
-        seed: u64,
-    ) -> (f64, GradientsParams) {
-        if checkpointing {
-            checkpointed_loss_and_grads(self, batch, norm, seed)
-        } else {
-            head_chunked_loss_and_grads(self, batch, norm)
-        }
-    }
-}
-
-/// Qwen2's output head as a plain frozen weight `[vocab, hidden]` (the tied embedding, or an
-/// `lm_head` without adapter or bias whose weight takes no gradient), for the written-out head
-/// gradient of [`chunked_head_loss`]; `None` when the head has anything trainable.
-fn frozen_head_weight<B: AutodiffBackend>(
-    model: &Qwen2ForCausalLM<B>,
-) -> Option<Tensor<B::InnerBackend, 2>> {
-    let weight = match &model.lm_head {
-        None => &model.model.embed_tokens.weight,
-        Some(head) if head.bias.is_none() && (!head.has_adapter() || head.merged) => &head.weight,
-        Some(_) => return None,
-    };
-    (!weight.is_require_grad()).then(|| weight.val().inner())
-}
-
-/// Qwen2's head part of a step from its final hidden states: [`chunked_head_loss`] with the
-/// frozen-weight shortcut where it applies. Gradients of the head's own trainable parameters (an
-/// adapter on `lm_head`) go into `acc`; returns the loss value and the surrogate for the body.
-pub(crate) fn qwen2_head_loss<B: AutodiffBackend>(
-    model: &Qwen2ForCausalLM<B>,
-    hidden: Tensor<B, 3>,
-    labels: Tensor<B, 2, Int>,
-    norm: f64,
-    acc: &mut GradientsAccumulator<Qwen2ForCausalLM<B>>,
-) -> (f64, Option<Tensor<B, 1>>) {
-    chunked_head_loss(
-        hidden,
-        labels,
-        norm,
-        frozen_head_weight(model),
-        |h| model.logits(h),
-        |g| acc.accumulate(model, GradientsParams::from_grads(g, model)),
-    )
-}
-
-/// One backward of `loss_sum(batch) / norm` with the output head scored and differentiated chunk by
-/// chunk ([`chunked_head_loss`]): the same gradients as [`plain_loss_and_grads`] (up to summation
-/// order) without the full-vocabulary logits of every supervised position alive at once.
-fn head_chunked_loss_and_grads<B: AutodiffBackend>(
-    model: &Qwen2ForCausalLM<B>,
-    batch: &Batch<B>,
-    norm: f64,
-) -> (f64, GradientsParams) {
-    let hidden = batch_hidden(model, batch);
-    let mut acc = GradientsAccumulator::<Qwen2ForCausalLM<B>>::new();
-    let (value, surrogate) = qwen2_head_loss(model, hidden, batch.labels.clone(), norm, &mut acc);
-    if let Some(surrogate) = surrogate {
-        acc.accumulate(
-            model,
-            GradientsParams::from_grads(surrogate.backward(), model),
-        );
-    }
-    (value, acc.grads())
-}
-
-/// Final hidden states of `batch`: padded rows, or the one row of a padding-free batch.
-fn batch_hidden<B: Backend>(model: &Qwen2ForCausalLM<B>, batch: &Batch<B>) -> Tensor<B, 3> {
-    match &batch.seq_lens {
-        Some(lens) => model.forward_hidden_packed(batch.input_ids.clone(), lens),
-        None => model.forward_hidden(
-            batch.input_ids.clone(),
-            Some(batch.attention_mask.clone()),
-            None,
-        ),
-    }
-}
-
-impl<B: Backend> CausalLm<B> for Qwen2ForCausalLM<B> {
-    fn loss_sum(&self, batch: &Batch<B>) -> Tensor<B, 1> {
-        let hidden = batch_hidden(self, batch);
-        label_aware_loss_sum(hidden, batch.labels.clone(), |h| self.logits(h))
-    }
-}
 
 /// What the loop reports as it goes (for progress bars and printing).
 #[derive(Debug, Clone)]
@@ -491,47 +350,4 @@ fn append_line(file: &mut std::fs::File, path: &Path, line: &str) -> Result<(), 
         }
         TrainError::io(path, e)
     })
-}
-
-/// Writes `checkpoint-{step}` atomically: every file into a temporary directory (each fsynced),
-/// then one rename, then an fsync of `out`. On any failure the temporary directory is removed
-/// (on a full disk that frees the space it took) and the complete checkpoints are untouched.
-fn save_checkpoint<B: AutodiffBackend, M: TrainableLm<B>, O: Optimizer<M, B>>(
-    model: &M,
-    lora_cfg: &LoraConfig,
-    optim: &O,
-    state: &TrainerState,
-    out: &Path,
-) -> Result<PathBuf, TrainError> {
-    let final_dir = out.join(format!("checkpoint-{}", state.global_step));
-    let tmp = out.join(format!(".checkpoint-{}.partial", state.global_step));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    }
-    let write_all = || -> Result<(), TrainError> {
-        save_adapter(model, lora_cfg, &tmp)?;
-        // Encoded in memory and written by `write_atomic` (same bincode layout as
-        // `BinFileRecorder`, which loads it) so that a write error keeps its OS error kind and the
-        // file is fsynced.
-        let path = tmp.join(OPTIMIZER_FILE).with_extension("bin");
-        let bytes = BinBytesRecorder::<FullPrecisionSettings>::new()
-            .record(optim.to_record(), ())
-            .map_err(|e| TrainError::Record {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        write_atomic(&path, &bytes)?;
-        // The state file last: a directory without it is never picked for resuming.
-        checkpoint::write_state(&tmp, state)?;
-        if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
-        }
-        std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))
-    };
-    if let Err(e) = write_all() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    sync_dir(out);
-    Ok(final_dir)
 }

@@ -35,7 +35,7 @@ fn lora_cfg() -> LoraConfig {
     LoraConfig {
         lora_dropout: 0.1, // dropout on: a resume must replay the RNG too
         init_lora_weights: lora_core::InitLoraWeights::Bool(false),
-        ..LoraConfig::tutorial()
+        ..lora_trainer::recipe::lora_config()
     }
 }
 

@@ -18,7 +18,7 @@ fn lora_cfg(dropout: f64) -> LoraConfig {
     LoraConfig {
         lora_dropout: dropout,
         init_lora_weights: lora_core::InitLoraWeights::Bool(false),
-        ..LoraConfig::tutorial()
+        ..lora_trainer::recipe::lora_config()
     }
 }
 
@@ -476,7 +476,9 @@ fn chunked_head_gives_the_gradients_of_one_backward() {
     let _rng = rng_lock();
     let frozen = lora_cfg(0.0);
     let mut adapted = lora_cfg(0.0);
-    let mut targets = lora_core::TUTORIAL_TARGETS.map(String::from).to_vec();
+    let mut targets = lora_trainer::recipe::TUTORIAL_TARGETS
+        .map(String::from)
+        .to_vec();
     targets.push("lm_head".into());
     adapted.target_modules = Some(ModuleSelector::List(targets));
     assert_eq!(check_chunked_head(&frozen), 28);

@@ -1,9 +1,16 @@
-//! Softmax cross-entropy through a frozen linear output head on the host CPU, on all cores, without
-//! the `[rows, vocab]` logits ([`fused_linear_xent`]). Burn's ops for the same (`matmul`, `max_dim`,
-//! `softmax`, `gather`, `scatter`, `matmul`) make about eight passes, most on one thread, over a
-//! chunk's 256 × 151,936 logits.
+//! Softmax cross-entropy through a frozen linear output head, on all cores, without the
+//! `[rows, vocab]` logits ([`fused_linear_cross_entropy`]). Burn's ops for the same (`matmul`,
+//! `max_dim`, `softmax`, `gather`, `scatter`, `matmul`) make about eight passes, most on one
+//! thread, over a chunk's 256 × 151,936 logits.
 
+use std::any::Any;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
 use rayon::prelude::*;
+
+use super::gemm::{matmul, Mat, MatMut, Threads};
 
 /// Lanes of the reductions: independent accumulators the compiler keeps in vector registers.
 const LANES: usize = 16;
@@ -49,11 +56,11 @@ fn exp_nonpositive(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// Rows of the output head's weight per block of [`fused_linear_xent`]: 256 × 896 f32 is 0.9 MB,
+/// Rows of the output head's weight per block of [`fused_linear_cross_entropy`]: 256 × 896 f32 is 0.9 MB,
 /// so a block stays in a core's L2 cache between its two products.
 const VOCAB_BLOCK: usize = 256;
 
-/// Blocks per parallel task of [`fused_linear_xent`] (a fixed grouping: see there).
+/// Blocks per parallel task of [`fused_linear_cross_entropy`] (a fixed grouping: see there).
 const GROUP_BLOCKS: usize = 32;
 
 /// Running softmax state of some vocabulary blocks (online softmax, as in flash attention).
@@ -139,7 +146,7 @@ impl Partial {
 /// `(Σ_v p_v · w_v − w_target) / norm` and each row's loss `max + ln Σ exp − logit[target]`.
 ///
 /// Panics when a target lies outside `0..vocab` or the slices do not have the stated shapes.
-pub fn fused_linear_xent(
+pub fn fused_linear_cross_entropy(
     rows: &[f32],
     weight: &[f32],
     targets: &[i64],
@@ -192,6 +199,47 @@ pub fn fused_linear_xent(
     (loss, grad)
 }
 
+/// Loss sum `[1]` and `d(loss / norm)/d(rows)` `[n, hidden]` of softmax cross-entropy of `rows`
+/// `[n, hidden]` through the frozen head `weight` `[vocab, hidden]` against `targets` `[n]`
+/// ([`fused_linear_cross_entropy`] over the weight's own memory), or `None` when the operation
+/// does not apply: a backend other than plain Flex (the head's gradient is returned, not
+/// recorded: callers run it on the inner backend of `Autodiff<Flex>`), a dtype other than f32,
+/// a weight that is not contiguous, or `FERROLORA_FUSED_KERNELS=0`.
+pub fn linear_cross_entropy<B: Backend>(
+    rows: &Tensor<B, 2>,
+    targets: &Tensor<B, 1, Int>,
+    weight: &Tensor<B, 2>,
+    norm: f64,
+) -> Option<(Tensor<B, 1>, Tensor<B, 2>)> {
+    if !super::is_cpu_backend::<B>()
+        || !super::enabled()
+        || rows.dtype() != DType::F32
+        || weight.dtype() != DType::F32
+    {
+        return None;
+    }
+    let hidden = weight.dims()[1];
+    let prim = match weight.clone().into_primitive() {
+        TensorPrimitive::Float(p) => p,
+        TensorPrimitive::QFloat(_) => return None,
+    };
+    let w = (&prim as &dyn Any).downcast_ref::<FlexTensor>()?;
+    let device = rows.device();
+    let x = rows.clone().into_data().convert::<f32>();
+    let t = targets.clone().into_data().convert::<i64>();
+    let (loss, grad) = fused_linear_cross_entropy(
+        x.as_slice::<f32>().ok()?,
+        w.as_slice::<f32>()?,
+        t.as_slice::<i64>().ok()?,
+        hidden,
+        norm as f32,
+    );
+    Some((
+        Tensor::from_data(TensorData::new(vec![loss as f32], [1]), &device),
+        Tensor::from_data(TensorData::new(grad, [rows.dims()[0], hidden]), &device),
+    ))
+}
+
 /// `l` `[n, vb]` = `rows` `[n, hidden]` · `w`ᵀ (`w` `[vb, hidden]`).
 fn logits_block(rows: &[f32], w: &[f32], l: &mut [f32], n: usize, vb: usize, hidden: usize) {
     assert!(rows.len() == n * hidden && w.len() == vb * hidden && l.len() == n * vb);
@@ -202,31 +250,9 @@ fn logits_block(rows: &[f32], w: &[f32], l: &mut [f32], n: usize, vb: usize, hid
         // SAFETY: the CPU has AVX-512F (checked just above); the shapes are checked above.
         return unsafe { avx512::logits(rows, w, l, n, vb, hidden) };
     }
-    // SAFETY: `rows` is [n, hidden], `w` is [vb, hidden] (read as its transpose [hidden, vb]), `l`
-    // is [n, vb]; all row-major, strides as stated.
-    unsafe {
-        gemm::gemm(
-            n,
-            vb,
-            hidden,
-            l.as_mut_ptr(),
-            1,
-            vb as isize,
-            false,
-            rows.as_ptr(),
-            1,
-            hidden as isize,
-            w.as_ptr(),
-            hidden as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    let l = MatMut::new(l, n, vb);
+    let w = Mat::new(w, vb, hidden).t();
+    matmul(l, false, Mat::new(rows, n, hidden), w, 1.0, Threads::One);
 }
 
 /// `acc` `[n, hidden]` += `e` `[n, vb]` · `w` `[vb, hidden]`.
@@ -237,30 +263,15 @@ fn accumulate_block(e: &[f32], w: &[f32], acc: &mut [f32], n: usize, vb: usize, 
         // SAFETY: the CPU has AVX-512F (checked just above); the shapes are checked above.
         return unsafe { avx512::accumulate(e, w, acc, n, vb, hidden) };
     }
-    // SAFETY: `e` is [n, vb], `w` is [vb, hidden], `acc` is [n, hidden]; row-major.
-    unsafe {
-        gemm::gemm(
-            n,
-            hidden,
-            vb,
-            acc.as_mut_ptr(),
-            1,
-            hidden as isize,
-            true,
-            e.as_ptr(),
-            1,
-            vb as isize,
-            w.as_ptr(),
-            1,
-            hidden as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    let acc = MatMut::new(acc, n, hidden);
+    matmul(
+        acc,
+        true,
+        Mat::new(e, n, vb),
+        Mat::new(w, vb, hidden),
+        1.0,
+        Threads::One,
+    );
 }
 
 /// The two products of a vocabulary block with AVX-512, reading the weight block where it lies:
@@ -498,7 +509,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "outside the vocabulary")]
     fn target_outside_vocab_panics() {
-        fused_linear_xent(&[0.0; 2], &[0.0; 4], &[2, 4], 1, 1.0); // vocabulary of 4
+        fused_linear_cross_entropy(&[0.0; 2], &[0.0; 4], &[2, 4], 1, 1.0); // vocabulary of 4
     }
 
     #[test]
@@ -528,7 +539,7 @@ mod tests {
         let targets: Vec<i64> = (0..n)
             .map(|i| [1, (VOCAB_BLOCK + 5) % vocab, vocab - 1][i % 3] as i64)
             .collect();
-        let (loss, grad) = fused_linear_xent(&rows, &weight, &targets, hidden, norm);
+        let (loss, grad) = fused_linear_cross_entropy(&rows, &weight, &targets, hidden, norm);
         let mut want_loss = 0f64;
         for i in 0..n {
             let x = &rows[i * hidden..(i + 1) * hidden];

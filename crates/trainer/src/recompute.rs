@@ -16,7 +16,7 @@ use burn::tensor::Tensor;
 use lora_data::Batch;
 use qwen2::Qwen2ForCausalLM;
 
-use crate::train::qwen2_head_loss;
+use crate::lm::qwen2_head_loss;
 
 /// Seed of layer `layer`'s dropout within a micro-batch.
 fn layer_seed(base: u64, layer: usize) -> u64 {
@@ -57,7 +57,7 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
     for (i, layer) in model.model.layers.iter().enumerate() {
         inputs.push(x.clone());
         B::seed(&device, layer_seed(seed, i));
-        x = layer.forward(x, &rope, &mask).detach();
+        x = layer.forward(x, &rope, &mask, None).detach();
     }
 
     // Head: norm, logits, loss, with a graph from the last layer's output.
@@ -78,7 +78,7 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
     for (i, layer) in model.model.layers.iter().enumerate().rev() {
         let input = inputs.pop().expect("one input per layer").require_grad();
         B::seed(&device, layer_seed(seed, i));
-        let out = layer.forward(input.clone(), &rope, &mask);
+        let out = layer.forward(input.clone(), &rope, &mask, None);
         let surrogate = (out * Tensor::<B, 3>::from_inner(g)).sum();
         let mut grads = surrogate.backward();
         g = input
