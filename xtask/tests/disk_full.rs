@@ -154,7 +154,7 @@ fn disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes() {
     for p in walk(dir) {
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         assert!(
-            !name.starts_with('.') && !name.ends_with("tmp-partial"),
+            !name.starts_with('.') && !name.ends_with(".partial"),
             "partial file left behind: {}",
             p.display()
         );

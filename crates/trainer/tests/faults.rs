@@ -253,7 +253,7 @@ fn assert_intact(out: &Path, want: &[usize], cfg: &LoraConfig) {
     for p in walk(out) {
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         assert!(
-            !name.starts_with('.') && !name.ends_with("tmp-partial"),
+            !name.starts_with('.') && !name.ends_with(".partial"),
             "partial file or directory left behind: {}",
             p.display()
         );
