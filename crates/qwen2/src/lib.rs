@@ -1,9 +1,4 @@
-//! Qwen2 / Qwen2.5 causal language model on Burn, numerically matching Hugging Face transformers'
-//! `Qwen2ForCausalLM`, loading its checkpoints (single file or sharded; f32, bf16 or f16).
-//!
-//! The linear projections are [`lora_core::LoraLinear`], so a LoRA adapter attaches to this model
-//! without rewriting it; with no adapter attached they are plain linear layers. Generation (KV
-//! cache, HF's sampling) and export of a (merged) model as an HF checkpoint live here too.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
 mod attention;

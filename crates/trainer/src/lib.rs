@@ -1,7 +1,4 @@
-//! `lora-trainer`: the LoRA fine-tuning loop (transformers `Trainer` semantics for a PEFT model):
-//! masked causal-LM loss, gradient accumulation normalized by the step's supervised tokens, global
-//! gradient clipping, AdamW with HF defaults, linear/cosine/constant schedules with warmup, logging,
-//! atomic checkpoints and exact resume.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
 mod args;
