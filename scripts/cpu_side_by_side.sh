@@ -14,7 +14,7 @@ BENCH=${FERROLORA_SHARED_BENCH:-$SHARED/../bench}
 OUT=${OUT:-side_by_side.jsonl}
 ROUNDS=${ROUNDS:-1}
 PY=${PY:-.venv/bin/python}
-X=target/release/xtask
+X=${X:-target/release/xtask}
 REAL=(--real-data "$SHARED/huanhuan/huanhuan.json" --tokenizer "$SHARED/qwen2.5-tokenizer")
 : > "$OUT"
 run() { # label, command...
