@@ -7,6 +7,8 @@
 //! resumable) → [`Collator`] (padding, Burn Int tensors). The crate knows no model: it needs only a
 //! `tokenizer.json`.
 
+#![forbid(unsafe_code)]
+
 mod collate;
 mod error;
 mod format;
