@@ -12,7 +12,7 @@ use lora_data::Batch;
 use qwen2::Qwen2ForCausalLM;
 
 use crate::loss::{chunked_head_loss, label_aware_loss_sum};
-use crate::recompute::checkpointed_loss_and_grads;
+use crate::recompute::{checkpointed_loss_and_grads, embedded, layer_seed};
 
 /// A causal language model that can score a batch (training and evaluation).
 pub trait CausalLm<B: Backend> {
@@ -73,7 +73,7 @@ impl<B: AutodiffBackend> TrainableLm<B> for Qwen2ForCausalLM<B> {
         if checkpointing {
             checkpointed_loss_and_grads(self, batch, norm, seed)
         } else {
-            head_chunked_loss_and_grads(self, batch, norm)
+            head_chunked_loss_and_grads(self, batch, norm, seed)
         }
     }
 }
@@ -114,13 +114,22 @@ pub(crate) fn qwen2_head_loss<B: AutodiffBackend>(
 
 /// One backward of `loss_sum(batch) / norm` with the output head scored and differentiated chunk by
 /// chunk ([`chunked_head_loss`]): the same gradients as [`plain_loss_and_grads`] (up to summation
-/// order) without the full-vocabulary logits of every supervised position alive at once.
+/// order) without the full-vocabulary logits of every supervised position alive at once. Each
+/// layer's dropout is seeded as the checkpointed path seeds it ([`layer_seed`]), so turning
+/// gradient checkpointing on or off changes nothing but memory.
 fn head_chunked_loss_and_grads<B: AutodiffBackend>(
     model: &Qwen2ForCausalLM<B>,
     batch: &Batch<B>,
     norm: f64,
+    seed: u64,
 ) -> (f64, GradientsParams) {
-    let hidden = batch_hidden(model, batch);
+    let device = batch.input_ids.device();
+    let (mut x, rope, bias) = embedded(model, batch);
+    for (i, layer) in model.model.layers.iter().enumerate() {
+        B::seed(&device, layer_seed(seed, i));
+        x = layer.forward(x, &rope, &bias, None);
+    }
+    let hidden = model.model.norm.forward(x);
     let mut acc = GradientsAccumulator::<Qwen2ForCausalLM<B>>::new();
     let (value, surrogate) = qwen2_head_loss(model, hidden, batch.labels.clone(), norm, &mut acc);
     if let Some(surrogate) = surrogate {

@@ -14,12 +14,14 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 use lora_data::Batch;
-use qwen2::Qwen2ForCausalLM;
+use qwen2::{AttentionBias, Qwen2ForCausalLM, RopeCache};
 
 use crate::lm::qwen2_head_loss;
 
-/// Seed of layer `layer`'s dropout within a micro-batch.
-fn layer_seed(base: u64, layer: usize) -> u64 {
+/// Seed of layer `layer`'s dropout within a micro-batch. Both training paths reseed the backend
+/// with it before each layer (this one twice, in its forward and its recompute), so their dropout
+/// masks, and with them their losses and gradients, are the same bit for bit.
+pub(crate) fn layer_seed(base: u64, layer: usize) -> u64 {
     let mut z = base ^ ((layer as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F));
     z = (z ^ (z >> 32)).wrapping_mul(0xE703_7ED1_A0B4_28DB);
     z ^ (z >> 29)
@@ -34,23 +36,7 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
     seed: u64,
 ) -> (f64, GradientsParams) {
     let device = batch.input_ids.device();
-    let [b, s] = batch.input_ids.dims();
-    // The embedding table is frozen: its output needs no graph.
-    let mut x = model
-        .model
-        .embed_tokens
-        .forward(batch.input_ids.clone())
-        .detach();
-    let (rope, mask) = match &batch.seq_lens {
-        Some(lens) => model.packed_inputs(lens, x.dtype(), &device),
-        None => model.padded_inputs(
-            [b, s],
-            Some(batch.attention_mask.clone()),
-            None,
-            x.dtype(),
-            &device,
-        ),
-    };
+    let (mut x, rope, mask) = embedded(model, batch);
 
     // Forward: keep only the layer inputs.
     let mut inputs = Vec::with_capacity(model.model.layers.len());
@@ -87,4 +73,30 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
         acc.accumulate(model, GradientsParams::from_grads(grads, model));
     }
     (value, acc.grads())
+}
+
+/// What both training paths start from: the batch's embeddings (the table is frozen: no graph),
+/// with the rotary tables and attention bias of its padded rows or packed sequences.
+pub(crate) fn embedded<B: AutodiffBackend>(
+    model: &Qwen2ForCausalLM<B>,
+    batch: &Batch<B>,
+) -> (Tensor<B, 3>, RopeCache<B>, AttentionBias<B>) {
+    let device = batch.input_ids.device();
+    let [b, s] = batch.input_ids.dims();
+    let x = model
+        .model
+        .embed_tokens
+        .forward(batch.input_ids.clone())
+        .detach();
+    let (rope, bias) = match &batch.seq_lens {
+        Some(lens) => model.packed_inputs(lens, x.dtype(), &device),
+        None => model.padded_inputs(
+            [b, s],
+            Some(batch.attention_mask.clone()),
+            None,
+            x.dtype(),
+            &device,
+        ),
+    };
+    (x, rope, bias)
 }
