@@ -188,6 +188,10 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
     }
 
     let metrics_path = out.join("metrics.jsonl");
+    if args.resume_from_checkpoint.is_some() {
+        // Steps logged after the checkpoint are run again: their old lines go.
+        truncate_log(&metrics_path, state.global_step)?;
+    }
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -338,6 +342,31 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
             stopped,
         },
     ))
+}
+
+/// Keeps the lines of the log at `path` (if any) whose `step` is at most `step`, replacing the file
+/// atomically: a run resumed from `checkpoint-{step}` then logs every later step once.
+fn truncate_log(path: &Path, step: usize) -> Result<(), TrainError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(TrainError::io(path, e)),
+    };
+    let logged_at = |line: &str| -> Option<u64> {
+        serde_json::from_str::<serde_json::Value>(line)
+            .ok()?
+            .get("step")?
+            .as_u64()
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| logged_at(l).is_none_or(|s| s <= step as u64))
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    if kept.len() == text.len() {
+        return Ok(());
+    }
+    kernels::io::write_atomic(path, kept.as_bytes()).map_err(|e| TrainError::io(path, e))
 }
 
 /// Appends `line` and a newline to `metrics.jsonl` in one write; on failure (a full disk) cuts the

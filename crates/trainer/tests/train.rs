@@ -129,6 +129,45 @@ fn resumed_run_is_bitwise_identical() {
     assert_eq!(bytes(a_dir.path()), bytes(b_dir.path()));
 }
 
+/// Steps logged after the last checkpoint of an interrupted run are logged again when it resumes;
+/// `metrics.jsonl` keeps one line per step, as the uninterrupted run writes it.
+#[test]
+fn resumed_run_keeps_one_metrics_line_per_step() {
+    let _rng = rng_lock();
+    let cfg = lora_cfg(0.0);
+    let ex = examples(10);
+    let every_step = |dir: &Path| TrainingArguments {
+        logging_steps: 1,
+        ..args(dir)
+    };
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run(&cfg, &ex, &every_step(a_dir.path()), None).unwrap();
+    // Interrupted after step 3, logged; the newest checkpoint is step 2.
+    let (_, ob) = run(&cfg, &ex, &every_step(b_dir.path()), Some(3)).unwrap();
+    assert!(ob.stopped);
+    let resumed = TrainingArguments {
+        resume_from_checkpoint: Some("latest".into()),
+        ..every_step(b_dir.path())
+    };
+    run(&cfg, &ex, &resumed, None).unwrap();
+    // (step, loss) of every training log line, in file order.
+    let logged = |dir: &Path| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("loss").is_some())
+            .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+            .collect()
+    };
+    let (a, b) = (logged(a_dir.path()), logged(b_dir.path()));
+    assert_eq!(
+        a.iter().map(|e| e.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+    assert_eq!(b, a, "metrics.jsonl after resume");
+}
+
 #[test]
 fn checkpoints_are_complete_and_pruned() {
     let _rng = rng_lock();
