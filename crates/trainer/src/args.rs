@@ -135,31 +135,70 @@ impl TrainingArguments {
                 "is 0; it must be at least 1".into(),
             );
         }
-        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return bad(
+        // Every float: finite and in its range, named on its own (a NaN fails every comparison,
+        // so each range is written as what must hold).
+        let floats = [
+            (
                 "learning_rate",
-                format!("is {}; it must be > 0", self.learning_rate),
-            );
+                self.learning_rate,
+                "> 0",
+                self.learning_rate > 0.0,
+            ),
+            (
+                "num_train_epochs",
+                self.num_train_epochs,
+                ">= 0",
+                self.num_train_epochs >= 0.0,
+            ),
+            (
+                "warmup_ratio",
+                self.warmup_ratio,
+                "in [0, 1]",
+                (0.0..=1.0).contains(&self.warmup_ratio),
+            ),
+            (
+                "weight_decay",
+                self.weight_decay,
+                ">= 0",
+                self.weight_decay >= 0.0,
+            ),
+            (
+                "adam_beta1",
+                self.adam_beta1,
+                "in [0, 1)",
+                (0.0..1.0).contains(&self.adam_beta1),
+            ),
+            (
+                "adam_beta2",
+                self.adam_beta2,
+                "in [0, 1)",
+                (0.0..1.0).contains(&self.adam_beta2),
+            ),
+            (
+                "adam_epsilon",
+                self.adam_epsilon,
+                "> 0",
+                self.adam_epsilon > 0.0,
+            ),
+            (
+                "max_grad_norm",
+                self.max_grad_norm,
+                ">= 0 (0 disables clipping)",
+                self.max_grad_norm >= 0.0,
+            ),
+        ];
+        for (option, value, range, ok) in floats {
+            if !(value.is_finite() && ok) {
+                return bad(
+                    option,
+                    format!("is {value}; it must be a finite number {range}"),
+                );
+            }
         }
-        if self.max_steps == Some(0) || (self.max_steps.is_none() && self.num_train_epochs <= 0.0) {
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && self.num_train_epochs == 0.0) {
             return bad(
                 "num_train_epochs / max_steps",
                 "leave no step to train".into(),
-            );
-        }
-        if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            return bad(
-                "warmup_ratio",
-                format!("is {}; it must be in [0, 1]", self.warmup_ratio),
-            );
-        }
-        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
-            return bad("adam_beta1 / adam_beta2", "must be in [0, 1)".into());
-        }
-        if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 || self.adam_epsilon <= 0.0 {
-            return bad(
-                "weight_decay / max_grad_norm / adam_epsilon",
-                "must not be negative (epsilon > 0)".into(),
             );
         }
         if self.save_total_limit == Some(0) {
@@ -205,6 +244,39 @@ impl TrainingArguments {
             SchedulerType::Linear => base * (1.0 - progress).max(0.0),
             SchedulerType::Cosine => {
                 base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()).max(0.0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each float option, set to NaN, infinity or a value out of its range, is refused by name.
+    #[test]
+    fn every_float_is_checked_and_named() {
+        type Set = fn(&mut TrainingArguments, f64);
+        let options: [(&str, Set, f64); 8] = [
+            ("learning_rate", |a, v| a.learning_rate = v, 0.0),
+            ("num_train_epochs", |a, v| a.num_train_epochs = v, -1.0),
+            ("warmup_ratio", |a, v| a.warmup_ratio = v, 1.5),
+            ("weight_decay", |a, v| a.weight_decay = v, -0.1),
+            ("adam_beta1", |a, v| a.adam_beta1 = v, 1.0),
+            ("adam_beta2", |a, v| a.adam_beta2 = v, -0.5),
+            ("adam_epsilon", |a, v| a.adam_epsilon = v, 0.0),
+            ("max_grad_norm", |a, v| a.max_grad_norm = v, -1.0),
+        ];
+        let ok = TrainingArguments::tutorial(PathBuf::from("out"));
+        ok.validate().unwrap();
+        for (name, set, out_of_range) in options {
+            for value in [f64::NAN, f64::INFINITY, out_of_range] {
+                let mut a = ok.clone();
+                set(&mut a, value);
+                match a.validate() {
+                    Err(TrainError::BadOption { option, .. }) => assert_eq!(option, name),
+                    other => panic!("{name} = {value}: {other:?}"),
+                }
             }
         }
     }
