@@ -52,10 +52,13 @@ pub fn write_loss_svg(
             m - 4.0,
             py(y) + 4.0
         );
-        let x = (x_max * i as f64 / 4.0).round() as usize;
+    }
+    // Steps at a round spacing (1, 2 or 5 times a power of ten), about four of them.
+    let every = tick_spacing(x_max as usize, 4);
+    for x in (0..=x_max as usize).step_by(every) {
         let _ = write!(
             s,
-            r##"<text x="{}" y="{}" text-anchor="middle">{x}</text>"##,
+            r##"<text class="x-tick" x="{}" y="{}" text-anchor="middle">{x}</text>"##,
             px(x),
             h - m + 16.0
         );
@@ -65,6 +68,12 @@ pub fn write_loss_svg(
         r##"<text x="{}" y="{}" text-anchor="middle">step</text>"##,
         w / 2.0,
         h - 12.0
+    );
+    let _ = write!(
+        s,
+        r##"<text x="14" y="{}" text-anchor="middle" transform="rotate(-90 14 {})">loss</text>"##,
+        (h - m / 2.0) / 2.0,
+        (h - m / 2.0) / 2.0
     );
     let line = |pts: &[(usize, f64)]| {
         pts.iter()
@@ -106,4 +115,50 @@ pub fn write_loss_svg(
     }
     s.push_str("</svg>\n");
     std::fs::write(path, s)
+}
+
+/// The spacing of about `ticks` round ticks over `0..=max`: 1, 2 or 5 times a power of ten.
+fn tick_spacing(max: usize, ticks: usize) -> usize {
+    let raw = (max as f64 / ticks as f64).max(1.0);
+    let pow = 10f64.powf(raw.log10().floor());
+    let unit = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .find(|u| u * pow >= raw)
+        .unwrap_or(10.0);
+    (unit * pow) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The x ticks of `svg`, in order.
+    fn x_ticks(svg: &str) -> Vec<usize> {
+        svg.split(r#"class="x-tick""#)
+            .skip(1)
+            .map(|t| {
+                t[t.find('>').unwrap() + 1..t.find('<').unwrap()]
+                    .parse()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_step_ticks_and_a_loss_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.svg");
+        for (steps, want) in [
+            (6usize, vec![0, 2, 4, 6]),
+            (200, vec![0, 50, 100, 150, 200]),
+            (699, vec![0, 200, 400, 600]),
+            (3, vec![0, 1, 2, 3]),
+        ] {
+            let train: Vec<(usize, f64)> = (1..=steps).map(|s| (s, 5.0 / s as f64)).collect();
+            write_loss_svg(&path, &train, &[]).unwrap();
+            let svg = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(x_ticks(&svg), want, "{steps} steps");
+            assert!(svg.contains(">loss</text>"), "y-axis label");
+        }
+    }
 }
