@@ -30,6 +30,13 @@ pub fn run(a: ParityArgs) -> anyhow::Result<()> {
         "bf16" => DType::BF16,
         d => bail!("--dtype {d:?}: use f32 or bf16"),
     };
+    if !a.fixtures.join("tiny-tied-f32").is_dir() {
+        bail!(
+            "{}: no parity fixtures there; run from the repository root or pass --fixtures \
+             with the repository's tests/fixtures directory",
+            a.fixtures.display()
+        );
+    }
     let spec = a.device.clone();
     let failures = crate::on_device!(&spec,
         cpu => run_on::<burn::backend::Flex>(&a, &Default::default(), dtype)?,
