@@ -10,14 +10,3 @@ pub use qwen2;
 
 /// The CPU backend used by tests, benches and the CPU path of the commands.
 pub type Cpu = burn::backend::Flex;
-
-/// Where the project's shared data lives (tokenizer, real configs, the Huanhuan dataset).
-///
-/// `FERROLORA_SHARED_DATA` wins; otherwise `../shared/data` beside the repository root.
-pub fn shared_data_dir() -> Option<std::path::PathBuf> {
-    if let Some(p) = std::env::var_os("FERROLORA_SHARED_DATA") {
-        return Some(p.into());
-    }
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
-    p.is_dir().then_some(p)
-}

@@ -1,13 +1,12 @@
 //! `Qwen2Config` against real `config.json` files (transformers 4.x layout, from ../shared) and the
 //! transformers-5 layout (the fixtures), plus `validate()`'s rejections.
 
-mod common;
-
 use qwen2::{Qwen2Config, Qwen2Error};
+use test_support::{fixtures, shared_data_or_skip};
 
 #[test]
 fn real_qwen25_configs_parse() {
-    let Some(shared) = common::shared_data() else {
+    let Some(shared) = shared_data_or_skip("real_qwen25_configs_parse") else {
         return;
     };
     let dir = shared.join("qwen2.5-configs");
@@ -50,7 +49,7 @@ fn real_qwen25_configs_parse() {
 #[test]
 fn transformers5_layout_parses() {
     // As written by transformers 5: rope_parameters, dtype, sliding_window null, layer_types.
-    let c = Qwen2Config::from_file(&common::fixtures().join("tiny-tied-f32/config.json")).unwrap();
+    let c = Qwen2Config::from_file(&fixtures().join("tiny-tied-f32/config.json")).unwrap();
     assert_eq!(c.rope_theta(), 1e6);
     assert_eq!(c.sliding_window, None);
     assert_eq!(c.storage_dtype(), Some("float32"));

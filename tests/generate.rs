@@ -6,9 +6,10 @@
 mod common;
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use common::{assert_close, fixtures};
+use common::floats;
 use ferrolora::Cpu;
 use qwen2::{generate, load_model, GenerationConfig, KvCache, Qwen2ForCausalLM, StopReason};
+use test_support::{assert_close, fixtures, read_json, shared_data_or_skip};
 
 fn load(name: &str, adapter: Option<&str>, merge: bool) -> Qwen2ForCausalLM<Cpu> {
     let dev = Default::default();
@@ -49,8 +50,7 @@ fn ids_u32(v: &serde_json::Value) -> Vec<u32> {
 /// as PEFT's side path (unmerged) and merged into the base weights.
 #[test]
 fn greedy_generate_equals_transformers_token_for_token() {
-    let text = std::fs::read_to_string(fixtures().join("generate/reference.json")).unwrap();
-    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let reference: serde_json::Value = read_json(&fixtures().join("generate/reference.json"));
     let dev = Default::default();
     let mut compared = 0;
     for case in reference["cases"].as_array().unwrap() {
@@ -112,8 +112,8 @@ fn cached_steps_equal_the_full_forward() {
             let want = full.clone().narrow(1, at, n);
             assert_close(
                 &format!("{name}: positions {at}..{}", at + n),
-                &common::to_vec3(step),
-                &common::to_vec3(want),
+                &floats(step),
+                &floats(want),
                 1e-5,
             );
             at += n;
@@ -172,8 +172,7 @@ fn sampling_is_seeded_and_eos_stops() {
 /// HF's order, for Qwen2.5-7B-Instruct's settings and two others, 4 sampled steps each.
 #[test]
 fn logits_processors_equal_transformers_scores() {
-    let text = std::fs::read_to_string(fixtures().join("generate/reference.json")).unwrap();
-    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let reference: serde_json::Value = read_json(&fixtures().join("generate/reference.json"));
     let f32s = |v: &serde_json::Value| -> Vec<f32> {
         v.as_array()
             .unwrap()
@@ -220,7 +219,7 @@ fn logits_processors_equal_transformers_scores() {
 /// without one falls back to HF's defaults (greedy) with config.json's eos ids.
 #[test]
 fn generation_config_of_real_qwen_models() {
-    let Some(shared) = common::shared_data() else {
+    let Some(shared) = shared_data_or_skip("generation_config_of_real_qwen_models") else {
         return;
     };
     let configs = shared.join("qwen2.5-configs");

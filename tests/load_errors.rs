@@ -1,17 +1,12 @@
 //! Every way a checkpoint can be wrong gets an error naming the file, the key and the shapes.
 
-mod common;
-
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
 use ferrolora::Cpu;
 use qwen2::{load_model, resolve_model_dir, LoadedModel, Qwen2Error};
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-
-type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+use test_support::{copy_dir_files, fixtures, read_safetensors, write_safetensors};
 
 fn load(dir: &Path) -> Result<LoadedModel<Cpu>, Qwen2Error> {
     load_model::<Cpu>(dir, DType::F32, &Default::default())
@@ -21,29 +16,8 @@ fn load(dir: &Path) -> Result<LoadedModel<Cpu>, Qwen2Error> {
 fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join(name);
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(common::fixtures().join(name)).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
+    copy_dir_files(&fixtures().join(name), &dst);
     (tmp, dst)
-}
-
-fn read_st(path: &Path) -> Tensors {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(k, v)| (k, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect()
-}
-
-fn write_st(path: &Path, t: &Tensors) {
-    let views: Vec<(String, TensorView)> = t
-        .iter()
-        .map(|(k, (d, s, b))| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
 fn err(dir: &Path) -> (Qwen2Error, String) {
@@ -133,9 +107,9 @@ fn corrupt_header() {
 fn missing_tensor_names_key_and_shape() {
     let (_t, dir) = copy_fixture("tiny-tied-f32");
     let f = dir.join("model.safetensors");
-    let mut t = read_st(&f);
+    let mut t = read_safetensors(&f);
     t.remove("model.layers.1.mlp.up_proj.weight").unwrap();
-    write_st(&f, &t);
+    write_safetensors(&f, &t);
     let (e, msg) = err(&dir);
     assert!(matches!(e, Qwen2Error::MissingTensor { .. }), "{msg}");
     assert!(
@@ -148,10 +122,10 @@ fn missing_tensor_names_key_and_shape() {
 fn wrong_shape_names_key_file_and_both_shapes() {
     let (_t, dir) = copy_fixture("tiny-tied-f32");
     let f = dir.join("model.safetensors");
-    let mut t = read_st(&f);
+    let mut t = read_safetensors(&f);
     let e = t.get_mut("model.layers.0.self_attn.k_proj.weight").unwrap();
     e.1 = vec![64, 32]; // same byte count, transposed-looking shape
-    write_st(&f, &t);
+    write_safetensors(&f, &t);
     let (e, msg) = err(&dir);
     assert!(matches!(e, Qwen2Error::ShapeMismatch { .. }), "{msg}");
     assert!(
@@ -165,12 +139,12 @@ fn wrong_shape_names_key_file_and_both_shapes() {
 fn unexpected_tensor_is_an_error() {
     let (_t, dir) = copy_fixture("tiny-tied-f32");
     let f = dir.join("model.safetensors");
-    let mut t = read_st(&f);
+    let mut t = read_safetensors(&f);
     t.insert(
         "model.layers.2.mlp.up_proj.weight".into(),
         (Dtype::F32, vec![2], vec![0; 8]),
     );
-    write_st(&f, &t);
+    write_safetensors(&f, &t);
     let (e, msg) = err(&dir);
     assert!(matches!(e, Qwen2Error::UnexpectedTensor { .. }), "{msg}");
     assert!(msg.contains("model.layers.2.mlp.up_proj.weight"), "{msg}");
@@ -180,9 +154,9 @@ fn unexpected_tensor_is_an_error() {
 fn unsupported_dtype() {
     let (_t, dir) = copy_fixture("tiny-tied-f32");
     let f = dir.join("model.safetensors");
-    let mut t = read_st(&f);
+    let mut t = read_safetensors(&f);
     t.get_mut("model.norm.weight").unwrap().0 = Dtype::I32;
-    write_st(&f, &t);
+    write_safetensors(&f, &t);
     let (e, msg) = err(&dir);
     assert!(matches!(e, Qwen2Error::UnsupportedDtype { .. }), "{msg}");
     assert!(
@@ -213,10 +187,10 @@ fn duplicate_tensor_across_shards() {
     let (_t, dir) = copy_fixture("tiny-untied-f32-sharded");
     let f1 = dir.join("model-00001-of-00002.safetensors");
     let f2 = dir.join("model-00002-of-00002.safetensors");
-    let (t1, mut t2) = (read_st(&f1), read_st(&f2));
+    let (t1, mut t2) = (read_safetensors(&f1), read_safetensors(&f2));
     let (k, v) = t1.iter().next().unwrap();
     t2.insert(k.clone(), v.clone());
-    write_st(&f2, &t2);
+    write_safetensors(&f2, &t2);
     let (e, msg) = err(&dir);
     assert!(matches!(e, Qwen2Error::DuplicateTensor { .. }), "{msg}");
     assert!(msg.contains(k.as_str()), "{msg}");
@@ -226,14 +200,14 @@ fn duplicate_tensor_across_shards() {
 fn tied_checkpoint_with_lm_head_is_loaded_and_reports_it() {
     let (_t, dir) = copy_fixture("tiny-tied-f32");
     let f = dir.join("model.safetensors");
-    let mut t = read_st(&f);
+    let mut t = read_safetensors(&f);
     let emb = t["model.embed_tokens.weight"].clone();
     t.insert("lm_head.weight".into(), emb);
     t.insert(
         "model.rotary_emb.inv_freq".into(),
         (Dtype::F32, vec![8], vec![0; 32]),
     );
-    write_st(&f, &t);
+    write_safetensors(&f, &t);
     let m = load(&dir).unwrap();
     assert_eq!(
         m.report.ignored,
@@ -251,11 +225,7 @@ fn resolves_hub_and_modelscope_caches() {
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "0123abc\n").unwrap();
     for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(
-            common::fixtures().join("tiny-tied-f32").join(f),
-            snap.join(f),
-        )
-        .unwrap();
+        std::fs::copy(fixtures().join("tiny-tied-f32").join(f), snap.join(f)).unwrap();
     }
     assert_eq!(resolve_model_dir(&repo).unwrap(), snap);
     assert!(load(&repo).is_ok());
@@ -264,7 +234,7 @@ fn resolves_hub_and_modelscope_caches() {
     let ms = tmp.path().join("modelscope/qwen/Qwen2___5-Tiny");
     std::fs::create_dir_all(&ms).unwrap();
     std::fs::copy(
-        common::fixtures().join("tiny-tied-f32/config.json"),
+        fixtures().join("tiny-tied-f32/config.json"),
         ms.join("config.json"),
     )
     .unwrap();

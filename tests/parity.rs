@@ -6,9 +6,17 @@ mod common;
 use std::collections::BTreeMap;
 
 use burn::tensor::DType;
-use common::*;
+use common::{floats, int2};
 use ferrolora::Cpu;
 use qwen2::{load_model, parameter_shapes, weight_files};
+use test_support::{assert_close, fixtures, read_reference, read_safetensors};
+
+const FIXTURES: [&str; 4] = [
+    "tiny-tied-f32",
+    "tiny-untied-f32-sharded",
+    "tiny-tied-bf16-sharded",
+    "tiny-untied-bf16",
+];
 
 /// f32 compute against transformers' f32 eager forward: max abs logits error allowed.
 /// Observed ~1e-6; 1e-4 leaves room for summation-order differences in GEMMs.
@@ -30,21 +38,21 @@ fn logits_match_transformers_f32() {
             int2(&r["position_ids"]),
         );
 
-        let logits = to_vec3(m.forward(ids.clone(), Some(mask.clone()), None));
+        let logits = floats(m.forward(ids.clone(), Some(mask.clone()), None));
         let e1 = assert_close(
             &format!("{name} logits"),
             &logits,
             &r["logits"].f32,
             F32_TOL,
         );
-        let logits_pos = to_vec3(m.forward(ids.clone(), Some(mask.clone()), Some(pos)));
+        let logits_pos = floats(m.forward(ids.clone(), Some(mask.clone()), Some(pos)));
         let e2 = assert_close(
             &format!("{name} logits_pos"),
             &logits_pos,
             &r["logits_pos"].f32,
             F32_TOL,
         );
-        let hidden = to_vec3(m.forward_hidden(ids, Some(mask), None));
+        let hidden = floats(m.forward_hidden(ids, Some(mask), None));
         let e3 = assert_close(
             &format!("{name} hidden"),
             &hidden,
@@ -64,7 +72,7 @@ fn logits_match_transformers_bf16_compute() {
         let r = read_reference(&dir.join("reference.safetensors"));
         let loaded = load_model::<Cpu>(&dir, DType::BF16, &Default::default()).unwrap();
         let (ids, mask) = (int2(&r["input_ids"]), int2(&r["attention_mask"]));
-        let logits = to_vec3(loaded.model.forward(ids, Some(mask), None));
+        let logits = floats(loaded.model.forward(ids, Some(mask), None));
         let e = assert_close(
             &format!("{name} bf16 logits"),
             &logits,
@@ -85,10 +93,8 @@ fn parameter_names_and_shapes_equal_checkpoint() {
             .collect();
         let mut file: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for f in weight_files(&dir).unwrap() {
-            let bytes = std::fs::read(&f).unwrap();
-            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            for (k, v) in st.tensors() {
-                file.insert(k, v.shape().to_vec());
+            for (k, (_, shape, _)) in read_safetensors(&f) {
+                file.insert(k, shape);
             }
         }
         assert_eq!(
@@ -131,8 +137,8 @@ fn save_model_round_trips_exactly() {
     qwen2::save_model(&loaded.model, &loaded.config, tmp.path()).unwrap();
     let again = load_model::<Cpu>(tmp.path(), DType::F32, &Default::default()).unwrap();
     let (ids, mask) = (int2(&r["input_ids"]), int2(&r["attention_mask"]));
-    let a = to_vec3(loaded.model.forward(ids.clone(), Some(mask.clone()), None));
-    let b = to_vec3(again.model.forward(ids, Some(mask), None));
+    let a = floats(loaded.model.forward(ids.clone(), Some(mask.clone()), None));
+    let b = floats(again.model.forward(ids, Some(mask), None));
     assert_eq!(a, b);
     assert_eq!(
         again.config.num_parameters(),

@@ -71,24 +71,7 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    fn shared_data() -> Option<PathBuf> {
-        let dir = std::env::var_os("FERROLORA_SHARED_DATA")
-            .map(PathBuf::from)
-            .or_else(|| {
-                let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
-                p.is_dir().then_some(p)
-            });
-        if dir.is_none() {
-            assert!(
-                std::env::var("CI").map_or(true, |v| v != "true"),
-                "CI=true but ../shared/data is missing; set FERROLORA_SHARED_DATA"
-            );
-            eprintln!("skipping: shared data not found; set FERROLORA_SHARED_DATA");
-        }
-        dir
-    }
+    use test_support::{read_json, shared_data_or_skip};
 
     fn args(data: PathBuf, tokenizer: PathBuf, output: PathBuf) -> PrepareArgs {
         PrepareArgs {
@@ -106,8 +89,10 @@ mod tests {
     /// dataset fails and writes nothing.
     #[test]
     fn prepare_writes_the_reference_lines() {
-        let Some(shared) = shared_data() else { return };
-        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/data");
+        let Some(shared) = shared_data_or_skip("prepare_writes_the_reference_lines") else {
+            return;
+        };
+        let fixtures = test_support::fixtures().join("data");
         let dir = std::env::temp_dir().join(format!("xtask-prepare-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("out.jsonl");
@@ -118,10 +103,7 @@ mod tests {
             out.clone(),
         ))
         .unwrap();
-        let reference: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(fixtures.join("chat_reference.json")).unwrap(),
-        )
-        .unwrap();
+        let reference: serde_json::Value = read_json(&fixtures.join("chat_reference.json"));
         let want = reference["chat_sharegpt.json"]["qwen"].as_array().unwrap();
         let text = std::fs::read_to_string(&out).unwrap();
         let got: Vec<serde_json::Value> = text

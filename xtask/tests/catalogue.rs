@@ -2,76 +2,24 @@
 //! message naming the file, key, record or option (no panic, no backtrace), and writes no adapter.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn xtask(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use test_support::{copy_dir_files, edit_safetensors, fixtures, xtask_demo};
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.path().is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
-/// Rewrites one tensor entry of a safetensors file (dtype and/or shape, same byte count) or drops or
-/// adds one.
-fn edit_st(
-    path: &Path,
-    f: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
-) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, t)| (k, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
-    f(&mut v);
-    let views: Vec<(String, safetensors::tensor::TensorView)> = v
-        .iter()
-        .map(|(k, d, s, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
-}
+const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
 
 #[test]
 fn every_bad_input_gets_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let t = |p: &str| -> PathBuf { tmp.path().join(p) };
     // A tiny model, tokenizer and dataset of our own (the built-in demo writes them).
-    let (code, err) = xtask(&[
-        "finetune",
-        "--output",
-        t("demo").to_str().unwrap(),
-        "--max-steps",
-        "1",
-    ]);
-    assert_eq!(code, Some(0), "{err}");
-    let (model, data) = (t("demo/model"), t("demo/data.json"));
+    let (model, data) = xtask_demo(XTASK, &t("demo"));
     let m = model.to_str().unwrap();
     let d = data.to_str().unwrap();
 
     // Broken copies of the model directory.
     let variant = |name: &str, f: &dyn Fn(&Path)| -> String {
         let dir = t(name);
-        copy_dir(&model, &dir);
+        copy_dir_files(&model, &dir);
         f(&dir);
         dir.to_str().unwrap().to_string()
     };
@@ -100,33 +48,27 @@ fn every_bad_input_gets_a_clear_error() {
         std::fs::write(st(p), b).unwrap()
     });
     let wrong_dtype = variant("wrong_dtype", &|p| {
-        edit_st(&st(p), |v| {
-            let e = v.iter_mut().find(|e| e.0 == "model.norm.weight").unwrap();
-            e.1 = safetensors::Dtype::I32;
+        edit_safetensors(&st(p), |t| {
+            t.get_mut("model.norm.weight").unwrap().0 = safetensors::Dtype::I32;
         })
     });
     let missing = variant("missing", &|p| {
-        edit_st(&st(p), |v| {
-            v.retain(|e| e.0 != "model.layers.1.mlp.up_proj.weight")
+        edit_safetensors(&st(p), |t| {
+            t.remove("model.layers.1.mlp.up_proj.weight");
         })
     });
     let extra = variant("extra", &|p| {
-        edit_st(&st(p), |v| {
-            v.push((
+        edit_safetensors(&st(p), |t| {
+            t.insert(
                 "model.layers.9.mlp.up_proj.weight".into(),
-                safetensors::Dtype::F32,
-                vec![1],
-                vec![0; 4],
-            ))
+                (safetensors::Dtype::F32, vec![1], vec![0; 4]),
+            );
         })
     });
     let wrong_shape = variant("wrong_shape", &|p| {
-        edit_st(&st(p), |v| {
-            let e = v
-                .iter_mut()
-                .find(|e| e.0 == "model.layers.0.self_attn.o_proj.weight")
-                .unwrap();
-            e.2 = vec![e.2[1] / 2, e.2[0] * 2];
+        edit_safetensors(&st(p), |t| {
+            let e = t.get_mut("model.layers.0.self_attn.o_proj.weight").unwrap();
+            e.1 = vec![e.1[1] / 2, e.1[0] * 2];
         })
     });
     let missing_shard = variant("missing_shard", &|p| {
@@ -161,10 +103,10 @@ fn every_bad_input_gets_a_clear_error() {
     let empty = write("empty.json", "[]");
 
     // Adapters: one for another base (the PEFT fixture: hidden 64, ours 128), one using DoRA.
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/peft-tiny-untied");
-    let other_base = fixtures.to_str().unwrap().to_string();
+    let peft = fixtures().join("peft-tiny-untied");
+    let other_base = peft.to_str().unwrap().to_string();
     let dora = t("dora");
-    copy_dir(&fixtures, &dora);
+    copy_dir_files(&peft, &dora);
     let c = std::fs::read_to_string(dora.join("adapter_config.json")).unwrap();
     std::fs::write(
         dora.join("adapter_config.json"),
@@ -314,7 +256,8 @@ fn every_bad_input_gets_a_clear_error() {
     let mut report = Vec::new();
     for (name, args, needle) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (code, err) = xtask(&args);
+        let (status, _, err) = test_support::run(XTASK, &args);
+        let code = status.code();
         assert_eq!(code, Some(1), "{name}: exit code {code:?}\n{err}");
         assert!(
             err.contains(needle),

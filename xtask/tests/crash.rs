@@ -6,9 +6,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn xtask() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
-}
+use test_support::{run_ok, trainer_step_losses, xtask_demo};
+
+const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
 
 fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
@@ -43,51 +43,15 @@ fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
     ]
 }
 
-fn state_losses(dir: &Path) -> Vec<f64> {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap())
-            .unwrap();
-    v["step_losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
 #[test]
 fn killed_runs_resume_to_the_uninterrupted_result() {
     let tmp = tempfile::tempdir().unwrap();
     // The demo writes a tiny model, tokenizer and dataset; reuse them as a "real" model and data.
-    let demo = tmp.path().join("demo");
-    let ok = xtask()
-        .args([
-            "finetune",
-            "--output",
-            demo.to_str().unwrap(),
-            "--max-steps",
-            "1",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    let (model, data) = (demo.join("model"), demo.join("data.json"));
+    let (model, data) = xtask_demo(XTASK, &tmp.path().join("demo"));
     let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
 
     let full = tmp.path().join("full");
-    let out = xtask()
-        .args(train_args(model, data, full.to_str().unwrap()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(XTASK, train_args(model, data, full.to_str().unwrap()));
 
     let int = tmp.path().join("interrupted");
     let int_s = int.to_str().unwrap().to_string();
@@ -104,7 +68,7 @@ fn killed_runs_resume_to_the_uninterrupted_result() {
         if has_ckpt {
             args.extend(["--resume-from-checkpoint", "latest"]);
         }
-        let mut child = xtask()
+        let mut child = Command::new(XTASK)
             .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -140,8 +104,8 @@ fn killed_runs_resume_to_the_uninterrupted_result() {
     assert!(kills >= 6, "only {kills} kills happened");
     let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     assert_eq!(
-        state_losses(&int),
-        state_losses(&full),
+        trainer_step_losses(&int),
+        trainer_step_losses(&full),
         "per-step losses differ after {kills} kills"
     );
     assert!(
@@ -151,6 +115,6 @@ fn killed_runs_resume_to_the_uninterrupted_result() {
     println!(
         "{kills} kills, {} resumed runs, {} steps compared bitwise",
         runs - 1,
-        state_losses(&full).len()
+        trainer_step_losses(&full).len()
     );
 }

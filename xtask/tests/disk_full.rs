@@ -7,18 +7,13 @@
 //! Mounting needs root (as in CI). Elsewhere the test skips with a message; under `CI=true` it fails.
 
 use std::path::Path;
-use std::process::Command;
 
 use burn::backend::Flex;
 use burn::tensor::DType;
+use test_support::tmpfs::{assert_no_partial_files, page_size, pages, Tmpfs};
+use test_support::{read_json, run, run_ok, trainer_step_losses, xtask_demo};
 
-#[path = "../../tests/support/tmpfs.rs"]
-mod tmpfs;
-use tmpfs::{page_size, pages, walk, Tmpfs};
-
-fn xtask() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
-}
+const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
 
 fn train_args(model: &Path, data: &Path, out: &Path) -> Vec<String> {
     let mut v: Vec<String> = [
@@ -50,22 +45,9 @@ fn train_args(model: &Path, data: &Path, out: &Path) -> Vec<String> {
     v
 }
 
-fn step_losses(dir: &Path) -> Vec<f64> {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap())
-            .unwrap();
-    v["step_losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
 /// `trainer_state.json` without `tokens_per_s` (a timing).
 fn state_without_timings(dir: &Path) -> serde_json::Value {
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&read(&dir.join("trainer_state.json"))).unwrap();
+    let mut v: serde_json::Value = read_json(&dir.join("trainer_state.json"));
     for l in v["log_history"].as_array_mut().unwrap() {
         l.as_object_mut().unwrap().remove("tokens_per_s");
     }
@@ -80,31 +62,11 @@ fn read(p: &Path) -> Vec<u8> {
 fn disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     // The demo writes a tiny model, tokenizer and dataset; reuse them as a "real" model and data.
-    let demo = tmp.path().join("demo");
-    let ok = xtask()
-        .args(["finetune", "--output"])
-        .arg(&demo)
-        .args(["--max-steps", "1"])
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    let (model, data) = (demo.join("model"), demo.join("data.json"));
+    let (model, data) = xtask_demo(XTASK, &tmp.path().join("demo"));
 
     // The uninterrupted run, on the ordinary disk; it also measures what a checkpoint takes.
     let full = tmp.path().join("full");
-    let out = xtask()
-        .args(train_args(&model, &data, &full))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(XTASK, train_args(&model, &data, &full));
     let page = page_size();
     let ckpt = pages(&full.join("checkpoint-2"), page);
     // metrics.jsonl, two checkpoints and half of a third.
@@ -114,13 +76,9 @@ fn disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes() {
     };
     let dir = fs.path();
 
-    let run = xtask()
-        .args(train_args(&model, &data, dir))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
+    let (status, _, stderr) = run(XTASK, train_args(&model, &data, dir));
     println!("tmpfs of {size} pages (a checkpoint takes {ckpt}):\n{stderr}");
-    assert_eq!(run.status.code(), Some(1), "exit status; stderr:\n{stderr}");
+    assert_eq!(status.code(), Some(1), "exit status; stderr:\n{stderr}");
     let want = format!(
         "error: no space left on device while writing {}/.checkpoint-3.partial/",
         dir.display()
@@ -151,14 +109,7 @@ fn disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes() {
         .collect();
     names.sort();
     assert_eq!(names, ["checkpoint-1", "checkpoint-2"]);
-    for p in walk(dir) {
-        let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(
-            !name.starts_with('.') && !name.ends_with(".partial"),
-            "partial file left behind: {}",
-            p.display()
-        );
-    }
+    assert_no_partial_files(dir);
     // optimizer.bin is a map in hash order (not byte-stable across processes): the bitwise resume
     // below checks it. trainer_state.json is compared without its timings.
     for step in ["checkpoint-1", "checkpoint-2"] {
@@ -188,13 +139,8 @@ fn disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes() {
     fs.resize(4 * size * page);
     let mut args = train_args(&model, &data, dir);
     args.extend(["--resume-from-checkpoint".into(), "latest".into()]);
-    let resumed = xtask().args(args).output().unwrap();
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
-    assert_eq!(step_losses(dir), step_losses(&full));
+    run_ok(XTASK, args);
+    assert_eq!(trainer_step_losses(dir), trainer_step_losses(&full));
     assert!(
         read(&dir.join("adapter_model.safetensors"))
             == read(&full.join("adapter_model.safetensors")),

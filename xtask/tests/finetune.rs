@@ -2,27 +2,14 @@
 //! the real Qwen2.5 vocabulary) -> PEFT adapter and checkpoint written -> adapter reloads; and bad
 //! input fails with a message and exit code 1, never a panic.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use burn::backend::Flex;
 use burn::tensor::DType;
 use qwen2::{Qwen2Config, Qwen2ForCausalLM};
+use test_support::{read_json, run, run_ok, shared_data_or_skip};
 
-/// `FERROLORA_SHARED_DATA`, else `../shared/data`; skip outside CI when absent, fail under CI.
-fn shared_data() -> Option<PathBuf> {
-    let p = std::env::var_os("FERROLORA_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
-    if p.is_dir() {
-        return Some(p);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but the shared data directory is missing; set FERROLORA_SHARED_DATA");
-    }
-    eprintln!("skipping: shared data not found; set FERROLORA_SHARED_DATA to the directory holding qwen2.5-tokenizer/ and huanhuan/");
-    None
-}
+const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
 
 /// A random Qwen2 with the real vocabulary and a tiny body, written as a model directory.
 fn tiny_model(dir: &Path) -> Qwen2Config {
@@ -32,21 +19,9 @@ fn tiny_model(dir: &Path) -> Qwen2Config {
     cfg
 }
 
-fn xtask(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn finetune_writes_a_reloadable_peft_adapter() {
-    let Some(shared) = shared_data() else {
+    let Some(shared) = shared_data_or_skip("finetune_writes_a_reloadable_peft_adapter") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -56,44 +31,43 @@ fn finetune_writes_a_reloadable_peft_adapter() {
         tmp.path().join("data.json"),
     );
     tiny_model(&model);
-    let all: Vec<serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(shared.join("huanhuan/huanhuan.json")).unwrap(),
-    )
-    .unwrap();
+    let all: Vec<serde_json::Value> = read_json(&shared.join("huanhuan/huanhuan.json"));
     std::fs::write(&data, serde_json::to_string(&all[..12]).unwrap()).unwrap();
     let tok = shared.join("qwen2.5-tokenizer");
-    let (ok, stdout, stderr) = xtask(&[
-        "finetune",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "3",
-        "--per-device-train-batch-size",
-        "2",
-        "--gradient-accumulation-steps",
-        "2",
-        "--save-steps",
-        "2",
-        "--logging-steps",
-        "1",
-        "--max-length",
-        "64",
-        "--gradient-checkpointing",
-        "false",
-        "--learning-rate",
-        "1e-2",
-        "--eval-split",
-        "0.25",
-        "--eval-steps",
-        "2",
-    ]);
-    assert!(ok, "finetune failed:\n{stdout}\n{stderr}");
+    let (stdout, _) = run_ok(
+        XTASK,
+        [
+            "finetune",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "3",
+            "--per-device-train-batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "2",
+            "--save-steps",
+            "2",
+            "--logging-steps",
+            "1",
+            "--max-length",
+            "64",
+            "--gradient-checkpointing",
+            "false",
+            "--learning-rate",
+            "1e-2",
+            "--eval-split",
+            "0.25",
+            "--eval-steps",
+            "2",
+        ],
+    );
     assert!(stdout.contains("trainable params: "), "{stdout}");
     assert_eq!(
         stdout.matches("\"loss\"").count(),
@@ -123,8 +97,7 @@ fn finetune_writes_a_reloadable_peft_adapter() {
         if let Some(a) = adapter {
             args.extend(["--adapter", a.to_str().unwrap()]);
         }
-        let (ok, stdout, stderr) = xtask(&args);
-        assert!(ok, "eval failed:\n{stderr}");
+        let (stdout, _) = run_ok(XTASK, &args);
         serde_json::from_str(stdout.trim()).unwrap()
     };
     let (base_eval, tuned_eval) = (eval(None), eval(Some(&out)));
@@ -140,24 +113,26 @@ fn finetune_writes_a_reloadable_peft_adapter() {
     )
     .unwrap();
     let out2 = tmp.path().join("out2");
-    let (ok, stdout2, stderr2) = xtask(&[
-        "finetune",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        out2.to_str().unwrap(),
-        "--config",
-        cfg_file.to_str().unwrap(),
-        "--max-steps",
-        "2",
-        "--init-adapter",
-        out.to_str().unwrap(),
-    ]);
-    assert!(ok, "finetune with --config failed:\n{stdout2}\n{stderr2}");
+    let (stdout2, _) = run_ok(
+        XTASK,
+        [
+            "finetune",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out2.to_str().unwrap(),
+            "--config",
+            cfg_file.to_str().unwrap(),
+            "--max-steps",
+            "2",
+            "--init-adapter",
+            out.to_str().unwrap(),
+        ],
+    );
     assert_eq!(
         stdout2.matches("\"loss\"").count(),
         2,
@@ -165,17 +140,20 @@ fn finetune_writes_a_reloadable_peft_adapter() {
     );
     assert!(out2.join("adapter_model.safetensors").is_file());
     std::fs::write(&cfg_file, "learning_rat = 1e-3\n").unwrap();
-    let (ok, _, stderr3) = xtask(&[
-        "finetune",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--config",
-        cfg_file.to_str().unwrap(),
-    ]);
+    let (status, _, stderr3) = run(
+        XTASK,
+        [
+            "finetune",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--config",
+            cfg_file.to_str().unwrap(),
+        ],
+    );
     assert!(
-        !ok && stderr3.contains("learning_rat"),
+        !status.success() && stderr3.contains("learning_rat"),
         "a misspelt option must be refused:\n{stderr3}"
     );
     assert_eq!(base_eval["records"], 12);
@@ -252,8 +230,8 @@ fn bad_input_fails_cleanly() {
         ),
     ];
     for (args, needle) in cases {
-        let (ok, stdout, stderr) = xtask(args);
-        assert!(!ok, "{args:?} succeeded:\n{stdout}");
+        let (status, stdout, stderr) = run(XTASK, args);
+        assert!(!status.success(), "{args:?} succeeded:\n{stdout}");
         assert!(
             stderr.contains(needle),
             "{args:?}: stderr lacks {needle:?}:\n{stderr}"
@@ -266,14 +244,16 @@ fn bad_input_fails_cleanly() {
 fn built_in_demo_learns_through_the_same_path() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
-    let (ok, stdout, stderr) = xtask(&[
-        "finetune",
-        "--output",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "40",
-    ]);
-    assert!(ok, "demo failed:\n{stdout}\n{stderr}");
+    let (stdout, _) = run_ok(
+        XTASK,
+        [
+            "finetune",
+            "--output",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "40",
+        ],
+    );
     let losses: Vec<f64> = stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -5,44 +5,19 @@
 //! output directory) fails with a message naming the problem, never a panic.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use lora_core::LoraModel;
 use qwen2::{Qwen2Config, Qwen2ForCausalLM};
+use test_support::{
+    assert_within_relative, fixtures, max_abs_err, read_json, read_reference, read_safetensors,
+    run, run_ok, shared_data_or_skip, Ref,
+};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-/// `FERROLORA_SHARED_DATA`, else `../shared/data`; skip outside CI when absent, fail under CI.
-fn shared_data() -> Option<PathBuf> {
-    let p = std::env::var_os("FERROLORA_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
-    if p.is_dir() {
-        return Some(p);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but the shared data directory is missing; set FERROLORA_SHARED_DATA");
-    }
-    eprintln!("skipping: shared data not found; set FERROLORA_SHARED_DATA to the directory holding qwen2.5-tokenizer/");
-    None
-}
-
-fn xtask(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -52,10 +27,8 @@ fn s(p: &Path) -> &str {
 fn tensors(dir: &Path) -> BTreeMap<String, (String, Vec<usize>)> {
     let mut out = BTreeMap::new();
     for f in qwen2::weight_files(dir).unwrap() {
-        let bytes = std::fs::read(&f).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        for (k, v) in st.tensors() {
-            out.insert(k, (format!("{:?}", v.dtype()), v.shape().to_vec()));
+        for (k, (dtype, shape, _)) in read_safetensors(&f) {
+            out.insert(k, (format!("{dtype:?}"), shape));
         }
     }
     out
@@ -63,35 +36,19 @@ fn tensors(dir: &Path) -> BTreeMap<String, (String, Vec<usize>)> {
 
 /// Logits of the PEFT fixture's padded batch, as f32.
 fn logits(model: &Qwen2ForCausalLM<Flex>) -> Vec<f32> {
-    let bytes =
-        std::fs::read(fixtures().join("tiny-untied-f32-sharded/reference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let int = |name: &str| {
-        let v = st.tensor(name).unwrap();
-        let vals: Vec<i64> = v
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+    let r = read_reference(&fixtures().join("tiny-untied-f32-sharded/reference.safetensors"));
+    let int = |r: &Ref| {
         Tensor::<Flex, 2, Int>::from_data(
-            TensorData::new(vals, [v.shape()[0], v.shape()[1]]),
+            TensorData::new(r.i64.clone(), [r.shape[0], r.shape[1]]),
             &Default::default(),
         )
     };
     model
-        .forward(int("input_ids"), Some(int("attention_mask")), None)
+        .forward(int(&r["input_ids"]), Some(int(&r["attention_mask"])), None)
         .into_data()
         .convert::<f32>()
         .to_vec::<f32>()
         .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -106,25 +63,24 @@ fn merge_writes_sharded_hf_model_equal_to_base_plus_adapter() {
         let base_dir = fixtures().join(base);
         let out = tmp.path().join(base);
         let shard = if dtype == "F32" { "300KB" } else { "150KB" };
-        let (ok, stdout, stderr) = xtask(&[
-            "merge",
-            "--model",
-            s(&base_dir),
-            "--adapter",
-            s(&adapter),
-            "--output",
-            s(&out),
-            "--max-shard-size",
-            shard,
-        ]);
-        assert!(ok, "{base}: {stdout}\n{stderr}");
+        let (stdout, _) = run_ok(
+            XTASK,
+            [
+                "merge",
+                "--model",
+                s(&base_dir),
+                "--adapter",
+                s(&adapter),
+                "--output",
+                s(&out),
+                "--max-shard-size",
+                shard,
+            ],
+        );
         assert!(stdout.contains("merged 14 LoRA modules"), "{stdout}");
 
         // Two shards named as transformers names them, and an index that maps every key to one.
-        let index: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
-        )
-        .unwrap();
+        let index: serde_json::Value = read_json(&out.join("model.safetensors.index.json"));
         let map = index["weight_map"].as_object().unwrap();
         let mut shards: Vec<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
         shards.sort();
@@ -174,14 +130,14 @@ fn merge_writes_sharded_hf_model_equal_to_base_plus_adapter() {
             .model;
         let (with_adapter, _, _) = lora_core::load_adapter(base_m, &adapter).unwrap();
         let (a, b) = (logits(&merged), logits(&with_adapter));
-        let err = max_diff(&a, &b);
+        let err = max_abs_err(&a, &b);
         if dtype == "F32" {
             assert!(
                 err <= tol,
                 "{base}: merged vs base+adapter max |diff| {err:e}"
             );
-            let peft = reference_f32("logits_merged");
-            let err = max_diff(&a, &peft);
+            let peft = read_reference(&fixtures().join("peft-tiny-untied/reference.safetensors"));
+            let err = max_abs_err(&a, &peft["logits_merged"].f32);
             assert!(
                 err <= tol,
                 "{base}: merged vs PEFT merge_and_unload max |diff| {err:e}"
@@ -199,27 +155,15 @@ fn merge_writes_sharded_hf_model_equal_to_base_plus_adapter() {
                 .collect();
             for ((path, e), (_, l)) in exact_w.iter().zip(stored.lora_linears()) {
                 let got = l.weight.val().into_data().to_vec::<f32>().unwrap();
-                for (g, x) in got.iter().zip(e) {
-                    assert!(
-                        (g - x).abs() <= x.abs() * 2f32.powi(-8),
-                        "{path}: stored {g} vs f32 merge {x}"
-                    );
-                }
+                assert_within_relative(
+                    &format!("{path}: stored vs f32 merge"),
+                    &got,
+                    e,
+                    2f32.powi(-8),
+                );
             }
         }
     }
-}
-
-/// A float tensor of the PEFT fixture's `reference.safetensors`.
-fn reference_f32(name: &str) -> Vec<f32> {
-    let bytes = std::fs::read(fixtures().join("peft-tiny-untied/reference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
 }
 
 #[test]
@@ -237,16 +181,19 @@ fn merge_and_chat_refuse_bad_input_with_clear_errors() {
     )
     .unwrap();
     let out = tmp.path().join("out");
-    let (ok, _, err) = xtask(&[
-        "merge",
-        "--model",
-        s(&other),
-        "--adapter",
-        s(&adapter),
-        "--output",
-        s(&out),
-    ]);
-    assert!(!ok);
+    let (status, _, err) = run(
+        XTASK,
+        &[
+            "merge",
+            "--model",
+            s(&other),
+            "--adapter",
+            s(&adapter),
+            "--output",
+            s(&out),
+        ],
+    );
+    assert!(!status.success());
     assert!(
         err.contains("model.layers.0.self_attn.q_proj")
             && err.contains("[8, 64]")
@@ -264,89 +211,110 @@ fn merge_and_chat_refuse_bad_input_with_clear_errors() {
         dora.join("adapter_model.safetensors"),
     )
     .unwrap();
-    let mut cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
-    )
-    .unwrap();
+    let mut cfg: serde_json::Value = read_json(&adapter.join("adapter_config.json"));
     cfg["use_dora"] = true.into();
     std::fs::write(dora.join("adapter_config.json"), cfg.to_string()).unwrap();
     let base = fixtures().join("tiny-untied-f32-sharded");
-    let (ok, _, err) = xtask(&[
-        "merge",
-        "--model",
-        s(&base),
-        "--adapter",
-        s(&dora),
-        "--output",
-        s(&out),
-    ]);
-    assert!(!ok && err.contains("use_dora"), "{err}");
+    let (status, _, err) = run(
+        XTASK,
+        &[
+            "merge",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(&dora),
+            "--output",
+            s(&out),
+        ],
+    );
+    assert!(!status.success() && err.contains("use_dora"), "{err}");
 
     // A used output directory is never overwritten.
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "x").unwrap();
-    let (ok, _, err) = xtask(&[
-        "merge",
-        "--model",
-        s(&base),
-        "--adapter",
-        s(&adapter),
-        "--output",
-        s(&out),
-    ]);
-    assert!(!ok && err.contains("not empty"), "{err}");
-    let (ok, _, err) = xtask(&[
-        "merge",
-        "--model",
-        s(&base),
-        "--adapter",
-        s(&adapter),
-        "--output",
-        s(&tmp.path().join("new")),
-        "--max-shard-size",
-        "big",
-    ]);
-    assert!(!ok && err.contains("--max-shard-size"), "{err}");
+    let (status, _, err) = run(
+        XTASK,
+        &[
+            "merge",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(&adapter),
+            "--output",
+            s(&out),
+        ],
+    );
+    assert!(!status.success() && err.contains("not empty"), "{err}");
+    let (status, _, err) = run(
+        XTASK,
+        &[
+            "merge",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(&adapter),
+            "--output",
+            s(&tmp.path().join("new")),
+            "--max-shard-size",
+            "big",
+        ],
+    );
+    assert!(
+        !status.success() && err.contains("--max-shard-size"),
+        "{err}"
+    );
 
     // chat: a model directory without a tokenizer.
-    let (ok, _, err) = xtask(&["chat", "--model", s(&base), "--prompt", "hi"]);
+    let (status, _, err) = run(XTASK, &["chat", "--model", s(&base), "--prompt", "hi"]);
     assert!(
-        !ok && err.contains("no tokenizer.json") && err.contains("--tokenizer"),
+        !status.success() && err.contains("no tokenizer.json") && err.contains("--tokenizer"),
         "{err}"
     );
 
     // chat: the adapter for another base, through the command; a broken generation_config.json.
-    if let Some(shared) = shared_data() {
+    if let Some(shared) =
+        shared_data_or_skip("the chat part of merge_and_chat_refuse_bad_input_with_clear_errors")
+    {
         let tok = shared.join("qwen2.5-tokenizer");
         std::fs::write(other.join("generation_config.json"), r#"{"top_p": 2.0}"#).unwrap();
-        let (ok, _, err) = xtask(&[
-            "chat",
-            "--model",
-            s(&other),
-            "--tokenizer",
-            s(&tok),
-            "--prompt",
-            "hi",
-        ]);
+        let (status, _, err) = run(
+            XTASK,
+            &[
+                "chat",
+                "--model",
+                s(&other),
+                "--tokenizer",
+                s(&tok),
+                "--prompt",
+                "hi",
+            ],
+        );
         assert!(
-            !ok && err.contains("generation_config.json")
+            !status.success()
+                && err.contains("generation_config.json")
                 && err.contains("top_p 2 must be in (0, 1]"),
             "{err}"
         );
         std::fs::remove_file(other.join("generation_config.json")).unwrap();
-        let (ok, _, err) = xtask(&[
-            "chat",
-            "--model",
-            s(&other),
-            "--tokenizer",
-            s(&tok),
-            "--adapter",
-            s(&adapter),
-            "--prompt",
-            "hi",
-        ]);
+        let (status, _, err) = run(
+            XTASK,
+            &[
+                "chat",
+                "--model",
+                s(&other),
+                "--tokenizer",
+                s(&tok),
+                "--adapter",
+                s(&adapter),
+                "--prompt",
+                "hi",
+            ],
+        );
         assert!(
-            !ok && err.contains("q_proj") && err.contains("[8, 32]") && !err.contains("panicked"),
+            !status.success()
+                && err.contains("q_proj")
+                && err.contains("[8, 32]")
+                && !err.contains("panicked"),
             "{err}"
         );
     }
@@ -356,7 +324,7 @@ fn merge_and_chat_refuse_bad_input_with_clear_errors() {
 /// goes to stderr; greedy and seeded sampling repeat themselves; `--merge` gives the same answer.
 #[test]
 fn chat_answers_a_prompt_reproducibly() {
-    let Some(shared) = shared_data() else {
+    let Some(shared) = shared_data_or_skip("chat_answers_a_prompt_reproducibly") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -388,9 +356,7 @@ fn chat_answers_a_prompt_reproducibly() {
             "12",
         ];
         args.extend_from_slice(extra);
-        let (ok, stdout, stderr) = xtask(&args);
-        assert!(ok, "{stdout}\n{stderr}");
-        (stdout, stderr)
+        run_ok(XTASK, &args)
     };
     let sys = ["--system", "假设你是皇帝身边的女人--甄嬛。", "--seed", "7"];
     let (a, err) = run(&sys);
@@ -420,7 +386,7 @@ fn chat_answers_a_prompt_reproducibly() {
     assert!(!a.trim().is_empty() || !g1.trim().is_empty());
 
     // Interactive: two turns from stdin, then `exit`.
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let out = Command::new(XTASK)
         .args([
             "chat",
             "--model",

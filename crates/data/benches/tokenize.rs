@@ -5,19 +5,10 @@
 //! `cargo bench -p lora-data --bench tokenize`; needs ../shared/data (or FERROLORA_SHARED_DATA).
 
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use lora_data::{load_dataset, prepare, ChatTokenizer, PrepareOptions, Template};
-
-fn shared_data() -> Option<PathBuf> {
-    std::env::var_os("FERROLORA_SHARED_DATA")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
-            p.is_dir().then_some(p)
-        })
-}
+use test_support::shared_data;
 
 fn bench(c: &mut Criterion) {
     let Some(shared) = shared_data() else {

@@ -262,24 +262,7 @@ fn push_turn(text: &mut String, role: Role, content: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::{Path, PathBuf};
-
-    fn shared_data() -> Option<PathBuf> {
-        let dir = std::env::var_os("FERROLORA_SHARED_DATA")
-            .map(PathBuf::from)
-            .or_else(|| {
-                let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
-                p.is_dir().then_some(p)
-            });
-        if dir.is_none() {
-            assert!(
-                std::env::var("CI").map_or(true, |v| v != "true"),
-                "CI=true but ../shared/data is missing; set FERROLORA_SHARED_DATA"
-            );
-            eprintln!("skipping: shared data not found; set FERROLORA_SHARED_DATA");
-        }
-        dir
-    }
+    use test_support::{fixtures, shared_data_or_skip};
 
     /// What Qwen2.5's chat template renders for a system + user + assistant + user history with
     /// `add_generation_prompt=True`, and its default system block when there is none.
@@ -314,15 +297,13 @@ mod tests {
     /// tokenizing the whole rendering.
     #[test]
     fn cached_system_prefix_is_used_and_exact() {
-        let Some(shared) = shared_data() else { return };
+        let Some(shared) = shared_data_or_skip("cached_system_prefix_is_used_and_exact") else {
+            return;
+        };
         let tok = crate::ChatTokenizer::load(&shared.join("qwen2.5-tokenizer")).unwrap();
         let ds = crate::load_dataset(&shared.join("huanhuan/huanhuan.json"), None).unwrap();
-        let chats = crate::load_dataset(
-            &Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../tests/fixtures/data/chat_messages.jsonl"),
-            None,
-        )
-        .unwrap();
+        let chats =
+            crate::load_dataset(&fixtures().join("data/chat_messages.jsonl"), None).unwrap();
         for template in [Template::Seed, Template::Qwen] {
             let system = template.default_system();
             let cached = Encoder::new(&tok.tokenizer, tok.pad_token_id, template, system).unwrap();

@@ -9,6 +9,7 @@ use lora_data::{
     load_dataset, prepare, Format, PrepareOptions, SkipReason, Template, IGNORE_INDEX,
     SEED_DEFAULT_SYSTEM,
 };
+use test_support::{read_json, shared_data_or_skip};
 
 const FILES: [(&str, Format); 3] = [
     ("chat_sharegpt.json", Format::ShareGpt),
@@ -17,9 +18,12 @@ const FILES: [(&str, Format); 3] = [
 ];
 
 fn check(template: Template) {
-    let Some(shared) = shared_data() else { return };
+    let Some(shared) = shared_data_or_skip(&format!("the {} template check", template.name()))
+    else {
+        return;
+    };
     let tok = tokenizer(&shared);
-    let reference = read_json(&fixtures().join("chat_reference.json"));
+    let reference: serde_json::Value = read_json(&fixtures().join("chat_reference.json"));
     for (file, format) in FILES {
         let ds = load_dataset(&fixtures().join(file), None).unwrap();
         assert_eq!(ds.format, format, "{file}: detected format");
@@ -54,7 +58,10 @@ fn seed_template_matches_process_func_generalised() {
 /// Every supervised `qwen` span ends with <|im_end|> (151645), and the "\n" after it is -100.
 #[test]
 fn qwen_supervises_im_end_but_not_the_newline_after_it() {
-    let Some(shared) = shared_data() else { return };
+    let Some(shared) = shared_data_or_skip("qwen_supervises_im_end_but_not_the_newline_after_it")
+    else {
+        return;
+    };
     let tok = tokenizer(&shared);
     let ds = load_dataset(&fixtures().join("chat_messages.jsonl"), None).unwrap();
     let p = prepare(&ds.conversations, &tok, &PrepareOptions::default()).unwrap();
@@ -84,9 +91,11 @@ fn qwen_supervises_im_end_but_not_the_newline_after_it() {
 /// record whose answers all fall beyond N is skipped and counted.
 #[test]
 fn qwen_truncation_cuts_and_skips() {
-    let Some(shared) = shared_data() else { return };
+    let Some(shared) = shared_data_or_skip("qwen_truncation_cuts_and_skips") else {
+        return;
+    };
     let tok = tokenizer(&shared);
-    let reference = read_json(&fixtures().join("chat_reference.json"));
+    let reference: serde_json::Value = read_json(&fixtures().join("chat_reference.json"));
     let want = reference["chat_sharegpt.json"]["qwen"].as_array().unwrap();
     let ds = load_dataset(&fixtures().join("chat_sharegpt.json"), None).unwrap();
     let max_length = 30;
@@ -130,7 +139,10 @@ fn qwen_truncation_cuts_and_skips() {
 /// both templates; `seed` also needs the last turn to be the assistant's.
 #[test]
 fn records_without_answers_are_counted_not_dropped() {
-    let Some(shared) = shared_data() else { return };
+    let Some(shared) = shared_data_or_skip("records_without_answers_are_counted_not_dropped")
+    else {
+        return;
+    };
     let tok = tokenizer(&shared);
     let text = r#"{"messages": [{"role": "user", "content": "hi"}]}
 {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]}
@@ -156,13 +168,16 @@ fn records_without_answers_are_counted_not_dropped() {
 /// of `qwen` is the one in Qwen2.5's chat template.
 #[test]
 fn tokenizer_config_and_default_system() {
-    let Some(shared) = shared_data() else { return };
+    let Some(shared) = shared_data_or_skip("tokenizer_config_and_default_system") else {
+        return;
+    };
     let tok = tokenizer(&shared);
     assert_eq!(tok.pad_token_id, 151643);
     let file =
         lora_data::ChatTokenizer::load(&shared.join("qwen2.5-tokenizer/tokenizer.json")).unwrap();
     assert_eq!(file.pad_token_id, 151643);
-    let config = read_json(&shared.join("qwen2.5-tokenizer/tokenizer_config.json"));
+    let config: serde_json::Value =
+        read_json(&shared.join("qwen2.5-tokenizer/tokenizer_config.json"));
     let template = config["chat_template"].as_str().unwrap();
     assert!(template.contains(&format!(
         "'<|im_start|>system\\n{}<|im_end|>\\n'",
@@ -174,7 +189,9 @@ fn tokenizer_config_and_default_system() {
 #[test]
 fn pipeline_from_file_to_tensors() {
     use burn::backend::Flex;
-    let Some(shared) = shared_data() else { return };
+    let Some(shared) = shared_data_or_skip("pipeline_from_file_to_tensors") else {
+        return;
+    };
     let tok = tokenizer(&shared);
     let ds = load_dataset(&fixtures().join("chat_messages.jsonl"), None).unwrap();
     let p = prepare(&ds.conversations, &tok, &PrepareOptions::default()).unwrap();

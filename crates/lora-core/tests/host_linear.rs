@@ -2,18 +2,14 @@
 //! `forward_reference` (Burn ops): outputs and the gradients of the input and both adapter factors,
 //! with and without bias and dropout, from the same seed.
 
-use std::sync::Mutex;
-
 use burn::backend::{Autodiff, Flex};
 use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Distribution, Tensor};
 use lora_core::{InitLoraWeights, LoraLinear, LoraWeight};
+use test_support::{max_abs, max_abs_err, rng_lock};
 
 type Ad = Autodiff<Flex>;
-
-/// The backend's RNG is global: tests that reseed it and compare draws run one at a time.
-static RNG: Mutex<()> = Mutex::new(());
 
 /// A layer with a frozen base (and non-zero frozen bias), as `apply_lora` leaves it, and an adapter
 /// with non-zero `B`.
@@ -31,16 +27,11 @@ fn layer(i: usize, o: usize, bias: bool, r: usize, dropout: f64) -> LoraLinear<A
     layer
 }
 
-fn max_abs(a: Tensor<Flex, 2>, b: Tensor<Flex, 2>) -> (f32, f32) {
+/// Max `|a - b|` and max `|b|`.
+fn err_and_scale(a: Tensor<Flex, 2>, b: Tensor<Flex, 2>) -> (f32, f32) {
     let a = a.into_data().to_vec::<f32>().unwrap();
     let b = b.into_data().to_vec::<f32>().unwrap();
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let err = a
-        .iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    (err, scale)
+    (max_abs_err(&a, &b), max_abs(&b))
 }
 
 /// The gradients of `lora_A` and `lora_B`.
@@ -93,7 +84,7 @@ fn check(bias: bool, dropout: f64) {
         .iter()
         .zip(host.into_iter().zip(reference))
     {
-        let (err, scale) = max_abs(h, r);
+        let (err, scale) = err_and_scale(h, r);
         println!("bias {bias}, dropout {dropout}: {name} max |host - reference| {err:.2e} (max |ref| {scale:.2})");
         assert!(
             scale > 0.1,
@@ -105,7 +96,7 @@ fn check(bias: bool, dropout: f64) {
 
 #[test]
 fn host_linear_matches_burn_ops_without_dropout() {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = rng_lock();
     check(false, 0.0);
     check(true, 0.0);
 }
@@ -113,7 +104,7 @@ fn host_linear_matches_burn_ops_without_dropout() {
 #[test]
 fn host_linear_matches_burn_ops_with_dropout() {
     // Equal results need equal masks: both paths draw the dropout key from the seeded backend RNG.
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = rng_lock();
     check(true, 0.1);
     check(false, 0.5);
 }
@@ -127,7 +118,7 @@ fn host_linear_dropout_changes_the_output() {
     let with = layer.forward(x.clone()).inner();
     layer.lora_dropout = None;
     let without = layer.forward(x).inner();
-    let (err, _) = max_abs(with, without);
+    let (err, _) = err_and_scale(with, without);
     assert!(err > 1e-3, "dropout 0.5 left the output unchanged ({err})");
 }
 

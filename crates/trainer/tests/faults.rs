@@ -26,10 +26,9 @@ use lora_trainer::{train, CausalLm, TrainError, TrainEvent, TrainableLm, Trainin
 use qwen2::Qwen2ForCausalLM;
 
 mod common;
-#[path = "../../../tests/support/tmpfs.rs"]
-mod tmpfs;
-use common::{examples, fixture, model, rng_lock, Ad};
-use tmpfs::{page_size, pages, walk, Tmpfs};
+use common::{examples, fixture, model, Ad};
+use test_support::tmpfs::{assert_no_partial_files, page_size, pages, walk, Tmpfs};
+use test_support::{read_reference, rng_lock};
 
 fn lora_cfg() -> LoraConfig {
     LoraConfig {
@@ -228,41 +227,20 @@ impl<B: AutodiffBackend> TrainableLm<B> for Poisoned<B> {
 // ---------------------------------------------------------------------------------------------
 // What a stopped run must leave.
 
-/// Every f32 of a safetensors file (adapters are f32).
-fn floats(file: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(file).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    st.tensors()
-        .into_iter()
-        .flat_map(|(_, v)| {
-            v.data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 /// After a run that failed: exactly the checkpoints `want` exist, complete (state, optimizer,
 /// adapter that loads into the model, all finite), `latest` is the newest, nothing partial or
 /// temporary is left, and no adapter anywhere holds NaN/Inf.
 fn assert_intact(out: &Path, want: &[usize], cfg: &LoraConfig) {
     let have: Vec<usize> = checkpoints(out).into_iter().map(|(s, _)| s).collect();
     assert_eq!(have, want, "complete checkpoints in {}", out.display());
+    assert_no_partial_files(out);
     for p in walk(out) {
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(
-            !name.starts_with('.') && !name.ends_with(".partial"),
-            "partial file or directory left behind: {}",
-            p.display()
-        );
         if name.ends_with(".safetensors") {
-            assert!(
-                floats(&p).iter().all(|x| x.is_finite()),
-                "{} holds NaN/Inf",
-                p.display()
-            );
+            // Adapters are f32.
+            let tensors = read_reference(&p).into_values();
+            let finite = tensors.flat_map(|t| t.f32).all(|x| x.is_finite());
+            assert!(finite, "{} holds NaN/Inf", p.display());
         }
     }
     for (step, dir) in checkpoints(out) {

@@ -10,8 +10,9 @@ use lora_trainer::{train, TrainError, TrainEvent, TrainingArguments};
 use qwen2::Qwen2ForCausalLM;
 
 mod common;
-use common::{
-    compare_adapter_grads, examples, fixture, max_rel_err, model, rng_lock, toy_example, Ad,
+use common::{compare_adapter_grads, examples, fixture, model, toy_example, Ad};
+use test_support::{
+    assert_close_elementwise, fixtures, max_rel_err, read_json, read_reference, rng_lock,
 };
 
 fn lora_cfg(dropout: f64) -> LoraConfig {
@@ -90,11 +91,7 @@ fn accumulating_k_micro_batches_equals_one_batch() {
     assert!((l1 - l4).abs() <= 1e-6 * l1.abs(), "step loss {l1} vs {l4}");
     let mut worst = 0f32;
     for ((k, a), (_, b)) in values(&m1).iter().zip(values(&m4).iter()) {
-        for (x, y) in a.iter().zip(b) {
-            let d = (x - y).abs() / x.abs().max(1e-3);
-            assert!(d <= 1e-4, "{k}: {x} vs {y}");
-            worst = worst.max(d);
-        }
+        worst = worst.max(assert_close_elementwise(k, b, a, 1e-4, 1e-3));
     }
     println!("1x8 vs 4x2: loss {l1} vs {l4}, worst adapter relative difference {worst:e}");
 }
@@ -317,16 +314,13 @@ const FINAL_WEIGHT_REL_TOL: f32 = 1e-4;
 #[test]
 fn ten_steps_match_pytorch_reference_loop() {
     let _rng = rng_lock();
-    let dir = fixture().join("../train-tiny");
-    let ex: Vec<Example> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("examples.json")).unwrap()).unwrap();
-    let want: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("losses.json")).unwrap()).unwrap();
+    let dir = fixtures().join("train-tiny");
+    let ex: Vec<Example> = read_json(&dir.join("examples.json"));
+    let want: serde_json::Value = read_json(&dir.join("losses.json"));
     let base = qwen2::load_model::<Ad>(&fixture(), DType::F32, &Default::default())
         .unwrap()
         .model;
-    let (m, cfg, _) =
-        lora_core::load_adapter(base, &fixture().join("../peft-tiny-untied")).unwrap();
+    let (m, cfg, _) = lora_core::load_adapter(base, &fixtures().join("peft-tiny-untied")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let a = TrainingArguments {
         output_dir: tmp.path().to_path_buf(),
@@ -388,17 +382,10 @@ fn ten_steps_match_pytorch_reference_loop() {
             i + 1
         );
     }
-    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let reference = read_reference(&dir.join("reference.safetensors"));
     let mut worst_w = 0f32;
     for (path, v) in values(&m) {
-        let r = st.tensor(&format!("final.{path}")).unwrap();
-        let r: Vec<f32> = r
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        let err = max_rel_err(&r, &v);
+        let err = max_rel_err(&v, &reference[&format!("final.{path}")].f32);
         assert!(
             err <= FINAL_WEIGHT_REL_TOL,
             "{path}: final weights differ by {err:e} (relative)"

@@ -1,5 +1,6 @@
-//! Helpers shared by the lora-data integration tests.
-#![allow(dead_code)]
+//! Helpers shared by the lora-data integration tests that need its types (the rest is in
+//! `test-support`).
+#![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::{Path, PathBuf};
 
@@ -7,40 +8,11 @@ use lora_data::{ChatTokenizer, Example};
 
 /// `tests/fixtures/data` at the repository root.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/data")
-}
-
-/// The shared data directory (`FERROLORA_SHARED_DATA`, else `../shared/data` beside the repository),
-/// or `None` with a message when it is absent outside CI. Under `CI=true` a missing directory fails.
-pub fn shared_data() -> Option<PathBuf> {
-    let dir = match std::env::var_os("FERROLORA_SHARED_DATA") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
-            p.is_dir().then_some(p)
-        }
-    };
-    match dir {
-        Some(p) => Some(p),
-        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true but ../shared/data is missing; set FERROLORA_SHARED_DATA")
-        }
-        None => {
-            eprintln!(
-                "skipping: shared data not found; set FERROLORA_SHARED_DATA to the directory holding \
-                 qwen2.5-tokenizer/ and huanhuan/"
-            );
-            None
-        }
-    }
+    test_support::fixtures().join("data")
 }
 
 pub fn tokenizer(shared: &Path) -> ChatTokenizer {
     ChatTokenizer::load(&shared.join("qwen2.5-tokenizer")).unwrap()
-}
-
-pub fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 pub fn example_from(v: &serde_json::Value) -> Example {
@@ -84,8 +56,10 @@ pub fn canonical_line(ex: &Example) -> String {
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&sha2::Sha256::digest(bytes))
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -1,8 +1,8 @@
-//! Helpers shared by the trainer's integration tests: the tiny fixture model, toy examples, the RNG
-//! lock, and comparing adapter gradients.
+//! Helpers shared by the trainer's integration tests: the tiny fixture model, toy examples, and
+//! comparing adapter gradients (the RNG lock and the comparisons are in `test-support`).
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex};
 use burn::optim::GradientsParams;
@@ -11,19 +11,13 @@ use burn::tensor::{DType, Tensor};
 use lora_core::{adapter_tensors, apply_lora, LoraConfig};
 use lora_data::Example;
 use qwen2::Qwen2ForCausalLM;
+use test_support::max_rel_err;
 
 pub type Ad = Autodiff<Flex>;
 
-/// Burn's CPU RNG is one global stream: tests that seed it and draw from it (adapter init, dropout)
-/// must not interleave, so each takes this lock (one per test binary, which is one process).
-static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
-    RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
-
+/// The tiny fixture model the tests train.
 pub fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-untied-f32-sharded")
+    test_support::fixtures().join("tiny-untied-f32-sharded")
 }
 
 /// The tiny fixture with adapters from `cfg`, the RNG seeded first.
@@ -66,15 +60,6 @@ pub fn examples(n: usize) -> Vec<Example> {
         .collect()
 }
 
-/// Largest `|want − got|` relative to the largest `|want|`.
-pub fn max_rel_err(want: &[f32], got: &[f32]) -> f32 {
-    let scale = want.iter().fold(0f32, |s, x| s.max(x.abs())).max(1e-12);
-    want.iter()
-        .zip(got)
-        .fold(0f32, |s, (x, y)| s.max((x - y).abs()))
-        / scale
-}
-
 /// Removes every adapter gradient of `m` from `want` and `got` and asserts each pair agrees within
 /// `tol` relative to the largest `want` entry (`what` names the comparison in failures). Returns
 /// the number compared and the worst relative difference.
@@ -94,7 +79,7 @@ pub fn compare_adapter_grads(
                 .unwrap_or_else(|| panic!("no gradient for {path}"));
             t.into_data().to_vec::<f32>().unwrap()
         };
-        let err = max_rel_err(&take(want), &take(got));
+        let err = max_rel_err(&take(got), &take(want));
         assert!(
             err <= tol,
             "{path}: {what} gradient differs by {err:e} (relative)"

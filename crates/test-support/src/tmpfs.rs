@@ -1,5 +1,5 @@
-//! A real small file system for the disk-full tests (trainer and command line), included with
-//! `#[path]` by the test files that need it.
+//! A real small file system for the disk-full tests (the trainer's and the command line's), and
+//! what those tests look at on it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,7 +24,7 @@ impl Tmpfs {
                     Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
                     Err(e) => e.to_string(),
                 };
-                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                if crate::ci() {
                     panic!("CI=true but `mount -t tmpfs` failed ({why}); the disk-full tests need root");
                 }
                 eprintln!("skipping: cannot mount a tmpfs ({why}); the disk-full tests need root");
@@ -38,7 +38,6 @@ impl Tmpfs {
     }
 
     /// Grows the file system in place, keeping its files (the user freeing space).
-    #[allow(dead_code)] // not every includer resizes
     pub fn resize(&self, bytes: u64) {
         let ok = Command::new("mount")
             .args(["-o", &format!("remount,size={bytes}")])
@@ -93,4 +92,17 @@ pub fn pages(path: &Path, page: u64) -> u64 {
         .filter(|p| p.is_file())
         .map(|p| p.metadata().unwrap().len().div_ceil(page))
         .sum()
+}
+
+/// Asserts that nothing under `dir` is a partial or temporary file or directory (a name starting
+/// with `.` or ending in `tmp-partial`) left by an interrupted write.
+pub fn assert_no_partial_files(dir: &Path) {
+    for p in walk(dir) {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            !name.starts_with('.') && !name.ends_with(".partial"),
+            "partial file or directory left behind: {}",
+            p.display()
+        );
+    }
 }
