@@ -5,6 +5,7 @@
 //! A dev-dependency only (`test-support.workspace = true` under `[dev-dependencies]`). It depends on
 //! no crate of the workspace, so every one of them can use it; what needs a model, a tensor or a
 //! dataset type stays with the tests of the crate that has it.
+#![forbid(unsafe_code)]
 
 mod compare;
 mod files;
