@@ -203,6 +203,7 @@ pub fn run(mut o: FinetuneOptions) -> anyhow::Result<()> {
 pub fn defaults() -> FinetuneOptions {
     let mut o = FinetuneOptions::default();
     o.training.output_dir = PathBuf::from("runs/demo");
+    o.training.overwrite_output_dir = true; // the demo replaces its own previous run
     o.training.learning_rate = 2e-3;
     o.training.per_device_train_batch_size = 8;
     o.training.gradient_accumulation_steps = 1;

@@ -442,6 +442,9 @@ pub fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> an
                 bar.suspend(|| println!("{}", serde_json::to_string(x).expect("serializes")))
             }
             TrainEvent::Saved(p) => bar.suspend(|| eprintln!("saved {}", p.display())),
+            TrainEvent::Resumed { checkpoint, step } => {
+                bar.suspend(|| eprintln!("resuming from {} (step {step})", checkpoint.display()))
+            }
         }
         true
     };

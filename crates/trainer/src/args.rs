@@ -68,6 +68,10 @@ pub struct TrainingArguments {
     pub gradient_checkpointing: bool,
     /// A checkpoint directory to continue from, or `latest` (the newest complete one in `output_dir`).
     pub resume_from_checkpoint: Option<String>,
+    /// Start a new run in an `output_dir` that holds another run's checkpoints or log, removing
+    /// them (its `checkpoint-*` directories, `metrics.jsonl` and `loss.svg`); without it such a
+    /// directory is refused, so two runs never mix.
+    pub overwrite_output_dir: bool,
 }
 
 impl Default for TrainingArguments {
@@ -95,6 +99,7 @@ impl Default for TrainingArguments {
             shuffle: true,
             gradient_checkpointing: false,
             resume_from_checkpoint: None,
+            overwrite_output_dir: false,
         }
     }
 }

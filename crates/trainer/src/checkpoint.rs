@@ -68,6 +68,52 @@ pub struct TrainerState {
     /// The evaluations.
     #[serde(default)]
     pub eval_history: Vec<EvalEntry>,
+    /// What the run trained on ([`data_fingerprint`]); absent in checkpoints of older versions.
+    #[serde(default)]
+    pub data_fingerprint: Option<String>,
+    /// Examples per micro-batch (transformers' `train_batch_size`); absent in older checkpoints.
+    #[serde(default)]
+    pub train_batch_size: Option<usize>,
+    /// Micro-batches per optimizer step; absent in older checkpoints.
+    #[serde(default)]
+    pub gradient_accumulation_steps: Option<usize>,
+}
+
+/// A fingerprint of the training examples (their token ids and labels, in order): a resumed run
+/// must train on the same data as the run that wrote the checkpoint.
+pub fn data_fingerprint(examples: &[lora_data::Example]) -> String {
+    // FNV-1a over the little-endian bytes of every id and label, each example closed by its length.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |v: i64| {
+        for b in v.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for e in examples {
+        e.input_ids.iter().for_each(|&t| eat(i64::from(t)));
+        e.labels.iter().for_each(|&l| eat(l));
+        eat(e.input_ids.len() as i64);
+    }
+    format!("{:016x}-{}", h, examples.len())
+}
+
+/// The files and directories of a previous run in `dir`: `checkpoint-*`, `metrics.jsonl`,
+/// `loss.svg`, in name order.
+pub fn previous_run(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("checkpoint-") || name == "metrics.jsonl" || name == "loss.svg"
+        })
+        .collect();
+    found.sort();
+    found
 }
 
 /// File names inside a checkpoint.

@@ -44,6 +44,14 @@ pub enum TrainError {
         /// The newest complete checkpoint, or a note that there is none.
         last_checkpoint: String,
     },
+    /// The output directory holds another run and neither a resume nor an overwrite was asked for.
+    #[error("{dir} holds another run ({found}): pass --resume-from-checkpoint latest to continue it, --overwrite-output-dir to replace it, or choose another --output-dir")]
+    OutputDirInUse {
+        /// The output directory.
+        dir: PathBuf,
+        /// What of the other run it holds.
+        found: String,
+    },
     /// A checkpoint cannot be used to resume.
     #[error("cannot resume from {path}: {reason}")]
     BadCheckpoint {

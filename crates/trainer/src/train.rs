@@ -48,6 +48,13 @@ pub enum TrainEvent {
     Eval(EvalEntry),
     /// A checkpoint was written.
     Saved(PathBuf),
+    /// The run continues from `checkpoint`, which is at `step` (sent before [`TrainEvent::Start`]).
+    Resumed {
+        /// The checkpoint directory.
+        checkpoint: PathBuf,
+        /// Its optimizer steps.
+        step: usize,
+    },
 }
 
 /// What a finished run leaves.
@@ -130,6 +137,27 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
         return Err(TrainError::NoData);
     }
     let out = &args.output_dir;
+    if args.resume_from_checkpoint.is_none() {
+        let previous = checkpoint::previous_run(out);
+        if !previous.is_empty() && !args.overwrite_output_dir {
+            return Err(TrainError::OutputDirInUse {
+                dir: out.clone(),
+                found: previous
+                    .iter()
+                    .filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        for p in previous {
+            let removed = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            removed.map_err(|e| TrainError::io(&p, e))?;
+        }
+    }
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     let bs = args.per_device_train_batch_size;
     let batches_per_epoch = examples.len().div_ceil(bs);
@@ -160,19 +188,64 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
         step_losses: Vec::new(),
         log_history: Vec::new(),
         eval_history: Vec::new(),
+        data_fingerprint: Some(checkpoint::data_fingerprint(examples)),
+        train_batch_size: Some(bs),
+        gradient_accumulation_steps: Some(args.gradient_accumulation_steps),
     };
     if let Some(arg) = &args.resume_from_checkpoint {
         let dir = checkpoint::resolve_resume(arg, out)?;
         let saved = checkpoint::read_state(&dir)?;
+        let refuse = |reason: String| {
+            Err(TrainError::BadCheckpoint {
+                path: dir.clone(),
+                reason: format!("{reason}; resume with the run's own settings, or start a new run in another output directory"),
+            })
+        };
         if saved.seed != args.seed {
-            return Err(TrainError::BadCheckpoint {
-                path: dir,
-                reason: format!(
-                    "it was trained with seed {}, this run has {}",
-                    saved.seed, args.seed
-                ),
-            });
+            return refuse(format!(
+                "it was trained with seed {}, this run has {}",
+                saved.seed, args.seed
+            ));
         }
+        if saved.global_step > total {
+            return refuse(format!(
+                "it is at step {}, past the {total} steps of this run (--max-steps / --num-train-epochs)",
+                saved.global_step
+            ));
+        }
+        // Checkpoints written before these were recorded carry none: nothing to compare.
+        let differs = |what: &str, saved: &Option<String>, now: &Option<String>| match (saved, now)
+        {
+            (Some(a), Some(b)) if a != b => Some(format!("its {what} is {a}, this run's is {b}")),
+            _ => None,
+        };
+        let text = |v: Option<usize>| v.map(|v| v.to_string());
+        for difference in [
+            differs(
+                "training data (fingerprint of the tokenized examples)",
+                &saved.data_fingerprint,
+                &state.data_fingerprint,
+            ),
+            differs(
+                "per_device_train_batch_size",
+                &text(saved.train_batch_size),
+                &text(state.train_batch_size),
+            ),
+            differs(
+                "gradient_accumulation_steps",
+                &text(saved.gradient_accumulation_steps),
+                &text(state.gradient_accumulation_steps),
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            return refuse(difference);
+        }
+        on_event(&TrainEvent::Resumed {
+            checkpoint: dir.clone(),
+            step: saved.global_step,
+        });
         let (m, _, _) = load_adapter(model, &dir)?;
         model = m;
         let rec = recorder
@@ -183,8 +256,14 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
             })?;
         optim = optim.load_record(rec);
         sampler = sampler.resume(saved.sampler)?;
-        state = saved;
-        state.max_steps = total;
+        let fingerprint = state.data_fingerprint.take();
+        state = TrainerState {
+            max_steps: total,
+            data_fingerprint: fingerprint,
+            train_batch_size: Some(bs),
+            gradient_accumulation_steps: Some(args.gradient_accumulation_steps),
+            ..saved
+        };
     }
 
     let metrics_path = out.join("metrics.jsonl");

@@ -272,12 +272,14 @@ fn clean_run(cfg: &LoraConfig, a: &TrainingArguments) -> (Vec<f64>, Vec<u8>) {
     (o.state.step_losses, bytes)
 }
 
-/// Resumes `a.output_dir` from `latest` (or starts fresh when it holds no checkpoint) with a clean
-/// model and checks the result equals the uninterrupted run bitwise.
+/// Resumes `a.output_dir` from `latest` (or, when it holds no checkpoint, starts again over what
+/// the failed run left) with a clean model and checks the result equals the uninterrupted run
+/// bitwise.
 fn assert_resumes_to(cfg: &LoraConfig, a: &TrainingArguments, want: &(Vec<f64>, Vec<u8>)) {
     let resume = !checkpoints(&a.output_dir).is_empty();
     let a = TrainingArguments {
         resume_from_checkpoint: resume.then(|| "latest".to_string()),
+        overwrite_output_dir: !resume,
         ..a.clone()
     };
     let (_, o) = run(model(cfg), cfg, &a).unwrap();

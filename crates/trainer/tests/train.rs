@@ -83,6 +83,7 @@ fn accumulating_k_micro_batches_equals_one_batch() {
     let four = TrainingArguments {
         per_device_train_batch_size: 2,
         gradient_accumulation_steps: 4,
+        overwrite_output_dir: true, // the same directory as `one`'s run
         ..base.clone()
     };
     let (m1, o1) = run(&cfg, &ex, &one, None).unwrap();
@@ -492,6 +493,7 @@ fn gradient_checkpointing_gives_the_same_gradients_and_run() {
         };
         let ckpt = TrainingArguments {
             gradient_checkpointing: true,
+            overwrite_output_dir: true, // the same directory as the plain run
             ..plain.clone()
         };
         let (_, a) = run(&cfg, &examples(8), &plain, None).unwrap();
@@ -589,7 +591,10 @@ fn bf16_base_trains_with_f32_adapters() {
         &ex,
         &[],
         Collator::new(0),
-        &a,
+        &TrainingArguments {
+            overwrite_output_dir: true, // the bf16 run's directory
+            ..a.clone()
+        },
         &Default::default(),
         &mut cb,
     )
@@ -658,4 +663,93 @@ fn padding_free_batches_equal_padded_ones() {
             "padding-free vs padded (checkpointing {checkpointing}): hidden {worst:e}, loss {v0} / {v1}, {n} gradients, worst {g:e}"
         );
     }
+}
+
+/// A new run into a directory that holds another run's checkpoints is refused, naming what is
+/// there; `overwrite_output_dir` replaces that run (its later checkpoints cannot be resumed by
+/// mistake); a resume says where it continues from, and refuses a checkpoint past the run's
+/// steps, other data or another batch geometry.
+#[test]
+fn output_directory_runs_do_not_mix() {
+    let _rng = rng_lock();
+    let cfg = lora_cfg(0.0);
+    let ex = examples(10);
+    let tmp = tempfile::tempdir().unwrap();
+    let first = args(tmp.path()); // 6 steps, checkpoints at 2, 4, 6
+    run(&cfg, &ex, &first, None).unwrap();
+
+    let short = TrainingArguments {
+        max_steps: Some(2),
+        ..args(tmp.path())
+    };
+    let err = run(&cfg, &ex, &short, None).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, TrainError::OutputDirInUse { .. })
+            && msg.contains("checkpoint-6")
+            && msg.contains("--overwrite-output-dir"),
+        "{msg}"
+    );
+    assert!(tmp.path().join("checkpoint-6").is_dir(), "nothing removed");
+
+    // Resuming the 6-step run's latest checkpoint into a 2-step run: past its steps.
+    let resume = |a: TrainingArguments| TrainingArguments {
+        resume_from_checkpoint: Some("latest".into()),
+        ..a
+    };
+    let err = run(&cfg, &ex, &resume(short.clone()), None).unwrap_err();
+    assert!(err.to_string().contains("past the 2 steps"), "{err}");
+
+    // Other data, another batch geometry.
+    let err = run(&cfg, &examples(9), &resume(first.clone()), None).unwrap_err();
+    assert!(err.to_string().contains("training data"), "{err}");
+    let wider = TrainingArguments {
+        gradient_accumulation_steps: 1,
+        ..first.clone()
+    };
+    let err = run(&cfg, &ex, &resume(wider), None).unwrap_err();
+    assert!(
+        err.to_string().contains("gradient_accumulation_steps"),
+        "{err}"
+    );
+
+    // The same settings resume, and say from where.
+    let mut resumed_from = None;
+    train(
+        model(&cfg),
+        &cfg,
+        &ex,
+        &[],
+        Collator::new(0),
+        &TrainingArguments {
+            resume_from_checkpoint: Some(
+                tmp.path()
+                    .join("checkpoint-4")
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            ..first.clone()
+        },
+        &Default::default(),
+        &mut |e: &TrainEvent| {
+            if let TrainEvent::Resumed { checkpoint, step } = e {
+                resumed_from = Some((checkpoint.clone(), *step));
+            }
+            true
+        },
+    )
+    .unwrap();
+    assert_eq!(resumed_from, Some((tmp.path().join("checkpoint-4"), 4)));
+
+    // Overwriting: the old run's checkpoints and log are gone, the new run's are there.
+    let over = TrainingArguments {
+        overwrite_output_dir: true,
+        ..short
+    };
+    let (_, o) = run(&cfg, &ex, &over, None).unwrap();
+    assert_eq!(o.state.global_step, 2);
+    assert!(!tmp.path().join("checkpoint-6").exists());
+    assert!(tmp.path().join("checkpoint-2").is_dir());
+    let log = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 1, "{log}");
 }
