@@ -149,15 +149,16 @@ fn run_on<Ad: AutodiffBackend>(
                 .tokenizer
                 .clone()
                 .context("--real-data needs --tokenizer DIR")?;
-            let spec = crate::finetune::DataSpec {
+            let spec = crate::data::DataSpec {
                 tokenizer: &tok,
                 template: "seed",
                 system: Some(lora_data::SEED_DEFAULT_SYSTEM.into()),
                 max_length: 384,
                 format: None,
+                padding_free: a.padding_free,
             };
-            let (prepared, chat_tok) = crate::finetune::prepare_file(file, &spec, "bench data")?;
-            let max_id = prepared
+            let data = crate::data::load(file, &spec, "bench data")?;
+            let max_id = data
                 .examples
                 .iter()
                 .flat_map(|e| e.input_ids.iter())
@@ -169,16 +170,14 @@ fn run_on<Ad: AutodiffBackend>(
                     max_id, a.size, cfg.vocab_size
                 );
             }
-            let collator =
-                lora_data::Collator::new(chat_tok.pad_token_id).with_padding_free(a.padding_free);
             let need = (a.steps + 1) * a.batch;
-            if prepared.examples.len() < need {
+            if data.examples.len() < need {
                 bail!(
                     "--real-data has {} usable records; {need} needed",
-                    prepared.examples.len()
+                    data.examples.len()
                 );
             }
-            prepared.examples[..need]
+            data.examples[..need]
                 .chunks(a.batch)
                 .map(|c| {
                     let refs: Vec<&lora_data::Example> = c.iter().collect();
@@ -187,7 +186,7 @@ fn run_on<Ad: AutodiffBackend>(
                         .map(|e| e.labels[1..].iter().filter(|&&l| l != -100).count())
                         .sum();
                     let real = c.iter().map(|e| e.input_ids.len()).sum();
-                    (collator.collate::<Ad>(&refs, dev), sup, real)
+                    (data.collator.collate::<Ad>(&refs, dev), sup, real)
                 })
                 .collect()
         }

@@ -9,7 +9,7 @@
 //!   wishes." (the two classes differ only in the words of the question).
 //!
 //! Then it fine-tunes that model with LoRA through exactly the same code path as a real run
-//! (`finetune::run_on`: prepare, apply LoRA to all seven projections, train, write a PEFT adapter),
+//! (`finetune::run`: prepare, apply LoRA to all seven projections, train, write a PEFT adapter),
 //! and answers two held-out requests greedily before and after. The base is random, so "before" is
 //! noise; "after" shows what the adapter learned, including the class distinction on unseen wording.
 
@@ -161,8 +161,10 @@ fn answers(
     Ok(out)
 }
 
-/// Runs the demo with `o`'s training options (defaults tuned for the demo where not given).
+/// Runs the demo with `o`'s training options (resolved over [`defaults`]).
 pub fn run(mut o: FinetuneOptions) -> anyhow::Result<()> {
+    // Refuse impossible options before building anything.
+    o.training.validate()?;
     let started = std::time::Instant::now();
     let root = o.training.output_dir.clone();
     println!(
@@ -181,11 +183,7 @@ pub fn run(mut o: FinetuneOptions) -> anyhow::Result<()> {
     o.system = Some(SYSTEM.into());
     o.training.output_dir = root.join("adapter");
     // The fine-tune itself runs on `--device`; the before/after answers on the CPU.
-    let spec = o.device.clone();
-    crate::on_device!(&spec,
-        cpu => crate::finetune::run_on::<burn::backend::Autodiff<Flex>>(&o, &Default::default())?,
-        cuda(dev) => crate::finetune::run_on::<burn::backend::Autodiff<burn::backend::Cuda>>(&o, &dev)?,
-    );
+    crate::finetune::run(&o)?;
 
     let base = qwen2::load_model::<Flex>(&model_dir, DType::F32, &Default::default())?.model;
     let (tuned, _, _) = lora_core::load_adapter(base, &o.training.output_dir)?;
@@ -198,8 +196,8 @@ pub fn run(mut o: FinetuneOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The demo's defaults where the user gave no flag: more steps and a higher learning rate than the
-/// tutorial (a random base adapts slowly at 1e-4), small batches, frequent logging.
+/// The demo's defaults (under the config file and the flags): more steps and a higher learning rate
+/// than the tutorial (a random base adapts slowly at 1e-4), small batches, frequent logging.
 pub fn defaults() -> FinetuneOptions {
     let mut o = FinetuneOptions::default();
     o.training.output_dir = PathBuf::from("runs/demo");

@@ -5,10 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use burn::tensor::DType;
-use lora_data::Collator;
 use lora_trainer::{evaluate, CausalLm};
 
-use crate::finetune::{prepare_file, DataSpec};
+use crate::data::DataSpec;
 
 /// Arguments of `eval`.
 #[derive(clap::Args, Debug)]
@@ -61,8 +60,9 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         system: a.system.clone(),
         max_length: a.max_length,
         format: a.format.as_deref(),
+        padding_free: false,
     };
-    let (prepared, tokenizer) = prepare_file(&a.data, &spec, "eval data")?;
+    let data = crate::data::load(&a.data, &spec, "eval data")?;
     let mut model = qwen2::load_model::<B>(&model_dir, DType::F32, &dev)?.model;
     if let Some(dir) = &a.adapter {
         model = lora_core::load_adapter(model, dir)
@@ -71,8 +71,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     }
     let r = evaluate(
         |b| model.loss_sum(b),
-        &prepared.examples,
-        &Collator::new(tokenizer.pad_token_id),
+        &data.examples,
+        &data.collator,
         a.batch_size,
         &dev,
     );

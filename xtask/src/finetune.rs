@@ -1,8 +1,11 @@
 //! `cargo xtask finetune`: the tutorial's whole run: prepare the data, load the model, apply LoRA
 //! (or start from an existing adapter), train, and write a PEFT adapter.
 //!
-//! Options come from, in increasing priority: the tutorial's recipe (defaults), `--config FILE`
-//! (TOML or JSON, snake_case names), and command-line flags.
+//! Options come from, in increasing priority: the caller's defaults (the tutorial's recipe for a
+//! real run), `--config FILE` (TOML or JSON) and command-line flags. [`OptionFlags`] lists every
+//! option once: its field `max_length` is both the flag `--max-length` and the config key
+//! `max_length`. Each layer is a JSON object of options laid over the one below, and the result is
+//! deserialized once into [`FinetuneOptions`], so a key the file leaves out keeps the default.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -11,13 +14,17 @@ use anyhow::{bail, Context};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::DType;
 use lora_core::{apply_lora, load_adapter, LoraConfig, ModuleSelector};
-use lora_data::{ChatTokenizer, Collator, Example, Format, PrepareOptions, Template};
+use lora_data::Example;
 use lora_trainer::{train, SchedulerType, TrainEvent, TrainingArguments};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-/// Everything `finetune` can be told, with the tutorial's values as defaults.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
+use crate::data::DataSpec;
+
+/// Everything `finetune` can be told, resolved; `Default` is the tutorial's recipe.
+// No `#[serde(default)]`: options are only ever deserialized from a complete object (the defaults'
+// layer included), so no value can fall back to a default other than the recipe's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FinetuneOptions {
     /// Model directory (see `cargo xtask info`).
     pub model: Option<PathBuf>,
@@ -88,176 +95,224 @@ impl Default for FinetuneOptions {
     }
 }
 
-/// Arguments of `finetune`: every option as a flag (unset flags leave the config file's value).
+/// Arguments of `finetune`: a config file, and every option as a flag.
 #[derive(clap::Args, Debug)]
 pub struct FinetuneArgs {
+    /// TOML or JSON file of options, named as the flags in snake_case (`learning_rate = 2e-4`;
+    /// `output_dir` for --output, `shuffle = false` for --no-shuffle). Options it leaves out keep
+    /// the recipe's defaults; flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    flags: OptionFlags,
+}
+
+/// The options of `finetune`, each once: a field is a flag (`--max-length`) and a config key
+/// (`max_length`), and names the field of [`FinetuneOptions`] it sets. `None`: not given as a flag.
+#[derive(clap::Args, Serialize, Debug)]
+struct OptionFlags {
     /// Model directory, hub cache entry or `Org/Name`.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Training data file.
+    /// Training data file (alpaca / sharegpt / messages; JSON or JSONL).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Output directory (checkpoints, metrics.jsonl, final adapter).
-    #[arg(long)]
-    output: Option<PathBuf>,
-    /// TOML or JSON file with options in snake_case (flags override it).
-    #[arg(long)]
-    config: Option<PathBuf>,
+    /// Tokenizer directory or tokenizer.json [default: the model directory]
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// seed | qwen
+    /// seed (the tutorial's process_func) | qwen (Qwen2.5's chat template)
     #[arg(long)]
     template: Option<String>,
+    /// System prompt for records without one [default: the tutorial's]
     #[arg(long)]
     system: Option<String>,
+    /// Tokens kept per record (longer records are cut).
     #[arg(long)]
     max_length: Option<usize>,
-    /// alpaca | sharegpt | messages
+    /// alpaca | sharegpt | messages [default: detected from the first record]
     #[arg(long)]
     format: Option<String>,
+    /// LoRA rank.
     #[arg(long)]
     lora_r: Option<usize>,
-    #[arg(long)]
+    /// LoRA alpha (the update is scaled by alpha / r).
+    #[arg(long, value_parser = finite)]
     lora_alpha: Option<f64>,
-    #[arg(long)]
+    /// Dropout on the LoRA branch's input.
+    #[arg(long, value_parser = finite)]
     lora_dropout: Option<f64>,
     /// Comma-separated module names, or `all-linear`.
     #[arg(long, value_delimiter = ',')]
     target_modules: Option<Vec<String>>,
-    #[arg(long)]
-    use_rslora: bool,
+    /// rsLoRA scaling, alpha / sqrt(r) (the bare flag means true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    use_rslora: Option<bool>,
+    /// Start from this PEFT adapter directory instead of a fresh adapter.
     #[arg(long)]
     init_adapter: Option<PathBuf>,
     /// Evaluation data file.
     #[arg(long)]
     eval_data: Option<PathBuf>,
     /// Hold out this fraction of --data for evaluation.
-    #[arg(long)]
+    #[arg(long, value_parser = finite)]
     eval_split: Option<f64>,
-    /// Evaluate every N steps (and at the end).
-    #[arg(long)]
-    eval_steps: Option<usize>,
     /// cpu | cuda[:N]
     #[arg(long)]
     device: Option<String>,
+    /// Examples back to back in one row instead of padded rows [default: true on the CPU, false on
+    /// CUDA]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    padding_free: Option<bool>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    training: TrainingFlags,
+}
+
+/// The flags of [`TrainingArguments`]' fields (transformers' names).
+#[derive(clap::Args, Serialize, Debug)]
+#[command(next_help_heading = "Training (transformers' TrainingArguments)")]
+struct TrainingFlags {
+    /// Output directory (checkpoints, metrics.jsonl, final adapter).
+    #[arg(long = "output", visible_alias = "output-dir")]
+    output_dir: Option<PathBuf>,
+    /// Examples per micro-batch.
     #[arg(long)]
     per_device_train_batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
     #[arg(long)]
     gradient_accumulation_steps: Option<usize>,
-    #[arg(long)]
+    /// Peak learning rate.
+    #[arg(long, value_parser = finite)]
     learning_rate: Option<f64>,
-    #[arg(long)]
+    /// Epochs over the training data (ignored when --max-steps is given).
+    #[arg(long, value_parser = finite)]
     num_train_epochs: Option<f64>,
+    /// Total optimizer steps (overrides --num-train-epochs).
     #[arg(long)]
     max_steps: Option<usize>,
     /// linear | cosine | constant
-    #[arg(long)]
-    lr_scheduler_type: Option<String>,
+    #[arg(long, value_parser = serde_name::<SchedulerType>)]
+    lr_scheduler_type: Option<SchedulerType>,
+    /// Warmup steps (win over --warmup-ratio when non-zero).
     #[arg(long)]
     warmup_steps: Option<usize>,
-    #[arg(long)]
+    /// Warmup as a fraction of the total steps.
+    #[arg(long, value_parser = finite)]
     warmup_ratio: Option<f64>,
-    #[arg(long)]
+    /// Decoupled weight decay (AdamW).
+    #[arg(long, value_parser = finite)]
     weight_decay: Option<f64>,
-    #[arg(long)]
+    /// AdamW beta1.
+    #[arg(long, value_parser = finite)]
+    adam_beta1: Option<f64>,
+    /// AdamW beta2.
+    #[arg(long, value_parser = finite)]
+    adam_beta2: Option<f64>,
+    /// AdamW epsilon.
+    #[arg(long, value_parser = finite)]
+    adam_epsilon: Option<f64>,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, value_parser = finite)]
     max_grad_norm: Option<f64>,
+    /// Log every N optimizer steps.
     #[arg(long)]
     logging_steps: Option<usize>,
+    /// Save a checkpoint every N optimizer steps (0: only the final adapter).
     #[arg(long)]
     save_steps: Option<usize>,
+    /// Keep at most N checkpoints (the oldest are deleted).
     #[arg(long)]
     save_total_limit: Option<usize>,
+    /// Evaluate every N steps (and at the end).
+    #[arg(long)]
+    eval_steps: Option<usize>,
+    /// Seed of the data order, dropout and the adapter's initialization.
     #[arg(long)]
     seed: Option<u64>,
     /// Keep the data order (no per-epoch shuffle).
-    #[arg(long)]
-    no_shuffle: bool,
-    /// true | false
-    #[arg(long)]
+    #[arg(long = "no-shuffle", num_args = 0, default_missing_value = "false")]
+    shuffle: Option<bool>,
+    /// Recompute each layer's activations in backward (less memory, one more forward; the bare
+    /// flag means true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     gradient_checkpointing: Option<bool>,
-    /// true | false: examples back to back in one row instead of padded rows (default: true on
-    /// the CPU, false on CUDA)
-    #[arg(long)]
-    padding_free: Option<bool>,
     /// A checkpoint directory, or `latest`.
     #[arg(long)]
     resume_from_checkpoint: Option<String>,
 }
 
-impl FinetuneArgs {
-    /// Defaults, then the config file, then flags.
-    pub fn resolve(self) -> anyhow::Result<FinetuneOptions> {
-        let demo = self.model.is_none() && self.data.is_none() && self.config.is_none();
-        let mut o = match &self.config {
-            None if demo => crate::demo::defaults(),
-            None => FinetuneOptions::default(),
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading config {}", p.display()))?;
-                let is_toml = p.extension().is_some_and(|e| e == "toml");
-                let value: serde_json::Value = if is_toml {
-                    toml::from_str(&text)
-                        .with_context(|| format!("{}: invalid TOML config", p.display()))?
-                } else {
-                    serde_json::from_str(&text)
-                        .with_context(|| format!("{}: invalid JSON config", p.display()))?
-                };
-                // serde cannot deny unknown fields across a flatten; check the names here so a
-                // misspelt option is an error, not silently ignored.
-                let known = serde_json::to_value(FinetuneOptions::default())?;
-                if let (Some(given), Some(known)) = (value.as_object(), known.as_object()) {
-                    let unknown: Vec<&String> =
-                        given.keys().filter(|k| !known.contains_key(*k)).collect();
-                    if !unknown.is_empty() {
-                        bail!(
-                            "{}: unknown option(s) {unknown:?}; options use the flag names in snake_case \
-                             (e.g. learning_rate, per_device_train_batch_size, lora_r)",
-                            p.display()
-                        );
-                    }
-                }
-                serde_json::from_value(value)
-                    .with_context(|| format!("{}: invalid option value", p.display()))?
-            }
-        };
-        macro_rules! set {
-            ($($src:ident => $dst:expr),* $(,)?) => { $( if let Some(v) = self.$src { $dst = v; } )* };
-        }
-        macro_rules! set_opt {
-            ($($src:ident => $dst:expr),* $(,)?) => { $( if let Some(v) = self.$src { $dst = Some(v); } )* };
-        }
-        set_opt!(model => o.model, data => o.data, tokenizer => o.tokenizer, system => o.system,
-            format => o.format, init_adapter => o.init_adapter, max_steps => o.training.max_steps,
-            eval_data => o.eval_data, eval_split => o.eval_split, eval_steps => o.training.eval_steps,
-            save_total_limit => o.training.save_total_limit,
-            resume_from_checkpoint => o.training.resume_from_checkpoint,
-            padding_free => o.padding_free);
-        set!(output => o.training.output_dir, template => o.template, max_length => o.max_length,
-            lora_r => o.lora_r, lora_alpha => o.lora_alpha, lora_dropout => o.lora_dropout,
-            target_modules => o.target_modules, device => o.device,
-            per_device_train_batch_size => o.training.per_device_train_batch_size,
-            gradient_accumulation_steps => o.training.gradient_accumulation_steps,
-            learning_rate => o.training.learning_rate, num_train_epochs => o.training.num_train_epochs,
-            warmup_steps => o.training.warmup_steps, warmup_ratio => o.training.warmup_ratio,
-            weight_decay => o.training.weight_decay, max_grad_norm => o.training.max_grad_norm,
-            logging_steps => o.training.logging_steps, save_steps => o.training.save_steps,
-            seed => o.training.seed, gradient_checkpointing => o.training.gradient_checkpointing);
-        if let Some(s) = self.lr_scheduler_type {
-            o.training.lr_scheduler_type = match s.as_str() {
-                "linear" => SchedulerType::Linear,
-                "cosine" => SchedulerType::Cosine,
-                "constant" => SchedulerType::Constant,
-                _ => bail!("--lr-scheduler-type {s:?}: use linear, cosine or constant"),
-            };
-        }
-        if self.use_rslora {
-            o.use_rslora = true;
-        }
-        if self.no_shuffle {
-            o.training.shuffle = false;
-        }
-        Ok(o)
+/// A float flag's value; NaN and the infinities are refused, as JSON (the layers' format) has none.
+fn finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number")),
+        Err(e) => Err(e.to_string()),
     }
+}
+
+/// A flag's value spelled as in a config file (serde's names: `--lr-scheduler-type cosine`).
+fn serde_name<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(Value::String(s.into())).map_err(|e| e.to_string())
+}
+
+impl FinetuneArgs {
+    /// The options: `defaults`, overlaid by the config file's, overlaid by the flags given.
+    pub fn resolve(&self, defaults: FinetuneOptions) -> anyhow::Result<FinetuneOptions> {
+        let mut options = object(&defaults)?;
+        if let Some(file) = &self.config {
+            let given = read_config(file, &options)?;
+            options.extend(given);
+        }
+        // A flag not given serializes as null and leaves the layers below alone.
+        let flags = object(&self.flags)?;
+        options.extend(flags.into_iter().filter(|(_, v)| !v.is_null()));
+        serde_json::from_value(Value::Object(options)).context("invalid options")
+    }
+}
+
+/// `value` as a JSON object of options.
+fn object(value: &impl Serialize) -> anyhow::Result<Map<String, Value>> {
+    match serde_json::to_value(value)? {
+        Value::Object(m) => Ok(m),
+        v => bail!("options serialize to {v}, not an object"),
+    }
+}
+
+/// Reads a config file (`.toml`, else JSON) as options to lay over `base` (a complete set), refusing
+/// a key that names no option or a value of the wrong type, naming the file and the key.
+fn read_config(file: &Path, base: &Map<String, Value>) -> anyhow::Result<Map<String, Value>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading config {}", file.display()))?;
+    let value: Value = if file.extension().is_some_and(|e| e == "toml") {
+        toml::from_str(&text).with_context(|| format!("{}: invalid TOML config", file.display()))?
+    } else {
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON config", file.display()))?
+    };
+    let Value::Object(given) = value else {
+        bail!(
+            "{}: a config file holds options by name (`learning_rate = 2e-4`), not {value}",
+            file.display()
+        );
+    };
+    // serde cannot deny unknown fields across a flatten; check the names here so a misspelt option
+    // is an error, not silently ignored.
+    let unknown: Vec<&String> = given.keys().filter(|k| !base.contains_key(*k)).collect();
+    if !unknown.is_empty() {
+        bail!(
+            "{}: unknown option(s) {unknown:?}; options use the flag names in snake_case \
+             (e.g. learning_rate, per_device_train_batch_size, lora_r)",
+            file.display()
+        );
+    }
+    // One key at a time, so that the message names it (serde's does not across a flatten).
+    for (key, v) in &given {
+        let mut one = base.clone();
+        one.insert(key.clone(), v.clone());
+        serde_json::from_value::<FinetuneOptions>(Value::Object(one))
+            .with_context(|| format!("{}: invalid value for `{key}`: {v}", file.display()))?;
+    }
+    Ok(given)
 }
 
 impl FinetuneOptions {
@@ -280,47 +335,13 @@ impl FinetuneOptions {
     }
 }
 
-pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
-    let o = a.resolve()?;
+/// Validates `o` and fine-tunes on `o.device`.
+pub fn run(o: &FinetuneOptions) -> anyhow::Result<()> {
     o.training.validate()?;
-    if o.model.is_none() && o.data.is_none() {
-        return crate::demo::run(o);
-    }
-    let spec = o.device.clone();
-    crate::on_device!(&spec,
-        cpu => run_on::<burn::backend::Autodiff<burn::backend::Flex>>(&o, &Default::default()),
-        cuda(dev) => run_on::<burn::backend::Autodiff<burn::backend::Cuda>>(&o, &dev),
+    crate::on_device!(&o.device,
+        cpu => run_on::<burn::backend::Autodiff<burn::backend::Flex>>(o, &Default::default()),
+        cuda(dev) => run_on::<burn::backend::Autodiff<burn::backend::Cuda>>(o, &dev),
     )
-}
-
-/// How to turn a data file into examples (shared by `finetune` and `eval`).
-pub struct DataSpec<'a> {
-    pub tokenizer: &'a Path,
-    pub template: &'a str,
-    pub system: Option<String>,
-    pub max_length: usize,
-    pub format: Option<&'a str>,
-}
-
-/// Loads, templates and tokenizes a data file; prints its summary under `label` (stderr).
-pub fn prepare_file(
-    file: &Path,
-    spec: &DataSpec,
-    label: &str,
-) -> anyhow::Result<(lora_data::Prepared, ChatTokenizer)> {
-    // lora-data's own parsers: the same names and messages as `cargo xtask prepare`.
-    let template: Template = spec.template.parse()?;
-    let format: Option<Format> = spec.format.map(str::parse).transpose()?;
-    let ds = lora_data::load_dataset(file, format)?;
-    let tok = ChatTokenizer::load(spec.tokenizer)?;
-    let opts = PrepareOptions {
-        template,
-        system: spec.system.clone(),
-        max_length: spec.max_length,
-    };
-    let prepared = lora_data::prepare(&ds.conversations, &tok, &opts)?;
-    eprintln!("{label}: {}", prepared.summary);
-    Ok((prepared, tok))
 }
 
 /// Splits off `ratio` of the examples (a seeded shuffle) for evaluation, keeping input order.
@@ -357,8 +378,7 @@ fn split(
     Ok((train, eval))
 }
 
-pub fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow::Result<()> {
-    o.training.validate()?;
+fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow::Result<()> {
     let Some(model_arg) = &o.model else {
         bail!("--model DIR is required (a directory with config.json, *.safetensors and tokenizer.json)");
     };
@@ -377,16 +397,17 @@ pub fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> an
         system: o.system.clone(),
         max_length: o.max_length,
         format: o.format.as_deref(),
+        padding_free: o.padding_free.unwrap_or(o.device == "cpu"),
     };
-    let (prepared, tok) = prepare_file(data, &spec, "train data")?;
+    let train_data = crate::data::load(data, &spec, "train data")?;
     let (train_ex, eval_ex) = match (&o.eval_data, o.eval_split) {
         (Some(_), Some(_)) => bail!("give --eval-data or --eval-split, not both"),
         (Some(f), None) => (
-            prepared.examples,
-            prepare_file(f, &spec, "eval data")?.0.examples,
+            train_data.examples,
+            crate::data::load(f, &spec, "eval data")?.examples,
         ),
-        (None, Some(r)) => split(prepared.examples, r, o.training.seed)?,
-        (None, None) => (prepared.examples, Vec::new()),
+        (None, Some(r)) => split(train_data.examples, r, o.training.seed)?,
+        (None, None) => (train_data.examples, Vec::new()),
     };
 
     // Model and adapter.
@@ -413,8 +434,6 @@ pub fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> an
 
     // Train. Log lines go to stdout (one JSON object each); the progress bar to stderr.
     let started = Instant::now();
-    let padding_free = o.padding_free.unwrap_or(o.device == "cpu");
-    let collator = Collator::new(tok.pad_token_id).with_padding_free(padding_free);
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -453,7 +472,7 @@ pub fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> an
         &lora_cfg,
         &train_ex,
         &eval_ex,
-        collator,
+        train_data.collator,
         &o.training,
         device,
         &mut on_event,
@@ -466,4 +485,250 @@ pub fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> an
         outcome.adapter_dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: FinetuneArgs,
+    }
+
+    /// `cargo xtask finetune ARGV` resolved over the tutorial's recipe.
+    fn resolve(argv: &[&str]) -> anyhow::Result<FinetuneOptions> {
+        let cli = Cli::try_parse_from(std::iter::once("finetune").chain(argv.iter().copied()))?;
+        cli.args.resolve(FinetuneOptions::default())
+    }
+
+    /// Writes `text` to `name` in `dir`; returns its path.
+    fn file(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    }
+
+    /// The bug this layering fixes: options a config file left out took transformers'
+    /// `TrainingArguments` defaults (lr 5e-5, batch 8 × 1, logging and saving every 500, no
+    /// checkpointing) instead of the tutorial's recipe.
+    #[test]
+    fn a_config_file_leaves_what_it_omits_at_the_recipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut want = resolve(&[]).unwrap();
+        want.training.max_steps = Some(1);
+        for (name, text) in [
+            ("run.toml", "max_steps = 1\n"),
+            ("run.json", "{\"max_steps\": 1}"),
+        ] {
+            let got = resolve(&["--config", &file(&dir, name, text)]).unwrap();
+            assert_eq!(got, want, "{name}");
+            let t = &got.training;
+            assert_eq!(
+                (
+                    t.learning_rate,
+                    t.per_device_train_batch_size,
+                    t.gradient_accumulation_steps,
+                    t.gradient_checkpointing,
+                    t.logging_steps,
+                    t.save_steps,
+                ),
+                (1e-4, 4, 4, true, 10, 100),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_flag_beats_the_file_and_the_file_beats_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = file(
+            &dir,
+            "run.toml",
+            "learning_rate = 1e-3\nlora_r = 16\ntarget_modules = [\"q_proj\"]\n\
+             gradient_checkpointing = false\nshuffle = false\noutput_dir = \"from-file\"\n",
+        );
+        let o = resolve(&[
+            "--learning-rate",
+            "2e-3",
+            "--config",
+            &cfg,
+            "--target-modules",
+            "q_proj,v_proj",
+            "--output",
+            "from-flag",
+        ])
+        .unwrap();
+        let mut want = FinetuneOptions::default();
+        want.training.learning_rate = 2e-3; // flag over file
+        want.target_modules = vec!["q_proj".into(), "v_proj".into()]; // flag over file
+        want.training.output_dir = "from-flag".into(); // flag over file
+        want.lora_r = 16; // file over default
+        want.training.gradient_checkpointing = false; // file over default
+        want.training.shuffle = false; // file over default
+        assert_eq!(o, want);
+    }
+
+    /// Every flag reaches the option of its name (the old spellings included).
+    #[test]
+    fn every_flag_sets_its_option() {
+        let o = resolve(&[
+            "--model=m",
+            "--data=d",
+            "--tokenizer=t",
+            "--template=qwen",
+            "--system=s",
+            "--max-length=7",
+            "--format=alpaca",
+            "--lora-r=3",
+            "--lora-alpha=5",
+            "--lora-dropout=0.2",
+            "--target-modules=all-linear",
+            "--use-rslora",
+            "--init-adapter=a",
+            "--eval-data=e",
+            "--eval-split=0.1",
+            "--device=cuda:1",
+            "--padding-free=false",
+            "--output-dir=o",
+            "--per-device-train-batch-size=2",
+            "--gradient-accumulation-steps=3",
+            "--learning-rate=-1",
+            "--num-train-epochs=1.5",
+            "--max-steps=9",
+            "--lr-scheduler-type=cosine",
+            "--warmup-steps=4",
+            "--warmup-ratio=0.3",
+            "--weight-decay=0.01",
+            "--adam-beta1=0.8",
+            "--adam-beta2=0.99",
+            "--adam-epsilon=1e-6",
+            "--max-grad-norm=0",
+            "--logging-steps=1",
+            "--save-steps=2",
+            "--save-total-limit=5",
+            "--eval-steps=6",
+            "--seed=7",
+            "--no-shuffle",
+            "--gradient-checkpointing",
+            "--resume-from-checkpoint=latest",
+        ])
+        .unwrap();
+        let want = FinetuneOptions {
+            model: Some("m".into()),
+            data: Some("d".into()),
+            tokenizer: Some("t".into()),
+            template: "qwen".into(),
+            system: Some("s".into()),
+            max_length: 7,
+            format: Some("alpaca".into()),
+            lora_r: 3,
+            lora_alpha: 5.0,
+            lora_dropout: 0.2,
+            target_modules: vec!["all-linear".into()],
+            use_rslora: true,
+            init_adapter: Some("a".into()),
+            eval_data: Some("e".into()),
+            eval_split: Some(0.1),
+            device: "cuda:1".into(),
+            padding_free: Some(false),
+            training: TrainingArguments {
+                output_dir: "o".into(),
+                per_device_train_batch_size: 2,
+                gradient_accumulation_steps: 3,
+                learning_rate: -1.0,
+                num_train_epochs: 1.5,
+                max_steps: Some(9),
+                lr_scheduler_type: SchedulerType::Cosine,
+                warmup_steps: 4,
+                warmup_ratio: 0.3,
+                weight_decay: 0.01,
+                adam_beta1: 0.8,
+                adam_beta2: 0.99,
+                adam_epsilon: 1e-6,
+                max_grad_norm: 0.0,
+                logging_steps: 1,
+                save_steps: 2,
+                save_total_limit: Some(5),
+                eval_steps: Some(6),
+                seed: 7,
+                shuffle: false,
+                gradient_checkpointing: true,
+                resume_from_checkpoint: Some("latest".into()),
+            },
+        };
+        assert_eq!(o, want);
+        // Booleans also take a value; --output is --output-dir.
+        let o = resolve(&[
+            "--use-rslora",
+            "false",
+            "--gradient-checkpointing",
+            "false",
+            "--padding-free",
+            "--output",
+            "o",
+        ])
+        .unwrap();
+        assert!(!o.use_rslora && !o.training.gradient_checkpointing);
+        assert_eq!(
+            (o.padding_free, o.training.output_dir),
+            (Some(true), "o".into())
+        );
+    }
+
+    /// One list: the flags' names are the config keys, each option has both, and each flag says
+    /// what it does in `--help`.
+    #[test]
+    fn flags_and_config_keys_are_one_list() {
+        Cli::command().debug_assert();
+        let cmd = Cli::command();
+        let mut flags: Vec<&str> = cmd
+            .get_arguments()
+            .filter(|a| !matches!(a.get_id().as_str(), "config" | "help"))
+            .map(|a| a.get_id().as_str())
+            .collect();
+        let keys = object(&FinetuneOptions::default()).unwrap();
+        let mut keys: Vec<&str> = keys.keys().map(String::as_str).collect();
+        flags.sort_unstable();
+        keys.sort_unstable();
+        assert_eq!(flags, keys);
+        for a in cmd.get_arguments() {
+            assert!(a.get_help().is_some(), "--{} has no help", a.get_id());
+        }
+    }
+
+    #[test]
+    fn bad_options_name_the_key_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                "typo.toml",
+                "learning_rat = 1e-3\n",
+                "unknown option(s) [\"learning_rat\"]",
+            ),
+            ("type.toml", "max_length = \"long\"\n", "`max_length`"),
+            (
+                "enum.json",
+                "{\"lr_scheduler_type\": \"step\"}",
+                "`lr_scheduler_type`",
+            ),
+            ("list.json", "[1, 2]", "holds options by name"),
+            ("syntax.toml", "max_length = \n", "invalid TOML"),
+        ];
+        for (name, text, needle) in cases {
+            let path = file(&dir, name, text);
+            let err = format!("{:#}", resolve(&["--config", &path]).unwrap_err());
+            assert!(err.contains(needle) && err.contains(&path), "{name}: {err}");
+        }
+        let err = resolve(&["--lr-scheduler-type", "step"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `step`"), "{err}");
+        let err = resolve(&["--learning-rate", "nan"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a finite number"), "{err}");
+    }
 }

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 mod bench_matmul;
 mod bench_train;
 mod chat;
+mod data;
 mod demo;
 mod device;
 mod eval;
@@ -34,7 +35,8 @@ enum Command {
     BenchMatmul(bench_matmul::BenchMatmulArgs),
     /// Time LoRA training steps of a random-weight model (compare with peft_baseline.py).
     BenchTrain(bench_train::BenchTrainArgs),
-    /// Fine-tune a model with LoRA (the tutorial's recipe by default) and write a PEFT adapter.
+    /// Fine-tune a model with LoRA (the tutorial's recipe by default) and write a PEFT adapter;
+    /// with neither --model nor --data, the built-in demo.
     Finetune(Box<finetune::FinetuneArgs>),
     /// Mean causal-LM loss and perplexity of a model (+ adapter) over a data file.
     Eval(eval::EvalArgs),
@@ -50,13 +52,24 @@ enum Command {
     Prepare(prepare::PrepareArgs),
 }
 
+/// `finetune` given a model or data (by flag or config file): the fine-tune, over the tutorial's
+/// recipe. Given neither: the built-in demo, over the demo's own defaults.
+fn finetune_or_demo(a: &finetune::FinetuneArgs) -> anyhow::Result<()> {
+    let o = a.resolve(finetune::FinetuneOptions::default())?;
+    if o.model.is_some() || o.data.is_some() {
+        finetune::run(&o)
+    } else {
+        demo::run(a.resolve(demo::defaults())?)
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Chat(a) => chat::run(a),
         Command::BenchMatmul(a) => bench_matmul::run(a),
         Command::BenchTrain(a) => bench_train::run(a),
-        Command::Finetune(a) => finetune::run(*a),
+        Command::Finetune(a) => finetune_or_demo(&a),
         Command::Eval(a) => eval::run(a),
         Command::Info(a) => info::run(a),
         Command::MemLoad(a) => mem::run(a),
