@@ -239,6 +239,10 @@ struct TrainingFlags {
     /// A checkpoint directory, or `latest`.
     #[arg(long)]
     resume_from_checkpoint: Option<String>,
+    /// Start a new run in an output directory that holds another run (its checkpoints and
+    /// metrics.jsonl are removed); without it such a directory is refused (the bare flag means true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    overwrite_output_dir: Option<bool>,
 }
 
 /// A float flag's value; NaN and the infinities are refused, as JSON (the layers' format) has none.
@@ -614,6 +618,7 @@ mod tests {
             "--no-shuffle",
             "--gradient-checkpointing",
             "--resume-from-checkpoint=latest",
+            "--overwrite-output-dir",
         ])
         .unwrap();
         let want = FinetuneOptions {
@@ -657,6 +662,7 @@ mod tests {
                 shuffle: false,
                 gradient_checkpointing: true,
                 resume_from_checkpoint: Some("latest".into()),
+                overwrite_output_dir: true,
             },
         };
         assert_eq!(o, want);

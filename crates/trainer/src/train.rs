@@ -220,7 +220,7 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
             _ => None,
         };
         let text = |v: Option<usize>| v.map(|v| v.to_string());
-        for difference in [
+        if let Some(difference) = [
             differs(
                 "training data (fingerprint of the tokenized examples)",
                 &saved.data_fingerprint,
@@ -239,6 +239,7 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
         ]
         .into_iter()
         .flatten()
+        .next()
         {
             return refuse(difference);
         }
