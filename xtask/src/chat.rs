@@ -2,15 +2,21 @@
 //! Rust side of the tutorial's inference cell (`apply_chat_template(add_generation_prompt=True)` +
 //! `model.generate(...)` + `decode(skip_special_tokens=True)`).
 //!
-//! With `--prompt` it answers once and exits; without, it reads one user turn per stdin line and
-//! keeps the conversation (`exit` or end of input ends it). Tokens are printed as they are produced;
-//! prompt and decode speed go to stderr after each answer. Sampling defaults come from the model's
-//! `generation_config.json` (HF's defaults, i.e. greedy, without one); flags override them. The
-//! stop tokens are its `eos_token_id`s, else config.json's, else the tokenizer's `<|im_end|>` and
-//! `<|endoftext|>`.
+//! With `--prompt` it answers once and exits; without, it reads one user turn per line and keeps
+//! the conversation (`exit` or end of input ends it). When stdin is a terminal the `user> ` prompt
+//! is a line editor (rustyline: cursor keys, Emacs keys, Up/Down through this session's messages),
+//! as in Python's REPL: Ctrl-C stops the answer being generated (what it said so far stays in the
+//! conversation) or, at the prompt, discards the line; Ctrl-D quits. From a pipe or a file the
+//! lines are read as they are, and Ctrl-C ends the process, so scripts see no change. Tokens are
+//! printed as they are produced; prompt and decode speed go to stderr after each answer. Sampling
+//! defaults come from the model's `generation_config.json` (HF's defaults, i.e. greedy, without
+//! one); flags override them. The stop tokens are its `eos_token_id`s, else config.json's, else the
+//! tokenizer's `<|im_end|>` and `<|endoftext|>`.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use burn::tensor::backend::Backend;
@@ -120,18 +126,7 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
     } else if a.merge {
         bail!("--merge needs --adapter DIR");
     }
-    eprintln!(
-        "generation: {} (temperature {}, top_k {}, top_p {}, repetition_penalty {}, seed {}), \
-         max_new_tokens {}, stop at {:?}",
-        if cfg.samples() { "sampling" } else { "greedy" },
-        cfg.temperature,
-        cfg.top_k,
-        cfg.top_p,
-        cfg.repetition_penalty,
-        cfg.seed,
-        cfg.max_new_tokens,
-        cfg.eos_token_id
-    );
+    eprintln!("generation: {}", describe(&cfg));
 
     let system = a.system.as_deref().unwrap_or(template.default_system());
     eprintln!("system: {system}");
@@ -142,22 +137,22 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
         }],
         cache: KvCache::new(model.model.layers.len()),
         cached_ids: Vec::new(),
+        stop: Arc::new(AtomicBool::new(false)),
     };
     let mut out = std::io::stdout();
     if let Some(p) = &a.prompt {
         answer(&model, &tok, &cfg, device, &mut state, p, &mut out)?;
         return Ok(());
     }
-    eprintln!("interactive chat: one message per line; `exit` or end of input quits");
-    let stdin = std::io::stdin();
+    let mut input = Input::open(&state.stop)?;
+    eprintln!("{}", input.help());
     let mut turn = 0u64;
     loop {
-        eprint!("user> ");
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line).context("reading stdin")? == 0 {
-            break;
-        }
-        let line = line.trim_end_matches(['\n', '\r']);
+        let line = match input.read_line()? {
+            Line::Text(line) => line,
+            Line::Interrupted => continue,
+            Line::End => break,
+        };
         if line.trim() == "exit" {
             break;
         }
@@ -169,10 +164,113 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
             seed: cfg.seed.wrapping_add(turn),
             ..cfg.clone()
         };
-        answer(&model, &tok, &turn_cfg, device, &mut state, line, &mut out)?;
+        // Only a Ctrl-C from now on stops this answer.
+        state.stop.store(false, Ordering::SeqCst);
+        answer(&model, &tok, &turn_cfg, device, &mut state, &line, &mut out)?;
         turn += 1;
     }
     Ok(())
+}
+
+/// The `generation:` header: the decoding mode and only the options it uses (greedy decoding has
+/// no temperature, top-k, top-p or seed), then the length limit and the stop tokens.
+fn describe(cfg: &GenerationConfig) -> String {
+    let mode = if cfg.samples() {
+        format!(
+            "sampling (temperature {}, top_k {}, top_p {}, repetition_penalty {}, seed {})",
+            cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, cfg.seed
+        )
+    } else {
+        format!("greedy, repetition_penalty {}", cfg.repetition_penalty)
+    };
+    format!(
+        "{mode}, max_new_tokens {}, stop at {:?}",
+        cfg.max_new_tokens, cfg.eos_token_id
+    )
+}
+
+/// Where the user's turns come from.
+enum Input {
+    /// stdin is a terminal: a line editor with this session's history. It draws on the terminal
+    /// itself (`/dev/tty`), never on stdout, which keeps only the answers (as when the prompt went
+    /// to stderr), also when stdout is redirected.
+    Editor(rustyline::DefaultEditor),
+    /// A pipe or a file: plain lines, prompt on stderr, as scripts have always had them.
+    Lines(std::io::Stdin),
+}
+
+/// What one read at the prompt gave.
+enum Line {
+    Text(String),
+    /// Ctrl-C at the prompt: the line is dropped, a new prompt follows.
+    Interrupted,
+    /// Ctrl-D at an empty prompt, or the end of the input.
+    End,
+}
+
+const PROMPT: &str = "user> ";
+
+impl Input {
+    /// The line editor when stdin is a terminal, with Ctrl-C outside the prompt setting `stop`
+    /// instead of ending the process; plain lines otherwise.
+    fn open(stop: &Arc<AtomicBool>) -> anyhow::Result<Self> {
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return Ok(Self::Lines(stdin));
+        }
+        let config = rustyline::Config::builder()
+            .behavior(rustyline::config::Behavior::PreferTerm)
+            .build();
+        let editor =
+            rustyline::DefaultEditor::with_config(config).context("starting the line editor")?;
+        // At the prompt the editor reads Ctrl-C as a key (and puts the previous SIGINT action
+        // back when it returns), so this handler sees only the Ctrl-C typed during an answer.
+        let flag = Arc::clone(stop);
+        ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+        Ok(Self::Editor(editor))
+    }
+
+    /// The line that explains the keys, printed once before the first prompt.
+    fn help(&self) -> &'static str {
+        match self {
+            Self::Editor(_) => {
+                "interactive chat: one message per line; Ctrl-C stops an answer, Ctrl-D or `exit` \
+                 quits"
+            }
+            Self::Lines(_) => {
+                "interactive chat: one message per line; `exit` or end of input quits"
+            }
+        }
+    }
+
+    /// Prompts and reads one line (without its line ending).
+    fn read_line(&mut self) -> anyhow::Result<Line> {
+        match self {
+            Self::Editor(editor) => match editor.readline(PROMPT) {
+                Ok(line) => {
+                    // Up/Down recall it (not kept when empty or the same as the one before).
+                    editor
+                        .add_history_entry(line.as_str())
+                        .context("adding to the line history")?;
+                    Ok(Line::Text(line))
+                }
+                Err(rustyline::error::ReadlineError::Interrupted) => Ok(Line::Interrupted),
+                // The editor has ended the prompt's line, so the shell's prompt starts a new one.
+                Err(rustyline::error::ReadlineError::Eof) => Ok(Line::End),
+                Err(e) => Err(e).context("reading the terminal"),
+            },
+            Self::Lines(stdin) => {
+                eprint!("{PROMPT}");
+                let mut line = String::new();
+                if stdin.lock().read_line(&mut line).context("reading stdin")? == 0 {
+                    return Ok(Line::End);
+                }
+                line.truncate(line.trim_end_matches(['\n', '\r']).len());
+                Ok(Line::Text(line))
+            }
+        }
+    }
 }
 
 /// Defaults from the model directory, then the flags.
@@ -223,6 +321,9 @@ struct Conversation<B: Backend> {
     cache: KvCache<B>,
     /// The ids whose keys/values `cache` holds (`cache.len()` of them).
     cached_ids: Vec<u32>,
+    /// Set by Ctrl-C during an answer (interactive, on a terminal only): generation stops after
+    /// the token being produced, and the tokens so far are the answer.
+    stop: Arc<AtomicBool>,
 }
 
 /// One assistant turn: render the history with the chat template, continue from the cached
@@ -260,6 +361,7 @@ fn answer<B: Backend>(
         .count();
     state.cache.truncate(common);
     let cache = &mut state.cache;
+    let stop = &state.stop;
     let g = qwen2::generate_cached(model, cache, &prompt, cfg, device, |t| {
         generated.push(t);
         // Decode everything so far and print what is new; a trailing U+FFFD is half of a
@@ -273,7 +375,7 @@ fn answer<B: Backend>(
                 printed = s.len();
             }
         }
-        true
+        !stop.load(Ordering::SeqCst)
     });
     if let Some(e) = io_err {
         return Err(e).context("writing to stdout");

@@ -5,7 +5,7 @@
 //! output directory) fails with a message naming the problem, never a panic.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::backend::Flex;
@@ -320,6 +320,25 @@ fn merge_and_chat_refuse_bad_input_with_clear_errors() {
     }
 }
 
+/// A random model with the real vocabulary in `dir`/model, with the `generation_config.json`
+/// Qwen2.5-7B-Instruct ships (the sampling defaults); returns it and the real tokenizer's directory.
+fn tiny_chat_model(dir: &Path, shared: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("model");
+    let cfg = Qwen2Config::new(151_936, 16, 32, 1, 2, 1, true);
+    qwen2::save_model(
+        &Qwen2ForCausalLM::<Flex>::new(&cfg, &Default::default()),
+        &cfg,
+        &model,
+    )
+    .unwrap();
+    std::fs::copy(
+        shared.join("qwen2.5-configs/Qwen2.5-7B-Instruct/generation_config.json"),
+        model.join("generation_config.json"),
+    )
+    .unwrap();
+    (model, shared.join("qwen2.5-tokenizer"))
+}
+
 /// A random model with the real vocabulary: the answer's tokens stream to stdout, the speed line
 /// goes to stderr; greedy and seeded sampling repeat themselves; `--merge` gives the same answer.
 #[test]
@@ -328,21 +347,7 @@ fn chat_answers_a_prompt_reproducibly() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("model");
-    let cfg = Qwen2Config::new(151_936, 16, 32, 1, 2, 1, true);
-    qwen2::save_model(
-        &Qwen2ForCausalLM::<Flex>::new(&cfg, &Default::default()),
-        &cfg,
-        &model,
-    )
-    .unwrap();
-    // A generation_config.json as Qwen2.5-7B-Instruct ships it supplies the sampling defaults.
-    std::fs::copy(
-        shared.join("qwen2.5-configs/Qwen2.5-7B-Instruct/generation_config.json"),
-        model.join("generation_config.json"),
-    )
-    .unwrap();
-    let tok = shared.join("qwen2.5-tokenizer");
+    let (model, tok) = tiny_chat_model(tmp.path(), &shared);
     let run = |extra: &[&str]| {
         let mut args = vec![
             "chat",
@@ -426,4 +431,51 @@ fn chat_answers_a_prompt_reproducibly() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(cached >= 20, "system block and first turn reused: {second}");
+}
+
+/// The `generation:` line on stderr lists the options that shape the answer: greedy decoding has
+/// no temperature, top-k, top-p or seed, so it shows none; sampling shows them all.
+#[test]
+fn chat_header_lists_only_the_options_that_apply() {
+    let Some(shared) = shared_data_or_skip("chat_header_lists_only_the_options_that_apply") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, tok) = tiny_chat_model(tmp.path(), &shared);
+    let header = |extra: &[&str]| {
+        let mut args = vec![
+            "chat",
+            "--model",
+            s(&model),
+            "--tokenizer",
+            s(&tok),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let (_, err) = run_ok(XTASK, &args);
+        err.lines()
+            .find(|l| l.starts_with("generation: "))
+            .unwrap_or_else(|| panic!("no generation: line in\n{err}"))
+            .to_string()
+    };
+    let stop = "stop at [151645, 151643]";
+    assert_eq!(
+        header(&["--greedy"]),
+        format!("generation: greedy, repetition_penalty 1.05, max_new_tokens 2, {stop}")
+    );
+    // Sampling at temperature 0 is greedy decoding (HF's rule), and says so.
+    assert_eq!(
+        header(&["--sample", "--temperature", "0", "--seed", "3"]),
+        format!("generation: greedy, repetition_penalty 1.05, max_new_tokens 2, {stop}")
+    );
+    assert_eq!(
+        header(&["--sample", "--seed", "3"]),
+        format!(
+            "generation: sampling (temperature 0.7, top_k 20, top_p 0.8, repetition_penalty 1.05, \
+             seed 3), max_new_tokens 2, {stop}"
+        )
+    );
 }
