@@ -359,7 +359,8 @@ impl FinetuneOptions {
         lora_data::PromptStyle::resolve(Some(&self.template), self.system.as_deref())
             .context("--template")?;
         if self.lora_r == 0 {
-            bail!("--lora-r 0: the rank must be at least 1");
+            // lora-core's wording, which this check runs ahead of.
+            bail!("--lora-r 0: `r` is 0; the rank must be at least 1");
         }
         // A NaN fails every comparison, so each range is written as what must hold.
         if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
