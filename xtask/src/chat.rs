@@ -42,10 +42,10 @@ pub struct ChatArgs {
     /// System prompt (default: the template's).
     #[arg(long)]
     pub system: Option<String>,
-    /// Whose default system prompt to use: `qwen` (Qwen2.5's "You are Qwen, created by Alibaba
-    /// Cloud. ...") or `seed` (the tutorial's training prompt, finetune's default). Both render the
-    /// prompt as Qwen2.5's chat template does.
-    #[arg(long, default_value = "qwen")]
+    /// Whose default system prompt to use: `seed` (the tutorial's training prompt, the default of
+    /// every command) or `qwen` (Qwen2.5's "You are Qwen, created by Alibaba Cloud. ..."). Both
+    /// render the prompt as Qwen2.5's chat template does.
+    #[arg(long, default_value = "seed")]
     pub template: String,
     /// Answer this one message and exit (otherwise: interactive, one turn per line).
     #[arg(long)]
@@ -88,7 +88,8 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
 }
 
 fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
-    let template: Template = a.template.parse().map_err(|e| anyhow!("--template: {e}"))?;
+    let style = lora_data::PromptStyle::resolve(Some(&a.template), a.system.as_deref())
+        .map_err(|e| anyhow!("--template: {e}"))?;
     let dir = qwen2::resolve_model_dir(&a.model)?;
     let tok_path = a.tokenizer.clone().unwrap_or_else(|| dir.clone());
     if tok_path.is_dir() && !tok_path.join("tokenizer.json").is_file() {
@@ -128,8 +129,8 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
     }
     eprintln!("generation: {}", describe(&cfg));
 
-    let system = a.system.as_deref().unwrap_or(template.default_system());
-    eprintln!("system: {system}");
+    let system = &style.system;
+    eprintln!("template: {}\nsystem: {system}", style.template.name());
     let mut state = Conversation {
         history: vec![Message {
             role: Role::System,

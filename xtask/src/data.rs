@@ -4,14 +4,16 @@
 
 use std::path::Path;
 
-use lora_data::{ChatTokenizer, Collator, Example, Format, PrepareOptions, Template};
+use anyhow::{bail, Context};
+
+use lora_data::{ChatTokenizer, Collator, Example, Format, PrepareOptions, PromptStyle};
 
 /// How to turn a data file into batches.
 pub struct DataSpec<'a> {
     /// Tokenizer directory (with `tokenizer.json`, and `tokenizer_config.json` for the pad token)
     /// or a `tokenizer.json`.
     pub tokenizer: &'a Path,
-    /// `seed` or `qwen`.
+    /// `seed` or `qwen` (see [`PromptStyle`]: the one rule of every command).
     pub template: &'a str,
     /// System prompt for records without one (`None`: the template's own).
     pub system: Option<String>,
@@ -31,16 +33,18 @@ pub struct Data {
     pub collator: Collator,
 }
 
-/// Loads, templates and tokenizes `file`; prints its summary under `label` (stderr).
+/// Loads, templates and tokenizes `file`; prints the template, system prompt and summary under
+/// `label` (stderr).
 pub fn load(file: &Path, spec: &DataSpec, label: &str) -> anyhow::Result<Data> {
     // lora-data's own parsers: the same names and messages as `cargo xtask prepare`.
-    let template: Template = spec.template.parse()?;
+    let style = PromptStyle::resolve(Some(spec.template), spec.system.as_deref())?;
+    eprintln!("{label}: {style}");
     let format: Option<Format> = spec.format.map(str::parse).transpose()?;
     let ds = lora_data::load_dataset(file, format)?;
     let tok = ChatTokenizer::load(spec.tokenizer)?;
     let opts = PrepareOptions {
-        template,
-        system: spec.system.clone(),
+        template: style.template,
+        system: Some(style.system),
         max_length: spec.max_length,
     };
     let prepared = lora_data::prepare(&ds.conversations, &tok, &opts)?;
@@ -49,4 +53,51 @@ pub fn load(file: &Path, spec: &DataSpec, label: &str) -> anyhow::Result<Data> {
         examples: prepared.examples,
         collator: Collator::new(tok.pad_token_id).with_padding_free(spec.padding_free),
     })
+}
+
+/// Checks, before any work, that `dir` (given as `flag`) is or can be made a directory this
+/// process can write in, naming the path as the user gave it. A directory created for the check
+/// is removed again (the run creates it when it writes).
+pub fn check_writable_dir(dir: &Path, flag: &str) -> anyhow::Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("{flag} {}: is a file, not a directory", dir.display());
+    }
+    let created = !dir.exists();
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{flag} {}: cannot create the directory", dir.display()))?;
+    let probe = dir.join(format!(".xtask-write-test-{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe);
+    let _ = std::fs::remove_file(&probe);
+    if created {
+        let _ = std::fs::remove_dir(dir);
+    }
+    written.with_context(|| format!("{flag} {}: cannot write in the directory", dir.display()))?;
+    Ok(())
+}
+
+/// Checks, before any work, that the file `path` (given as `flag`) can be written: not a
+/// directory, in an existing directory this process can write in.
+pub fn check_writable_file(path: &Path, flag: &str) -> anyhow::Result<()> {
+    if path.is_dir() {
+        bail!(
+            "{flag} {}: is a directory; pass a file name",
+            path.display()
+        );
+    }
+    let parent = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "{flag} {}: the directory {} does not exist (create it first)",
+            path.display(),
+            parent.display()
+        );
+    }
+    check_writable_dir(parent, flag)
+        .with_context(|| format!("{flag} {}: cannot write there", path.display()))
 }

@@ -164,7 +164,7 @@ fn answers(
 /// Runs the demo with `o`'s training options (resolved over [`defaults`]).
 pub fn run(mut o: FinetuneOptions) -> anyhow::Result<()> {
     // Refuse impossible options before building anything.
-    o.training.validate()?;
+    o.validate()?;
     let started = std::time::Instant::now();
     let root = o.training.output_dir.clone();
     println!(

@@ -8,6 +8,8 @@
 //! deserialized once into [`FinetuneOptions`], so a key the file leaves out keeps the default.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -34,7 +36,7 @@ pub struct FinetuneOptions {
     pub tokenizer: Option<PathBuf>,
     /// `seed` (the tutorial's process_func) or `qwen` (the chat template).
     pub template: String,
-    /// System prompt for records without one.
+    /// System prompt for records without one (`None`: the template's own, as in every command).
     pub system: Option<String>,
     /// Tokens kept per record.
     pub max_length: usize,
@@ -63,6 +65,9 @@ pub struct FinetuneOptions {
     /// Unset: on for the CPU; off for CUDA, where every new sequence length costs Burn a kernel
     /// compilation (measured: the demo ran at 5–21k tokens/s packed against 46–56k padded).
     pub padding_free: Option<bool>,
+    /// bf16 base weights and compute (transformers' `bf16`). Unset: on for CUDA, off for the CPU,
+    /// whose backend computes in f32 only (`true` there is refused).
+    pub bf16: Option<bool>,
     /// The loop's options (transformers' names).
     #[serde(flatten)]
     pub training: TrainingArguments,
@@ -74,8 +79,8 @@ impl Default for FinetuneOptions {
             model: None,
             data: None,
             tokenizer: None,
-            template: "seed".into(),
-            system: Some(lora_data::SEED_DEFAULT_SYSTEM.into()),
+            template: lora_data::Template::default().name().into(),
+            system: None,
             max_length: 384,
             format: None,
             lora_r: 8,
@@ -90,6 +95,7 @@ impl Default for FinetuneOptions {
             eval_split: None,
             device: "cpu".into(),
             padding_free: None,
+            bf16: None,
             training: TrainingArguments::tutorial(PathBuf::from("output")),
         }
     }
@@ -120,10 +126,12 @@ struct OptionFlags {
     /// Tokenizer directory or tokenizer.json [default: the model directory]
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// seed (the tutorial's process_func) | qwen (Qwen2.5's chat template)
+    /// seed (the tutorial's process_func) | qwen (Qwen2.5's chat template) [default: seed, as in
+    /// every command]
     #[arg(long)]
     template: Option<String>,
-    /// System prompt for records without one [default: the tutorial's]
+    /// System prompt for records without one [default: the template's own: seed's is the
+    /// tutorial's, qwen's is Qwen2.5's]
     #[arg(long)]
     system: Option<String>,
     /// Tokens kept per record (longer records are cut).
@@ -163,6 +171,10 @@ struct OptionFlags {
     /// CUDA]
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     padding_free: Option<bool>,
+    /// bf16 base weights and compute (transformers' bf16) [default: true on CUDA; the CPU computes
+    /// in f32 only and refuses true] (the bare flag means true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    bf16: Option<bool>,
     #[command(flatten)]
     #[serde(flatten)]
     training: TrainingFlags,
@@ -339,9 +351,75 @@ impl FinetuneOptions {
     }
 }
 
+impl FinetuneOptions {
+    /// Refuses impossible or silently useless options before anything is built, naming the
+    /// option (the loop's own options: [`TrainingArguments::validate`]).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.training.validate()?;
+        lora_data::PromptStyle::resolve(Some(&self.template), self.system.as_deref())
+            .context("--template")?;
+        if self.lora_r == 0 {
+            // lora-core's wording, which this check runs ahead of.
+            bail!("--lora-r 0: `r` is 0; the rank must be at least 1");
+        }
+        // A NaN fails every comparison, so each range is written as what must hold.
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            bail!(
+                "--lora-alpha {}: must be > 0 (the update is scaled by alpha / r; 0 trains nothing)",
+                self.lora_alpha
+            );
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            bail!("--lora-dropout {}: must be in [0, 1)", self.lora_dropout);
+        }
+        if let Some(r) = self.eval_split {
+            if !(r > 0.0 && r < 1.0) {
+                bail!("--eval-split {r}: use a fraction in (0, 1)");
+            }
+        }
+        if self.bf16 == Some(true) && self.device == "cpu" {
+            bail!(
+                "--bf16 on --device cpu: the CPU backend trains in f32 only; bf16 needs                  --device cuda (where it is the default)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The base weights' dtype: bf16 on CUDA unless `--bf16 false`; f32 on the CPU.
+    fn dtype(&self) -> DType {
+        match (self.device.as_str(), self.bf16) {
+            ("cpu", _) | (_, Some(false)) => DType::F32,
+            _ => DType::BF16,
+        }
+    }
+}
+
+/// What would make the run fail only after tokenizing and loading the model: an output path that
+/// is a file or cannot be written, or one holding another run (the trainer refuses it too; here
+/// it costs nothing).
+fn check_output_dir(t: &TrainingArguments) -> anyhow::Result<()> {
+    let out = &t.output_dir;
+    if t.resume_from_checkpoint.is_none() && !t.overwrite_output_dir {
+        let previous = lora_trainer::checkpoint::previous_run(out);
+        if !previous.is_empty() {
+            return Err(lora_trainer::TrainError::OutputDirInUse {
+                dir: out.clone(),
+                found: previous
+                    .iter()
+                    .filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+            .into());
+        }
+    }
+    crate::data::check_writable_dir(out, "--output-dir")
+}
+
 /// Validates `o` and fine-tunes on `o.device`.
 pub fn run(o: &FinetuneOptions) -> anyhow::Result<()> {
-    o.training.validate()?;
+    o.validate()?;
+    check_output_dir(&o.training)?;
     crate::on_device!(&o.device,
         cpu => run_on::<burn::backend::Autodiff<burn::backend::Flex>>(o, &Default::default()),
         cuda(dev) => run_on::<burn::backend::Autodiff<burn::backend::Cuda>>(o, &dev),
@@ -354,9 +432,6 @@ fn split(
     ratio: f64,
     seed: u64,
 ) -> anyhow::Result<(Vec<Example>, Vec<Example>)> {
-    if !(ratio > 0.0 && ratio < 1.0) {
-        bail!("--eval-split {ratio}: use a fraction in (0, 1)");
-    }
     let n = examples.len();
     let n_eval = ((n as f64) * ratio).ceil() as usize;
     if n_eval == 0 || n_eval >= n {
@@ -410,24 +485,44 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
             train_data.examples,
             crate::data::load(f, &spec, "eval data")?.examples,
         ),
-        (None, Some(r)) => split(train_data.examples, r, o.training.seed)?,
+        (None, Some(r)) => {
+            let (train, eval) = split(train_data.examples, r, o.training.seed)?;
+            eprintln!(
+                "--eval-split {r}: {} train, {} eval examples",
+                train.len(),
+                eval.len()
+            );
+            (train, eval)
+        }
         (None, None) => (train_data.examples, Vec::new()),
     };
 
     // Model and adapter.
     let t = Instant::now();
-    // CPU: f32 throughout. GPU: bf16 base weights, f32 adapters and optimizer state.
-    let dtype = if o.device == "cpu" {
-        DType::F32
-    } else {
-        DType::BF16
-    };
+    // CPU: f32 throughout. GPU: bf16 base weights (unless --bf16 false), f32 adapters and
+    // optimizer state.
+    let dtype = o.dtype();
     let loaded = qwen2::load_model::<B>(&model_dir, dtype, device)?;
     println!("loaded {} in {:.1?}", model_dir.display(), t.elapsed());
     B::seed(device, o.training.seed);
     let (model, lora_cfg, report) = match &o.init_adapter {
-        Some(dir) => load_adapter(loaded.model, dir)
-            .with_context(|| format!("--init-adapter {}", dir.display()))?,
+        Some(dir) => {
+            let (m, cfg, r) = load_adapter(loaded.model, dir)
+                .with_context(|| format!("--init-adapter {}", dir.display()))?;
+            let ignored = init_adapter_overrides(&cfg, o);
+            if !ignored.is_empty() {
+                eprintln!(
+                    "--init-adapter {}: its adapter_config.json wins (r {}, alpha {}, dropout {}); \
+                     ignored: {}",
+                    dir.display(),
+                    cfg.r,
+                    cfg.lora_alpha,
+                    cfg.lora_dropout,
+                    ignored.join(", ")
+                );
+            }
+            (m, cfg, r)
+        }
         None => {
             let cfg = o.lora_config();
             let (m, r) = apply_lora(loaded.model, &cfg)?;
@@ -446,9 +541,12 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         .expect("valid template"),
     );
     let mut tok_s = 0.0;
+    let mut first_step = 0;
+    let interrupted = on_ctrl_c()?;
     let mut on_event = |e: &TrainEvent| {
         match e {
             TrainEvent::Start { step, total } => {
+                first_step = *step;
                 bar.set_length(*total as u64);
                 bar.set_position(*step as u64);
                 bar.reset_eta();
@@ -469,7 +567,8 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
                 bar.suspend(|| eprintln!("resuming from {} (step {step})", checkpoint.display()))
             }
         }
-        true
+        // Stops the run after the current step (the trainer's contract).
+        !interrupted.load(Ordering::SeqCst)
     };
     let (_, outcome) = train(
         model,
@@ -482,13 +581,119 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         &mut on_event,
     )?;
     bar.finish_and_clear();
+    let last = outcome.state.global_step;
+    if outcome.stopped {
+        let out = &o.training.output_dir;
+        eprintln!(
+            "interrupted: stopped after step {last} of {}",
+            outcome.state.max_steps
+        );
+        match lora_trainer::checkpoint::checkpoints(out).pop() {
+            Some((step, dir)) => eprintln!(
+                "the last complete checkpoint is {} (step {step}); resume with:\n  {}",
+                dir.display(),
+                resume_command(std::env::args().skip(1))
+            ),
+            None => eprintln!(
+                "no checkpoint was written yet (--save-steps {}); nothing to resume",
+                o.training.save_steps
+            ),
+        }
+        std::process::exit(130); // 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
+    }
     println!(
-        "done: {} steps in {:.1?}; adapter written to {} (adapter_model.safetensors, adapter_config.json; metrics.jsonl, loss.svg)",
-        outcome.state.global_step,
+        "done: {} in {:.1?}; adapter written to {} (adapter_model.safetensors, adapter_config.json; metrics.jsonl, loss.svg)",
+        steps_done(first_step, last),
         started.elapsed(),
         outcome.adapter_dir.display()
     );
     Ok(())
+}
+
+/// `N steps`, or after a resume `steps A-B (N this run)`: only the steps this call ran.
+fn steps_done(first: usize, last: usize) -> String {
+    let n = last - first;
+    if first == 0 {
+        format!("{n} steps")
+    } else {
+        format!(
+            "steps {}-{last} ({n} this run, resumed at step {first})",
+            first + 1
+        )
+    }
+}
+
+/// The options `--init-adapter`'s own config overrides: the adapter is trained as saved.
+fn init_adapter_overrides(saved: &LoraConfig, o: &FinetuneOptions) -> Vec<String> {
+    let mut ignored = Vec::new();
+    if saved.r != o.lora_r {
+        ignored.push(format!("--lora-r {}", o.lora_r));
+    }
+    if saved.lora_alpha != o.lora_alpha {
+        ignored.push(format!("--lora-alpha {}", o.lora_alpha));
+    }
+    if saved.lora_dropout != o.lora_dropout {
+        ignored.push(format!("--lora-dropout {}", o.lora_dropout));
+    }
+    if saved.use_rslora != o.use_rslora {
+        ignored.push(format!("--use-rslora {}", o.use_rslora));
+    }
+    ignored
+}
+
+/// Ctrl-C sets the returned flag (the run stops after the current step and says how to resume);
+/// a second Ctrl-C quits at once.
+fn on_ctrl_c() -> anyhow::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let set = flag.clone();
+    ctrlc::set_handler(move || {
+        if set.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: stopping after the current step (again to quit now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(flag)
+}
+
+/// `cargo xtask <args> --resume-from-checkpoint latest`, for a run started with `args` (the
+/// command line after the program name): the same options, shell-quoted, without an earlier
+/// resume or overwrite (which would start over).
+fn resume_command(args: impl Iterator<Item = String>) -> String {
+    let mut kept = Vec::new();
+    let mut args = args.peekable();
+    while let Some(a) = args.next() {
+        if a == "--resume-from-checkpoint" {
+            args.next();
+            continue;
+        }
+        if a == "--overwrite-output-dir" {
+            if args.peek().is_some_and(|v| v == "true" || v == "false") {
+                args.next();
+            }
+            continue;
+        }
+        if a.starts_with("--resume-from-checkpoint=") || a.starts_with("--overwrite-output-dir=") {
+            continue;
+        }
+        kept.push(shell_quote(&a));
+    }
+    format!(
+        "cargo xtask {} --resume-from-checkpoint latest",
+        kept.join(" ")
+    )
+}
+
+/// `s` as one shell word.
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
 }
 
 #[cfg(test)]
@@ -596,6 +801,7 @@ mod tests {
             "--eval-split=0.1",
             "--device=cuda:1",
             "--padding-free=false",
+            "--bf16",
             "--output-dir=o",
             "--per-device-train-batch-size=2",
             "--gradient-accumulation-steps=3",
@@ -639,6 +845,7 @@ mod tests {
             eval_split: Some(0.1),
             device: "cuda:1".into(),
             padding_free: Some(false),
+            bf16: Some(true),
             training: TrainingArguments {
                 output_dir: "o".into(),
                 per_device_train_batch_size: 2,
@@ -703,6 +910,54 @@ mod tests {
         for a in cmd.get_arguments() {
             assert!(a.get_help().is_some(), "--{} has no help", a.get_id());
         }
+    }
+
+    /// The resume command repeats the run's arguments, quoted for a shell, without an earlier
+    /// resume or overwrite.
+    #[test]
+    fn resume_command_repeats_the_run() {
+        let args = [
+            "finetune",
+            "--data",
+            "my data.json",
+            "--overwrite-output-dir",
+            "true",
+            "--system",
+            "it's",
+            "--resume-from-checkpoint=checkpoint-2",
+            "--overwrite-output-dir",
+            "--max-steps",
+            "9",
+        ];
+        assert_eq!(
+            resume_command(args.iter().map(|a| a.to_string())),
+            r"cargo xtask finetune --data 'my data.json' --system 'it'\''s' --max-steps 9 --resume-from-checkpoint latest"
+        );
+        assert_eq!(steps_done(0, 8), "8 steps");
+        assert_eq!(
+            steps_done(4, 8),
+            "steps 5-8 (4 this run, resumed at step 4)"
+        );
+    }
+
+    /// Options the loop would ignore or that train nothing are refused by name, before any work.
+    #[test]
+    fn useless_options_are_refused() {
+        for (argv, needle) in [
+            (&["--lora-alpha", "0"][..], "--lora-alpha 0"),
+            (&["--lora-r", "0"], "--lora-r 0"),
+            (&["--lora-dropout", "1"], "--lora-dropout 1"),
+            (&["--eval-split", "0"], "--eval-split 0"),
+            (&["--template", "chatml"], "--template"),
+            (&["--bf16"], "--bf16 on --device cpu"),
+        ] {
+            let err = format!("{:#}", resolve(argv).unwrap().validate().unwrap_err());
+            assert!(err.contains(needle), "{argv:?}: {err}");
+        }
+        let o = resolve(&["--device", "cuda", "--bf16", "false"]).unwrap();
+        assert_eq!((o.validate().is_ok(), o.dtype()), (true, DType::F32));
+        let o = resolve(&["--device", "cuda"]).unwrap();
+        assert_eq!(o.dtype(), DType::BF16);
     }
 
     #[test]

@@ -136,7 +136,8 @@ fn check_output(out: &Path) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
+    // Writability too, before the model is loaded and merged.
+    crate::data::check_writable_dir(out, "--output")
 }
 
 /// The dtype the base checkpoint is stored in: the files' one float dtype, else config.json's.

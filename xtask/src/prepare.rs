@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use lora_data::{ChatTokenizer, Format, PrepareOptions, Template};
+use lora_data::{ChatTokenizer, Format, PrepareOptions, PromptStyle, Template};
 
 /// Arguments of `prepare`.
 #[derive(clap::Args)]
@@ -17,9 +17,9 @@ pub struct PrepareArgs {
     /// `tokenizer.json`, or the directory holding it (and tokenizer_config.json for the pad token).
     #[arg(long)]
     pub tokenizer: PathBuf,
-    /// `qwen` (Qwen2.5's chat template, answers end with <|im_end|>) or `seed` (the tutorial's
-    /// process_func, answers end with <|endoftext|>).
-    #[arg(long, default_value = "qwen")]
+    /// `seed` (the tutorial's process_func, answers end with <|endoftext|>) or `qwen` (Qwen2.5's
+    /// chat template, answers end with <|im_end|>); the same default in every command.
+    #[arg(long, default_value = "seed")]
     pub template: Template,
     /// System prompt for records without one (default: the template's own).
     #[arg(long)]
@@ -37,13 +37,17 @@ pub struct PrepareArgs {
 }
 
 pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
+    // Before the work, naming the path given (not the temporary file written beside it).
+    crate::data::check_writable_file(&a.output, "--output")?;
     let t0 = Instant::now();
     let ds = lora_data::load_dataset(&a.data, a.format)?;
     let tok = ChatTokenizer::load(&a.tokenizer)?;
     let t_load = t0.elapsed();
+    let style = PromptStyle::new(a.template, a.system.as_deref());
+    println!("{style}");
     let opts = PrepareOptions {
-        template: a.template,
-        system: a.system,
+        template: style.template,
+        system: Some(style.system),
         max_length: a.max_length,
     };
     let t1 = Instant::now();

@@ -19,6 +19,10 @@ fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
         data,
         "--template",
         "qwen",
+        // The system prompt these runs had before `qwen` got its own by default: short enough in
+        // the demo's character tokenizer for --max-length 96.
+        "--system",
+        "现在你要扮演皇帝身边的女人--甄嬛",
         "--output",
         out,
         "--max-steps",

@@ -20,6 +20,10 @@ fn train_args(model: &Path, data: &Path, out: &Path) -> Vec<String> {
         "finetune",
         "--template",
         "qwen",
+        // The system prompt these runs had before `qwen` got its own by default: short enough in
+        // the demo's character tokenizer for --max-length 96.
+        "--system",
+        "现在你要扮演皇帝身边的女人--甄嬛",
         "--max-steps",
         "5",
         "--save-steps",

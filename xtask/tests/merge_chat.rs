@@ -381,13 +381,13 @@ fn chat_answers_a_prompt_reproducibly() {
         err.contains("system: 现在你要扮演皇帝身边的女人--甄嬛"),
         "{err}"
     );
-    let (g1, err) = run(&["--greedy"]);
+    let (g1, err) = run(&["--template", "qwen", "--greedy"]);
     assert!(err.contains("greedy"), "{err}");
     assert!(
         err.contains("system: You are Qwen, created by Alibaba Cloud."),
         "{err}"
     );
-    assert_eq!(run(&["--greedy"]).0, g1);
+    assert_eq!(run(&["--template", "qwen", "--greedy"]).0, g1);
     assert!(!a.trim().is_empty() || !g1.trim().is_empty());
 
     // Interactive: two turns from stdin, then `exit`.

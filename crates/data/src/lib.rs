@@ -23,7 +23,7 @@ pub use prepare::{
     prepare, read_jsonl, write_jsonl, ChatTokenizer, PrepareOptions, Prepared, SkipReason, Summary,
 };
 pub use sampler::{Sampler, SamplerState};
-pub use template::{Template, IGNORE_INDEX, QWEN_DEFAULT_SYSTEM, SEED_DEFAULT_SYSTEM};
+pub use template::{PromptStyle, Template, IGNORE_INDEX, QWEN_DEFAULT_SYSTEM, SEED_DEFAULT_SYSTEM};
 
 /// One tokenized training record, as `process_func` returns it (and as `prepare` writes it).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -33,10 +33,53 @@ pub const QWEN_DEFAULT_SYSTEM: &str =
 pub enum Template {
     /// The tutorial's `process_func`: answers end with `<|endoftext|>` (the pad token), not
     /// `<|im_end|>`, so a model trained with it does not stop where Qwen's chat template expects.
-    Seed,
-    /// Qwen2.5's chat template; answers end with `<|im_end|>`. The recommended default.
+    /// The default of every command (see [`PromptStyle`]).
     #[default]
+    Seed,
+    /// Qwen2.5's chat template; answers end with `<|im_end|>`. Recommended for a model you will
+    /// chat with.
     Qwen,
+}
+
+/// The template and system prompt a command uses, by one rule for every command (`finetune`,
+/// `prepare`, `eval`, `chat`), so that the same data file gives the same tokens in each:
+/// the template is `--template`, else [`Template::default`] (`seed`, the tutorial's); the system
+/// prompt of records without their own is `--system`, else the template's own
+/// ([`Template::default_system`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptStyle {
+    /// The template.
+    pub template: Template,
+    /// The system prompt for conversations that carry none.
+    pub system: String,
+}
+
+impl PromptStyle {
+    /// The rule: `template` (a name; `None`: the default) and `system` (`None`: the template's own).
+    pub fn resolve(template: Option<&str>, system: Option<&str>) -> Result<Self> {
+        let template = template.map(str::parse).transpose()?.unwrap_or_default();
+        Ok(Self::new(template, system))
+    }
+
+    /// [`PromptStyle::resolve`] for a parsed template.
+    pub fn new(template: Template, system: Option<&str>) -> Self {
+        Self {
+            template,
+            system: system.unwrap_or(template.default_system()).to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for PromptStyle {
+    /// `template seed, system prompt "..."`: what every command prints before it starts.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "template {}, system prompt {:?}",
+            self.template.name(),
+            self.system
+        )
+    }
 }
 
 impl Template {
@@ -263,6 +306,24 @@ fn push_turn(text: &mut String, role: Role, content: &str) {
 mod tests {
     use super::*;
     use test_support::{fixtures, shared_data_or_skip};
+
+    /// One rule for every command: `seed` by default, each template with its own system prompt,
+    /// `--system` over either.
+    #[test]
+    fn prompt_style_rule() {
+        let r = |t, s| PromptStyle::resolve(t, s).unwrap();
+        assert_eq!(r(None, None), PromptStyle::new(Template::Seed, None));
+        assert_eq!(r(None, None).system, SEED_DEFAULT_SYSTEM);
+        assert_eq!(r(Some("qwen"), None).system, QWEN_DEFAULT_SYSTEM);
+        assert_eq!(r(Some("seed"), None).system, SEED_DEFAULT_SYSTEM);
+        assert_eq!(r(Some("qwen"), Some("S")).system, "S");
+        assert_eq!(r(Some("qwen"), Some("S")).template, Template::Qwen);
+        assert!(PromptStyle::resolve(Some("chatml"), None).is_err());
+        assert_eq!(
+            r(Some("qwen"), None).to_string(),
+            format!("template qwen, system prompt {QWEN_DEFAULT_SYSTEM:?}")
+        );
+    }
 
     /// What Qwen2.5's chat template renders for a system + user + assistant + user history with
     /// `add_generation_prompt=True`, and its default system block when there is none.

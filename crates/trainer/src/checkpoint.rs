@@ -31,7 +31,8 @@ pub struct LogEntry {
     pub grad_norm: f64,
     /// Learning rate used at this step.
     pub learning_rate: f64,
-    /// Tokens (padding included) processed per second since the previous log line.
+    /// Tokens (padding included) per second of the training steps since the previous log line
+    /// (evaluation and checkpoint time excluded).
     pub tokens_per_s: f64,
 }
 

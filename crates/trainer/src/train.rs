@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::optim::{AdamWConfig, GradientsAccumulator, Optimizer};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
@@ -283,8 +283,11 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
         total,
     });
     let (mut window_loss, mut window_steps, mut window_tokens) = (0.0f64, 0usize, 0usize);
-    let mut window_start = Instant::now();
+    // Time spent in the window's training steps only (batches, forward, backward, optimizer):
+    // evaluation, checkpoints and logging are not training throughput.
+    let mut window_time = Duration::ZERO;
     while go_on && state.global_step < total {
+        let step_start = Instant::now();
         // The step's micro-batches; an epoch boundary ends the step early, as transformers does.
         let mut micro: Vec<Vec<usize>> = Vec::with_capacity(args.gradient_accumulation_steps);
         for _ in 0..args.gradient_accumulation_steps {
@@ -339,6 +342,7 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
         }
         let lr = args.lr_at(state.global_step, total);
         model = optim.step(lr, model, grads);
+        window_time += step_start.elapsed();
 
         state.global_step = step;
         state.sampler = sampler.state();
@@ -355,7 +359,7 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
         });
 
         if step.is_multiple_of(args.logging_steps.max(1)) || step == total {
-            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+            let secs = window_time.as_secs_f64().max(1e-9);
             let entry = LogEntry {
                 step,
                 epoch: state.epoch,
@@ -369,7 +373,7 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
             state.log_history.push(entry.clone());
             go_on &= on_event(&TrainEvent::Log(entry));
             (window_loss, window_steps, window_tokens) = (0.0, 0, 0);
-            window_start = Instant::now();
+            window_time = Duration::ZERO;
         }
         let eval_due = args
             .eval_steps
