@@ -423,7 +423,7 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         DType::BF16
     };
     let loaded = qwen2::load_model::<B>(&model_dir, dtype, device)?;
-    println!("loaded {} in {:.1?}", model_dir.display(), t.elapsed());
+    outln!("loaded {} in {:.1?}", model_dir.display(), t.elapsed());
     B::seed(device, o.training.seed);
     let (model, lora_cfg, report) = match &o.init_adapter {
         Some(dir) => load_adapter(loaded.model, dir)
@@ -434,7 +434,7 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
             (m, cfg, r)
         }
     };
-    println!("{report}");
+    outln!("{report}");
 
     // Train. Log lines go to stdout (one JSON object each); the progress bar to stderr.
     let started = Instant::now();
@@ -459,11 +459,9 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
             }
             TrainEvent::Log(l) => {
                 tok_s = l.tokens_per_s;
-                bar.suspend(|| println!("{}", serde_json::to_string(l).expect("serializes")));
+                bar.suspend(|| outln!("{}", crate::out::rounded_json(l)));
             }
-            TrainEvent::Eval(x) => {
-                bar.suspend(|| println!("{}", serde_json::to_string(x).expect("serializes")))
-            }
+            TrainEvent::Eval(x) => bar.suspend(|| outln!("{}", crate::out::rounded_json(x))),
             TrainEvent::Saved(p) => bar.suspend(|| eprintln!("saved {}", p.display())),
             TrainEvent::Resumed { checkpoint, step } => {
                 bar.suspend(|| eprintln!("resuming from {} (step {step})", checkpoint.display()))
@@ -482,7 +480,7 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         &mut on_event,
     )?;
     bar.finish_and_clear();
-    println!(
+    outln!(
         "done: {} steps in {:.1?}; adapter written to {} (adapter_model.safetensors, adapter_config.json; metrics.jsonl, loss.svg)",
         outcome.state.global_step,
         started.elapsed(),
