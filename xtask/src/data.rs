@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use lora_data::{ChatTokenizer, Collator, Example, Format, PrepareOptions, Template};
+use lora_data::{
+    ChatTokenizer, Collator, Example, Format, PrepareOptions, SkipReason, Summary, Template,
+};
 
 /// How to turn a data file into batches.
 pub struct DataSpec<'a> {
@@ -29,6 +31,8 @@ pub struct Data {
     pub examples: Vec<Example>,
     /// Batches `examples` (padding with the tokenizer's pad token, or padding-free).
     pub collator: Collator,
+    /// What preparing the file did (records read, used, skipped and why).
+    pub summary: Summary,
 }
 
 /// Loads, templates and tokenizes `file`; prints its summary under `label` (stderr).
@@ -48,5 +52,29 @@ pub fn load(file: &Path, spec: &DataSpec, label: &str) -> anyhow::Result<Data> {
     Ok(Data {
         examples: prepared.examples,
         collator: Collator::new(tok.pad_token_id).with_padding_free(spec.padding_free),
+        summary: prepared.summary,
     })
+}
+
+/// The one-line error for a file of which no record is usable (`eval` would score nothing and
+/// `prepare` write an empty file): how many records were skipped and why, with the option that
+/// changes it.
+pub fn none_used(file: &Path, s: &Summary) -> anyhow::Error {
+    let why: Vec<String> = s
+        .skipped
+        .iter()
+        .map(|(why, n)| match why {
+            SkipReason::TruncatedAway => format!(
+                "{n} longer than --max-length {} (no answer token left to score)",
+                s.max_length
+            ),
+            SkipReason::NoAssistantTurn => format!("{n} with no assistant turn to supervise"),
+        })
+        .collect();
+    anyhow::anyhow!(
+        "{}: no usable record: all {} records were skipped: {}",
+        file.display(),
+        s.records_read,
+        why.join("; ")
+    )
 }
