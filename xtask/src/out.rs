@@ -120,7 +120,7 @@ mod tests {
         }
         let line = rounded_json(&Entry {
             step: 12,
-            loss: 1.9828923940658569,
+            loss: 1.982_892_394_065_857,
             learning_rate: 9.876543210987654e-5,
             tokens_per_s: 123456.78901234,
             epoch: 0.5,
