@@ -65,7 +65,7 @@ pub fn none_used(file: &Path, s: &Summary) -> anyhow::Error {
         .iter()
         .map(|(why, n)| match why {
             SkipReason::TruncatedAway => format!(
-                "{n} longer than --max-length {} (no answer token left to score)",
+                "{n} with every answer token beyond --max-length {}",
                 s.max_length
             ),
             SkipReason::NoAssistantTurn => format!("{n} with no assistant turn to supervise"),

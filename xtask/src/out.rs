@@ -127,7 +127,7 @@ mod tests {
         });
         assert_eq!(
             line,
-            r#"{"step":12,"loss":1.98289,"learning_rate":9.87654e-5,"tokens_per_s":123457.0,"epoch":0.5}"#
+            r#"{"step":12,"loss":1.98289,"learning_rate":0.0000987654,"tokens_per_s":123457.0,"epoch":0.5}"#
         );
         assert_eq!(round6(-0.000123456789), -0.000123457);
         assert!(round6(f64::NAN).is_nan());
