@@ -112,7 +112,7 @@ fn run_on<B: Backend>(
         crate::device::sync::<B>(dev)?;
         let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
         let gflops = 2.0 * (s.m * s.k * s.n) as f64 / dt / 1e9;
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "impl": format!("burn-{}", B::name(dev)), "device": a.device, "dtype": a.dtype,

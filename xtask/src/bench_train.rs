@@ -247,7 +247,7 @@ fn run_on<Ad: AutodiffBackend>(
         "peak_rss_mib": (peak_rss_mib() * 10.0).round() / 10.0,
         "loss": (loss * 1e4).round() / 1e4,
     });
-    println!("{line}");
+    outln!("{line}");
     Ok(())
 }
 

@@ -51,19 +51,19 @@ pub struct ChatArgs {
     #[arg(long)]
     pub prompt: Option<String>,
     /// Most tokens per answer (default: generation_config.json's max_new_tokens, else 512).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_new_tokens: Option<usize>,
     /// Sampling temperature (0 = greedy).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f32>,
     /// Nucleus sampling mass (1 disables).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f32>,
     /// Keep the k most likely tokens (0 disables).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_k: Option<usize>,
     /// Penalty on tokens already in the conversation (1 disables).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub repetition_penalty: Option<f32>,
     /// Always take the most likely token (ignores temperature/top-k/top-p).
     #[arg(long)]
@@ -72,7 +72,7 @@ pub struct ChatArgs {
     #[arg(long, conflicts_with = "greedy")]
     pub sample: bool,
     /// Seed of the sampling RNG (same seed + same prompt = same answer).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// `cpu` (or `cuda[:N]` in a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
@@ -80,10 +80,38 @@ pub struct ChatArgs {
 }
 
 pub fn run(a: ChatArgs) -> anyhow::Result<()> {
+    check_flags(&a)?;
     let spec = a.device.clone();
     crate::on_device!(&spec,
         cpu => run_on::<burn::backend::Flex>(&a, &Default::default()),
         cuda(dev) => run_on::<burn::backend::Cuda>(&a, &dev),
+    )
+}
+
+/// The sampling flags, checked before anything is loaded, each error naming its flag (the model's
+/// generation_config.json is checked after loading, naming the file).
+fn check_flags(a: &ChatArgs) -> anyhow::Result<()> {
+    let check = |name: &str, v: Option<f32>, ok: fn(f32) -> bool, rule: &str| match v {
+        Some(v) if !(v.is_finite() && ok(v)) => bail!("--{name} {v}: {rule}"),
+        _ => Ok(()),
+    };
+    check(
+        "temperature",
+        a.temperature,
+        |v| v >= 0.0,
+        "use a number >= 0 (0 means greedy)",
+    )?;
+    check(
+        "top-p",
+        a.top_p,
+        |v| v > 0.0 && v <= 1.0,
+        "use a number in (0, 1] (1 disables it)",
+    )?;
+    check(
+        "repetition-penalty",
+        a.repetition_penalty,
+        |v| v > 0.0,
+        "use a number > 0 (1 disables it)",
     )
 }
 
@@ -140,7 +168,8 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
         cached_ids: Vec::new(),
         stop: Arc::new(AtomicBool::new(false)),
     };
-    let mut out = std::io::stdout();
+    // Once the reader of stdout has gone (`| head -1`), answers stop early and the session ends.
+    let mut out = crate::out::Stdout;
     if let Some(p) = &a.prompt {
         answer(&model, &tok, &cfg, device, &mut state, p, &mut out)?;
         return Ok(());
@@ -169,6 +198,9 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
         state.stop.store(false, Ordering::SeqCst);
         answer(&model, &tok, &turn_cfg, device, &mut state, &line, &mut out)?;
         turn += 1;
+        if crate::out::closed() {
+            break;
+        }
     }
     Ok(())
 }
@@ -376,7 +408,7 @@ fn answer<B: Backend>(
                 printed = s.len();
             }
         }
-        !stop.load(Ordering::SeqCst)
+        !stop.load(Ordering::SeqCst) && !crate::out::closed()
     });
     if let Some(e) = io_err {
         return Err(e).context("writing to stdout");

@@ -6,7 +6,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
-use lora_data::{ChatTokenizer, Collator, Example, Format, PrepareOptions, PromptStyle};
+use lora_data::{
+    ChatTokenizer, Collator, Example, Format, PrepareOptions, PromptStyle, SkipReason, Summary,
+};
 
 /// How to turn a data file into batches.
 pub struct DataSpec<'a> {
@@ -31,6 +33,8 @@ pub struct Data {
     pub examples: Vec<Example>,
     /// Batches `examples` (padding with the tokenizer's pad token, or padding-free).
     pub collator: Collator,
+    /// What preparing the file did (records read, used, skipped and why).
+    pub summary: Summary,
 }
 
 /// Loads, templates and tokenizes `file`; prints the template, system prompt and summary under
@@ -52,6 +56,7 @@ pub fn load(file: &Path, spec: &DataSpec, label: &str) -> anyhow::Result<Data> {
     Ok(Data {
         examples: prepared.examples,
         collator: Collator::new(tok.pad_token_id).with_padding_free(spec.padding_free),
+        summary: prepared.summary,
     })
 }
 
@@ -100,4 +105,27 @@ pub fn check_writable_file(path: &Path, flag: &str) -> anyhow::Result<()> {
     }
     check_writable_dir(parent, flag)
         .with_context(|| format!("{flag} {}: cannot write there", path.display()))
+}
+
+/// The one-line error for a file of which no record is usable (`eval` would score nothing and
+/// `prepare` write an empty file): how many records were skipped and why, with the option that
+/// changes it.
+pub fn none_used(file: &Path, s: &Summary) -> anyhow::Error {
+    let why: Vec<String> = s
+        .skipped
+        .iter()
+        .map(|(why, n)| match why {
+            SkipReason::TruncatedAway => format!(
+                "{n} with every answer token beyond --max-length {}",
+                s.max_length
+            ),
+            SkipReason::NoAssistantTurn => format!("{n} with no assistant turn to supervise"),
+        })
+        .collect();
+    anyhow::anyhow!(
+        "{}: no usable record: all {} records were skipped: {}",
+        file.display(),
+        s.records_read,
+        why.join("; ")
+    )
 }

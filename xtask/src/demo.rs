@@ -167,7 +167,7 @@ pub fn run(mut o: FinetuneOptions) -> anyhow::Result<()> {
     o.validate()?;
     let started = std::time::Instant::now();
     let root = o.training.output_dir.clone();
-    println!(
+    outln!(
         "demo: no --model/--data given; building a tiny model, tokenizer and dataset in {}",
         root.display()
     );
@@ -188,11 +188,11 @@ pub fn run(mut o: FinetuneOptions) -> anyhow::Result<()> {
     let base = qwen2::load_model::<Flex>(&model_dir, DType::F32, &Default::default())?.model;
     let (tuned, _, _) = lora_core::load_adapter(base, &o.training.output_dir)?;
     let after = answers(&tuned, &tok)?;
-    println!("\nheld-out requests (greedy decoding), before -> after fine-tuning:");
+    outln!("\nheld-out requests (greedy decoding), before -> after fine-tuning:");
     for ((q, b), a) in HELD_OUT.iter().zip(&before).zip(&after) {
-        println!("  user:   {q}\n  before: {b:?}\n  after:  {a:?}");
+        outln!("  user:   {q}\n  before: {b:?}\n  after:  {a:?}");
     }
-    println!("demo finished in {:.1?}", started.elapsed());
+    outln!("demo finished in {:.1?}", started.elapsed());
     Ok(())
 }
 

@@ -30,13 +30,14 @@ pub struct EvalArgs {
     /// System prompt for records without one (default: the template's).
     #[arg(long)]
     system: Option<String>,
-    #[arg(long, default_value_t = 384)]
+    /// Tokens kept per record; longer records are cut to the first N.
+    #[arg(long, default_value_t = 384, allow_negative_numbers = true)]
     max_length: usize,
     /// alpaca | sharegpt | messages
     #[arg(long)]
     format: Option<String>,
     /// Examples per forward pass.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, allow_negative_numbers = true)]
     batch_size: usize,
     /// cpu (cuda: not yet for eval)
     #[arg(long, default_value = "cpu")]
@@ -63,6 +64,10 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         padding_free: false,
     };
     let data = crate::data::load(&a.data, &spec, "eval data")?;
+    // Scoring nothing is not a loss of 0 (perplexity 1): refuse, as finetune does.
+    if data.examples.is_empty() {
+        return Err(crate::data::none_used(&a.data, &data.summary));
+    }
     let mut model = qwen2::load_model::<B>(&model_dir, DType::F32, &dev)?.model;
     if let Some(dir) = &a.adapter {
         model = lora_core::load_adapter(model, dir)
@@ -76,6 +81,6 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         a.batch_size,
         &dev,
     );
-    println!("{}", serde_json::to_string(&r)?);
+    outln!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

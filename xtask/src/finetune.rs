@@ -503,7 +503,7 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
     // optimizer state.
     let dtype = o.dtype();
     let loaded = qwen2::load_model::<B>(&model_dir, dtype, device)?;
-    println!("loaded {} in {:.1?}", model_dir.display(), t.elapsed());
+    outln!("loaded {} in {:.1?}", model_dir.display(), t.elapsed());
     B::seed(device, o.training.seed);
     let (model, lora_cfg, report) = match &o.init_adapter {
         Some(dir) => {
@@ -529,7 +529,7 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
             (m, cfg, r)
         }
     };
-    println!("{report}");
+    outln!("{report}");
 
     // Train. Log lines go to stdout (one JSON object each); the progress bar to stderr.
     let started = Instant::now();
@@ -557,11 +557,9 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
             }
             TrainEvent::Log(l) => {
                 tok_s = l.tokens_per_s;
-                bar.suspend(|| println!("{}", serde_json::to_string(l).expect("serializes")));
+                bar.suspend(|| outln!("{}", crate::out::rounded_json(l)));
             }
-            TrainEvent::Eval(x) => {
-                bar.suspend(|| println!("{}", serde_json::to_string(x).expect("serializes")))
-            }
+            TrainEvent::Eval(x) => bar.suspend(|| outln!("{}", crate::out::rounded_json(x))),
             TrainEvent::Saved(p) => bar.suspend(|| eprintln!("saved {}", p.display())),
             TrainEvent::Resumed { checkpoint, step } => {
                 bar.suspend(|| eprintln!("resuming from {} (step {step})", checkpoint.display()))
@@ -601,7 +599,7 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         }
         std::process::exit(130); // 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
     }
-    println!(
+    outln!(
         "done: {} in {:.1?}; adapter written to {} (adapter_model.safetensors, adapter_config.json; metrics.jsonl, loss.svg)",
         steps_done(first_step, last),
         started.elapsed(),

@@ -20,8 +20,8 @@ pub struct InfoArgs {
 pub fn run(a: InfoArgs) -> anyhow::Result<()> {
     let dir = qwen2::resolve_model_dir(&a.model)?;
     let cfg = qwen2::Qwen2Config::from_file(&dir.join("config.json"))?;
-    println!("model dir: {}", dir.display());
-    println!(
+    outln!("model dir: {}", dir.display());
+    outln!(
         "layers {} hidden {} intermediate {} heads {}/{} (kv) head_dim {} vocab {} tied {} rope_theta {}",
         cfg.num_hidden_layers,
         cfg.hidden_size,
@@ -33,7 +33,7 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
         cfg.tie_word_embeddings,
         cfg.rope_theta()
     );
-    println!("parameters: {}", cfg.num_parameters());
+    outln!("parameters: {}", cfg.num_parameters());
     if a.config_only {
         return Ok(());
     }
@@ -41,7 +41,7 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
     let loaded = qwen2::load_model::<burn::backend::Flex>(&dir, DType::F32, &Default::default())
         .with_context(|| format!("loading {}", dir.display()))?;
     let r = &loaded.report;
-    println!(
+    outln!(
         "loaded {} tensors ({} elements) from {} file(s) in {:.2?}; file dtypes {:?}; ignored {:?}",
         r.tensors,
         r.elements,

@@ -3,6 +3,10 @@
 
 use clap::{Parser, Subcommand};
 
+// First, so that `outln!` is in scope in every module below.
+#[macro_use]
+mod out;
+
 mod bench_matmul;
 mod bench_train;
 mod chat;
@@ -79,10 +83,25 @@ fn main() {
     };
     if let Err(e) = result {
         // One clear line per cause, no backtrace: these are user-facing errors.
-        eprintln!("error: {e}");
-        for cause in e.chain().skip(1) {
-            eprintln!("  caused by: {cause}");
+        for line in error_lines(&e) {
+            eprintln!("{line}");
         }
         std::process::exit(1);
     }
+}
+
+/// `error: ...` then one `caused by: ...` line per cause, each said once: many errors (an I/O
+/// error with its path, a config error naming its file) already end their message with their
+/// source's text, and printing the chain repeated it on the next line.
+fn error_lines(e: &anyhow::Error) -> Vec<String> {
+    let mut lines = vec![format!("error: {e}")];
+    let mut said = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !said.contains(&text) {
+            lines.push(format!("  caused by: {text}"));
+        }
+        said = text;
+    }
+    lines
 }

@@ -49,7 +49,7 @@ pub fn run(a: MemLoadArgs) -> anyhow::Result<()> {
     let bytes = loaded.report.elements * dtype.size();
     let mib = |kib: u64| kib as f64 / 1024.0;
     let model_mib = bytes as f64 / (1024.0 * 1024.0);
-    println!(
+    outln!(
         "{{\"model_mib\": {:.1}, \"peak_rss_mib\": {:.1}, \"rss_before_mib\": {:.1}, \"ratio\": {:.3}, \
          \"load_s\": {:.2}, \"file_dtypes\": {:?}, \"dtype\": \"{}\"}}",
         model_mib,
@@ -140,7 +140,7 @@ fn synthesize(dir: &Path, layers: usize, file_dtype: &str) -> anyhow::Result<()>
     }
     w.flush()?;
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
-    println!(
+    outln!(
         "wrote {} ({:.2} GiB, {} parameters, {file_dtype})",
         path.display(),
         offset as f64 / (1u64 << 30) as f64,

@@ -27,7 +27,8 @@ pub struct MergeArgs {
     pub output: PathBuf,
     /// Largest shard: bytes, or with a unit (KB/MB/GB = powers of 1000, KiB/MiB/GiB), as
     /// transformers' `max_shard_size`. One shard is written as model.safetensors without an index.
-    #[arg(long, default_value = "5GB")]
+    // A leading `-` reaches the size check (which names the flag), not clap's "unexpected argument".
+    #[arg(long, default_value = "5GB", allow_hyphen_values = true)]
     pub max_shard_size: String,
     /// Directory whose tokenizer files are copied (default: the model directory).
     #[arg(long)]
@@ -70,7 +71,7 @@ pub fn run(a: MergeArgs) -> anyhow::Result<()> {
             )
         })?;
     let merged = lora_core::merge_all(&mut model).context("merging the adapter")?;
-    println!(
+    outln!(
         "merged {merged} LoRA modules (r {}, alpha {}) of {} into {} weights",
         lora.r,
         lora.lora_alpha,
@@ -95,7 +96,7 @@ pub fn run(a: MergeArgs) -> anyhow::Result<()> {
             copied.push(name);
         }
     }
-    println!(
+    outln!(
         "wrote {} tensors ({:.1} MB, {dtype:?}) in {} file(s){} to {} in {:.1?}",
         out.tensors,
         out.total_size as f64 / 1e6,
@@ -109,9 +110,9 @@ pub fn run(a: MergeArgs) -> anyhow::Result<()> {
         t.elapsed()
     );
     if copied.contains(&"tokenizer.json") {
-        println!("copied: config.json, {}", copied.join(", "));
+        outln!("copied: config.json, {}", copied.join(", "));
     } else {
-        println!(
+        outln!(
             "copied: config.json{}{}; note: {} has no tokenizer.json (pass --tokenizer DIR to copy one)",
             if copied.is_empty() { "" } else { ", " },
             copied.join(", "),

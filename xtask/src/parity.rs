@@ -145,7 +145,7 @@ fn run_on<B: Backend>(a: &ParityArgs, dev: &B::Device, dtype: DType) -> anyhow::
             .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
         let ok = err.is_finite() && err <= tol && got.len() == shape.iter().product::<usize>();
         failures += usize::from(!ok);
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"fixture": name, "device": a.device, "dtype": a.dtype,
                 "max_abs_error": err, "tolerance": tol, "ok": ok})

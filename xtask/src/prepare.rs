@@ -25,7 +25,7 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub system: Option<String>,
     /// Tokens kept per record; longer records are cut to the first N.
-    #[arg(long, default_value_t = 384)]
+    #[arg(long, default_value_t = 384, allow_negative_numbers = true)]
     pub max_length: usize,
     /// Record format, when detection from the first record's keys is not wanted:
     /// alpaca, sharegpt or messages.
@@ -44,7 +44,7 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
     let tok = ChatTokenizer::load(&a.tokenizer)?;
     let t_load = t0.elapsed();
     let style = PromptStyle::new(a.template, a.system.as_deref());
-    println!("{style}");
+    outln!("{style}");
     let opts = PrepareOptions {
         template: style.template,
         system: Some(style.system),
@@ -53,16 +53,20 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
     let t1 = Instant::now();
     let prepared = lora_data::prepare(&ds.conversations, &tok, &opts)?;
     let t_tok = t1.elapsed();
+    // An empty output is no dataset: refuse, and leave no file behind (nor touch an old one).
+    if prepared.examples.is_empty() {
+        return Err(crate::data::none_used(&a.data, &prepared.summary));
+    }
     lora_data::write_jsonl(&a.output, &prepared.examples)
         .with_context(|| format!("writing {}", a.output.display()))?;
-    println!(
+    outln!(
         "{}: {} format, {} records",
         a.data.display(),
         ds.format.name(),
         ds.conversations.len()
     );
-    println!("{}", prepared.summary);
-    println!(
+    outln!("{}", prepared.summary);
+    outln!(
         "wrote {} ({} lines); load {:.2?}, tokenize {:.2?}",
         a.output.display(),
         prepared.examples.len(),

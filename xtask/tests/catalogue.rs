@@ -271,7 +271,196 @@ fn every_bad_input_gets_a_clear_error() {
             !t("out/adapter_model.safetensors").exists(),
             "{name}: wrote an adapter"
         );
+        assert_causes_once(name, &err);
         report.push(format!("{name}: {}", err.lines().next().unwrap_or("")));
     }
     println!("{} cases:\n{}", cases.len(), report.join("\n"));
+}
+
+/// Each cause is said once: a `caused by:` line does not repeat what a line above it already says
+/// (an I/O error's message ends with its source's text).
+fn assert_causes_once(name: &str, err: &str) {
+    assert!(!said_twice(err), "{name}: cause said twice:\n{err}");
+}
+
+fn said_twice(err: &str) -> bool {
+    let lines: Vec<&str> = err.lines().collect();
+    lines.iter().enumerate().any(|(i, l)| {
+        l.trim_start()
+            .strip_prefix("caused by: ")
+            .is_some_and(|cause| lines[..i].iter().any(|above| above.contains(cause)))
+    })
+}
+
+/// The other commands' bad inputs: a file of which every record is skipped (or that is empty), a
+/// negative or non-finite number for a float option, a missing file. Exit code 1, one message
+/// naming the file or the option (not clap's "unexpected argument" for a negative number), each
+/// cause once, and nothing written.
+#[test]
+fn other_commands_refuse_bad_input_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| -> PathBuf { tmp.path().join(p) };
+    let (model, data) = xtask_demo(XTASK, &t("demo"));
+    let m = model.to_str().unwrap();
+    let d = data.to_str().unwrap();
+    std::fs::write(t("empty.json"), "[]").unwrap();
+    let empty = t("empty.json");
+    let empty = empty.to_str().unwrap();
+    let prepared = t("prepared.jsonl");
+    let prepared = prepared.to_str().unwrap();
+    let merged = t("merged");
+    let merged = merged.to_str().unwrap();
+    let adapter = t("demo/adapter");
+    let adapter = adapter.to_str().unwrap();
+
+    let eval = |extra: &[&'static str], data: &str| -> Vec<String> {
+        let mut v: Vec<String> = ["eval", "--model", m, "--data", data]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let args = |a: &[&str]| -> Vec<String> { a.iter().map(|s| s.to_string()).collect() };
+    // The chat cases name a model that does not exist: the flags are checked before loading.
+    let chat = |flag: &str, value: &str| args(&["chat", "--model", "no/such/model", flag, value]);
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "eval: every record longer than --max-length",
+            eval(&["--max-length", "8"], d),
+            "--max-length 8",
+        ),
+        ("eval: empty data file", eval(&[], empty), "no records"),
+        (
+            "eval: data file not found (cause said once)",
+            eval(&[], "no/such/data.json"),
+            "no/such/data.json",
+        ),
+        (
+            "prepare: every record longer than --max-length",
+            args(&[
+                "prepare",
+                "--tokenizer",
+                m,
+                "--data",
+                d,
+                "--max-length",
+                "8",
+                "--output",
+                prepared,
+            ]),
+            "--max-length 8",
+        ),
+        (
+            "chat: negative temperature",
+            chat("--temperature", "-1"),
+            "--temperature -1",
+        ),
+        (
+            "chat: NaN temperature",
+            chat("--temperature", "NaN"),
+            "--temperature NaN",
+        ),
+        ("chat: top-p 0", chat("--top-p", "0"), "--top-p 0"),
+        ("chat: top-p > 1", chat("--top-p", "1.5"), "--top-p 1.5"),
+        (
+            "chat: negative repetition penalty",
+            chat("--repetition-penalty", "-2"),
+            "--repetition-penalty -2",
+        ),
+        (
+            "chat: infinite repetition penalty",
+            chat("--repetition-penalty", "inf"),
+            "--repetition-penalty inf",
+        ),
+        (
+            "merge: negative shard size",
+            args(&[
+                "merge",
+                "--model",
+                m,
+                "--adapter",
+                adapter,
+                "--output",
+                merged,
+                "--max-shard-size",
+                "-5GB",
+            ]),
+            "--max-shard-size \"-5GB\"",
+        ),
+        (
+            "merge: NaN shard size",
+            args(&[
+                "merge",
+                "--model",
+                m,
+                "--adapter",
+                adapter,
+                "--output",
+                merged,
+                "--max-shard-size",
+                "NaN",
+            ]),
+            "--max-shard-size \"NaN\"",
+        ),
+    ];
+    // Every case is run and every failure listed (not only the first).
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for (name, args, needle) in &cases {
+        let (status, _, err) = test_support::run(XTASK, args);
+        let problem = if status.code() != Some(1) {
+            Some(status.to_string())
+        } else if !err.contains(needle) {
+            Some(format!("message lacks {needle:?}"))
+        } else if err.contains("panicked") || err.contains("unexpected argument") {
+            Some("panic or clap's unexpected argument".into())
+        } else if err.lines().filter(|l| l.starts_with("error:")).count() != 1 {
+            Some("not one error line".into())
+        } else if said_twice(&err) {
+            Some("a cause said twice".into())
+        } else {
+            None
+        };
+        match problem {
+            Some(p) => failures.push(format!("{name}: {p}:\n{err}")),
+            None => report.push(format!("{name}: {}", err.lines().last().unwrap_or(""))),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // prepare left no (empty) file behind; merge wrote nothing.
+    assert!(!Path::new(prepared).exists(), "prepare wrote {prepared}");
+    assert!(!Path::new(merged).exists(), "merge wrote {merged}");
+    println!("{} cases:\n{}", cases.len(), report.join("\n"));
+
+    // A negative count reaches clap's own check, which names the option (usage error, code 2),
+    // instead of being taken for an unknown flag.
+    for (cmd, flag) in [
+        (chat("--top-k", "-1"), "--top-k"),
+        (chat("--max-new-tokens", "-5"), "--max-new-tokens"),
+        (eval(&["--batch-size", "-1"], d), "--batch-size"),
+    ] {
+        let (status, _, err) = test_support::run(XTASK, &cmd);
+        assert!(!status.success(), "{cmd:?} succeeded");
+        assert!(
+            err.contains(flag) && err.contains("invalid value '-"),
+            "{cmd:?}:\n{err}"
+        );
+    }
+}
+
+/// `parity` run outside the repository (no `tests/fixtures` below the current directory) says to
+/// pass `--fixtures`.
+#[test]
+fn parity_outside_the_repository_names_fixtures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(XTASK)
+        .arg("parity")
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--fixtures"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -71,6 +71,9 @@ fn killed_runs_resume_to_the_uninterrupted_result() {
         });
         if has_ckpt {
             args.extend(["--resume-from-checkpoint", "latest"]);
+        } else {
+            // Killed before its first checkpoint: start again over what that run left.
+            args.push("--overwrite-output-dir");
         }
         let mut child = Command::new(XTASK)
             .args(&args)
