@@ -27,10 +27,14 @@ use qwen2::{GenerationConfig, KvCache, StopReason};
 /// Arguments of `chat`.
 #[derive(clap::Args)]
 pub struct ChatArgs {
-    /// Model directory (config.json + safetensors), hub cache entry, or `Org/Name` repo id.
+    /// Model directory (config.json + safetensors), hub cache entry, or hub id (`Org/Name`,
+    /// `modelscope:Org/Name`; downloaded when not cached).
     #[arg(long)]
     pub model: PathBuf,
-    /// PEFT LoRA adapter directory to apply (adapter_config.json + adapter_model.safetensors).
+    #[command(flatten)]
+    pub revision: crate::hub::RevisionArg,
+    /// PEFT LoRA adapter to apply: a directory (adapter_config.json + adapter_model.safetensors)
+    /// or a hub id.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Fold the adapter into the base weights before chatting (same output, faster decode).
@@ -118,7 +122,7 @@ fn check_flags(a: &ChatArgs) -> anyhow::Result<()> {
 fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
     let style = lora_data::PromptStyle::resolve(Some(&a.template), a.system.as_deref())
         .map_err(|e| anyhow!("--template: {e}"))?;
-    let dir = qwen2::resolve_model_dir(&a.model)?;
+    let dir = qwen2::resolve_model_dir(&crate::hub::model(&a.model, &a.revision)?)?;
     let tok_path = a.tokenizer.clone().unwrap_or_else(|| dir.clone());
     if tok_path.is_dir() && !tok_path.join("tokenizer.json").is_file() {
         bail!(
@@ -133,6 +137,7 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
     let cfg = generation_config(a, &dir, &loaded.config, &tok)?;
     let mut model = loaded.model;
     if let Some(adapter) = &a.adapter {
+        let adapter = &crate::hub::adapter(adapter)?;
         let (m, lora, _) = lora_core::load_adapter(model, adapter).with_context(|| {
             format!(
                 "loading adapter {} onto {}",

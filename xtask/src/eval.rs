@@ -12,10 +12,13 @@ use crate::data::DataSpec;
 /// Arguments of `eval`.
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    /// Model directory, hub cache entry or `Org/Name`.
+    /// Model directory, hub cache entry or hub id (`Org/Name`, `modelscope:Org/Name`; downloaded
+    /// when not cached).
     #[arg(long)]
     model: PathBuf,
-    /// A PEFT adapter directory to apply.
+    #[command(flatten)]
+    revision: crate::hub::RevisionArg,
+    /// A PEFT adapter to apply: a directory or a hub id.
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Data file (alpaca / sharegpt / messages; JSON or JSONL).
@@ -53,7 +56,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     }
     type B = burn::backend::Flex;
     let dev = Default::default();
-    let model_dir = qwen2::resolve_model_dir(&a.model)?;
+    let model_dir = qwen2::resolve_model_dir(&crate::hub::model(&a.model, &a.revision)?)?;
     let tok = a.tokenizer.clone().unwrap_or_else(|| model_dir.clone());
     let spec = DataSpec {
         tokenizer: &tok,
@@ -69,8 +72,9 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         return Err(crate::data::none_used(&a.data, &data.summary));
     }
     let mut model = qwen2::load_model::<B>(&model_dir, DType::F32, &dev)?.model;
-    if let Some(dir) = &a.adapter {
-        model = lora_core::load_adapter(model, dir)
+    if let Some(arg) = &a.adapter {
+        let dir = crate::hub::adapter(arg)?;
+        model = lora_core::load_adapter(model, &dir)
             .with_context(|| format!("--adapter {}", dir.display()))?
             .0;
     }

@@ -28,8 +28,10 @@ use crate::data::DataSpec;
 // layer included), so no value can fall back to a default other than the recipe's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FinetuneOptions {
-    /// Model directory (see `cargo xtask info`).
+    /// Model directory (see `cargo xtask info`) or hub id.
     pub model: Option<PathBuf>,
+    /// Branch, tag or commit of a hub id `model`.
+    pub revision: Option<String>,
     /// Training data (alpaca / sharegpt / messages; JSON or JSONL).
     pub data: Option<PathBuf>,
     /// Tokenizer directory or tokenizer.json (default: the model directory).
@@ -77,6 +79,7 @@ impl Default for FinetuneOptions {
     fn default() -> Self {
         Self {
             model: None,
+            revision: None,
             data: None,
             tokenizer: None,
             template: lora_data::Template::default().name().into(),
@@ -117,9 +120,14 @@ pub struct FinetuneArgs {
 /// (`max_length`), and names the field of [`FinetuneOptions`] it sets. `None`: not given as a flag.
 #[derive(clap::Args, Serialize, Debug)]
 struct OptionFlags {
-    /// Model directory, hub cache entry or `Org/Name`.
+    /// Model directory, hub cache entry or hub id (`Org/Name`, `modelscope:Org/Name`; downloaded
+    /// when not cached).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Branch, tag or commit of a hub id --model [default: main on the Hugging Face hub, master on
+    /// ModelScope].
+    #[arg(long)]
+    revision: Option<String>,
     /// Training data file (alpaca / sharegpt / messages; JSON or JSONL).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -464,7 +472,10 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
     let Some(data) = &o.data else {
         bail!("--data FILE is required (alpaca / sharegpt / messages, JSON or JSONL)");
     };
-    let model_dir = qwen2::resolve_model_dir(model_arg)?;
+    let revision = crate::hub::RevisionArg {
+        revision: o.revision.clone(),
+    };
+    let model_dir = qwen2::resolve_model_dir(&crate::hub::model(model_arg, &revision)?)?;
     // Fail on a bad config.json before spending time on the data.
     qwen2::Qwen2Config::from_file(&model_dir.join("config.json"))?;
 
@@ -506,7 +517,8 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
     outln!("loaded {} in {:.1?}", model_dir.display(), t.elapsed());
     B::seed(device, o.training.seed);
     let (model, lora_cfg, report) = match &o.init_adapter {
-        Some(dir) => {
+        Some(arg) => {
+            let dir = &crate::hub::adapter(arg)?;
             let (m, cfg, r) = load_adapter(loaded.model, dir)
                 .with_context(|| format!("--init-adapter {}", dir.display()))?;
             let ignored = init_adapter_overrides(&cfg, o);
@@ -785,6 +797,7 @@ mod tests {
             "--model=m",
             "--data=d",
             "--tokenizer=t",
+            "--revision=r",
             "--template=qwen",
             "--system=s",
             "--max-length=7",
@@ -827,6 +840,7 @@ mod tests {
         .unwrap();
         let want = FinetuneOptions {
             model: Some("m".into()),
+            revision: Some("r".into()),
             data: Some("d".into()),
             tokenizer: Some("t".into()),
             template: "qwen".into(),

@@ -9,16 +9,19 @@ use burn::tensor::DType;
 /// Arguments of `info`.
 #[derive(clap::Args)]
 pub struct InfoArgs {
-    /// Model directory (config.json + safetensors), hub cache entry, or `Org/Name` repo id.
+    /// Model directory (config.json + safetensors), hub cache entry, or hub id (`Org/Name`,
+    /// `modelscope:Org/Name`; downloaded when not cached).
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub revision: crate::hub::RevisionArg,
     /// Only read config.json; do not load weights.
     #[arg(long)]
     pub config_only: bool,
 }
 
 pub fn run(a: InfoArgs) -> anyhow::Result<()> {
-    let dir = qwen2::resolve_model_dir(&a.model)?;
+    let dir = qwen2::resolve_model_dir(&crate::hub::model(&a.model, &a.revision)?)?;
     let cfg = qwen2::Qwen2Config::from_file(&dir.join("config.json"))?;
     outln!("model dir: {}", dir.display());
     outln!(

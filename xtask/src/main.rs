@@ -15,6 +15,7 @@ mod demo;
 mod device;
 mod eval;
 mod finetune;
+mod hub;
 mod info;
 mod mem;
 mod merge;
@@ -42,6 +43,9 @@ enum Command {
     /// Fine-tune a model with LoRA (the tutorial's recipe by default) and write a PEFT adapter;
     /// with neither --model nor --data, the built-in demo.
     Finetune(Box<finetune::FinetuneArgs>),
+    /// Fetch a model or adapter from the Hugging Face hub (or ModelScope) into its cache; print
+    /// the local directory.
+    Download(hub::DownloadArgs),
     /// Mean causal-LM loss and perplexity of a model (+ adapter) over a data file.
     Eval(eval::EvalArgs),
     /// Load a model directory and print its config, parameter count and load report.
@@ -74,6 +78,7 @@ fn main() {
         Command::BenchMatmul(a) => bench_matmul::run(a),
         Command::BenchTrain(a) => bench_train::run(a),
         Command::Finetune(a) => finetune_or_demo(&a),
+        Command::Download(a) => hub::download(a),
         Command::Eval(a) => eval::run(a),
         Command::Info(a) => info::run(a),
         Command::MemLoad(a) => mem::run(a),

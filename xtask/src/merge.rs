@@ -16,10 +16,13 @@ use burn::tensor::DType;
 /// Arguments of `merge`.
 #[derive(clap::Args)]
 pub struct MergeArgs {
-    /// Base model directory (config.json + safetensors), hub cache entry, or `Org/Name` repo id.
+    /// Base model directory (config.json + safetensors), hub cache entry, or hub id (`Org/Name`,
+    /// `modelscope:Org/Name`; downloaded when not cached).
     #[arg(long)]
     pub model: PathBuf,
-    /// PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[command(flatten)]
+    pub revision: crate::hub::RevisionArg,
+    /// PEFT LoRA adapter: a directory (adapter_config.json + adapter_model.safetensors) or a hub id.
     #[arg(long)]
     pub adapter: PathBuf,
     /// Where to write the merged model; must not exist or be empty.
@@ -58,15 +61,17 @@ pub fn run(a: MergeArgs) -> anyhow::Result<()> {
     check_output(&a.output)?;
     let t = Instant::now();
     let dev = Default::default();
-    let loaded = qwen2::load_model::<Flex>(&a.model, DType::F32, &dev)
+    let model_arg = crate::hub::model(&a.model, &a.revision)?;
+    let adapter = crate::hub::adapter(&a.adapter)?;
+    let loaded = qwen2::load_model::<Flex>(&model_arg, DType::F32, &dev)
         .with_context(|| format!("loading base model {}", a.model.display()))?;
     let dir = loaded.dir.clone();
     let dtype = storage_dtype(&loaded.report.file_dtypes, &loaded.config)?;
     let (mut model, lora, _) =
-        lora_core::load_adapter(loaded.model, &a.adapter).with_context(|| {
+        lora_core::load_adapter(loaded.model, &adapter).with_context(|| {
             format!(
                 "loading adapter {} onto {}",
-                a.adapter.display(),
+                adapter.display(),
                 dir.display()
             )
         })?;
@@ -75,7 +80,7 @@ pub fn run(a: MergeArgs) -> anyhow::Result<()> {
         "merged {merged} LoRA modules (r {}, alpha {}) of {} into {} weights",
         lora.r,
         lora.lora_alpha,
-        a.adapter.display(),
+        adapter.display(),
         dir.display()
     );
     let out = qwen2::export_weights(&model, &a.output, dtype, max_shard)

@@ -11,6 +11,7 @@ mod compare;
 mod files;
 mod paths;
 mod process;
+pub mod mock_hub;
 pub mod tmpfs;
 
 pub use compare::{
