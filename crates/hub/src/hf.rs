@@ -130,8 +130,16 @@ pub(crate) fn fetch(cfg: &HfConfig, repo: &str, revision: &str, kind: Kind) -> R
         if let Some(dir) = reference.parent() {
             std::fs::create_dir_all(dir).map_err(|e| HubError::write(dir, e, "HF_HUB_CACHE"))?;
         }
-        kernels::io::write_atomic(&reference, info.sha.as_bytes())
-            .map_err(|e| HubError::write(&reference, e, "HF_HUB_CACHE"))?;
+        // Through a temporary file of this process's own: another process may write the same ref.
+        let mut tmp = reference.as_os_str().to_owned();
+        tmp.push(format!(".{}.partial", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        std::fs::write(&tmp, info.sha.as_bytes())
+            .and_then(|()| std::fs::rename(&tmp, &reference))
+            .map_err(|e| {
+                std::fs::remove_file(&tmp).ok();
+                HubError::write(&reference, e, "HF_HUB_CACHE")
+            })?;
     }
     Ok(root.join("snapshots").join(&info.sha))
 }
@@ -324,8 +332,9 @@ fn link(blob: &Path, pointer: &Path) -> Result<(), HubError> {
     }
     target.push("blobs");
     target.push(blob.file_name().unwrap_or_default());
+    // A name of this process's own: another process may be linking the same file.
     let mut tmp = pointer.as_os_str().to_owned();
-    tmp.push(".link.partial");
+    tmp.push(format!(".{}.link.partial", std::process::id()));
     let tmp = PathBuf::from(tmp);
     std::fs::remove_file(&tmp).ok();
     #[cfg(unix)]
