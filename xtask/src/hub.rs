@@ -17,7 +17,11 @@ pub struct RevisionArg {
 
 /// The local directory of `--model`, fetched when it is a hub id not yet in the cache.
 pub fn model(arg: &Path, revision: &RevisionArg) -> anyhow::Result<PathBuf> {
-    Ok(lora_hub::fetch(arg, Kind::Model, revision.revision.as_deref())?)
+    Ok(lora_hub::fetch(
+        arg,
+        Kind::Model,
+        revision.revision.as_deref(),
+    )?)
 }
 
 /// The local directory of `--adapter` (always the default branch of a hub id).
@@ -47,7 +51,11 @@ pub fn download(a: DownloadArgs) -> anyhow::Result<()> {
             a.id.display()
         );
     }
-    let kind = if a.adapter { Kind::Adapter } else { Kind::Model };
+    let kind = if a.adapter {
+        Kind::Adapter
+    } else {
+        Kind::Model
+    };
     let dir = lora_hub::fetch(&a.id, kind, a.revision.revision.as_deref())?;
     outln!("{}", dir.display());
     Ok(())

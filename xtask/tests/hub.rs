@@ -65,37 +65,92 @@ fn finetune_eval_and_chat_take_hub_ids_and_a_second_run_asks_nothing() {
     let home = tmp.path().join("home");
     let data = data.to_str().unwrap();
     let out = tmp.path().join("out");
-    let common = ["--data", data, "--template", "qwen", "--system", SYSTEM, "--max-length", "96"];
+    let common = [
+        "--data",
+        data,
+        "--template",
+        "qwen",
+        "--system",
+        SYSTEM,
+        "--max-length",
+        "96",
+    ];
 
-    let mut args = vec!["finetune", "--model", "Qwen/Tiny-Instruct", "--max-steps", "1"];
+    let mut args = vec![
+        "finetune",
+        "--model",
+        "Qwen/Tiny-Instruct",
+        "--max-steps",
+        "1",
+    ];
     args.extend(common);
     args.extend(["--output", out.to_str().unwrap()]);
-    let stdout = ok(xtask(&hub, &home, &args).output().unwrap(), "finetune --model Qwen/Tiny-Instruct");
+    let stdout = ok(
+        xtask(&hub, &home, &args).output().unwrap(),
+        "finetune --model Qwen/Tiny-Instruct",
+    );
     assert!(stdout.contains("models--Qwen--Tiny-Instruct"), "{stdout}");
     assert!(out.join("adapter_model.safetensors").is_file());
-    assert!(hub.requests().iter().any(|r| r.uri.ends_with("/model.safetensors")));
+    assert!(hub
+        .requests()
+        .iter()
+        .any(|r| r.uri.ends_with("/model.safetensors")));
 
     // The model is cached: only the adapter is fetched; then nothing at all.
     hub.clear_log();
-    let mut eval = vec!["eval", "--model", "Qwen/Tiny-Instruct", "--adapter", "me/tiny-lora"];
+    let mut eval = vec![
+        "eval",
+        "--model",
+        "Qwen/Tiny-Instruct",
+        "--adapter",
+        "me/tiny-lora",
+    ];
     eval.extend(common);
-    let by_id = ok(xtask(&hub, &home, &eval).output().unwrap(), "eval with hub ids");
-    assert!(hub.requests().iter().all(|r| r.uri.contains("me/tiny-lora")), "{:?}", hub.requests());
+    let by_id = ok(
+        xtask(&hub, &home, &eval).output().unwrap(),
+        "eval with hub ids",
+    );
+    assert!(
+        hub.requests()
+            .iter()
+            .all(|r| r.uri.contains("me/tiny-lora")),
+        "{:?}",
+        hub.requests()
+    );
     hub.clear_log();
     ok(xtask(&hub, &home, &eval).output().unwrap(), "eval again");
     assert!(hub.requests().is_empty(), "{:?}", hub.requests());
 
     // The same numbers as from the local directories.
     let adapter = demo.join("adapter");
-    let mut local = vec!["eval", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()];
+    let mut local = vec![
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+    ];
     local.extend(common);
-    let from_dirs = ok(xtask(&hub, &home, &local).output().unwrap(), "eval with directories");
+    let from_dirs = ok(
+        xtask(&hub, &home, &local).output().unwrap(),
+        "eval with directories",
+    );
     let loss = |s: &str| s.lines().find(|l| l.contains("loss")).map(str::to_string);
     assert_eq!(loss(&by_id), loss(&from_dirs), "{by_id}\n{from_dirs}");
     assert!(loss(&by_id).is_some(), "{by_id}");
 
     let chat = |m: &str, a: &str| {
-        let args = ["chat", "--model", m, "--adapter", a, "--template", "qwen", "--system", SYSTEM];
+        let args = [
+            "chat",
+            "--model",
+            m,
+            "--adapter",
+            a,
+            "--template",
+            "qwen",
+            "--system",
+            SYSTEM,
+        ];
         let mut c = xtask(&hub, &home, &args);
         c.args(["--prompt", "你是谁", "--greedy", "--max-new-tokens", "8"]);
         ok(c.output().unwrap(), "chat")
@@ -127,7 +182,11 @@ fn two_processes_fetching_one_repository_share_the_cache() {
     assert_eq!(dir_a, dir_b);
     let dir = Path::new(dir_a.trim());
     for name in ["config.json", "tokenizer.json", "model.safetensors"] {
-        assert_eq!(std::fs::read(dir.join(name)).unwrap(), repo.files[name], "{name}");
+        assert_eq!(
+            std::fs::read(dir.join(name)).unwrap(),
+            repo.files[name],
+            "{name}"
+        );
     }
     // Each body crossed the network once: the second process waited for the first's lock.
     let mut bodies: Vec<_> = hub
@@ -139,7 +198,12 @@ fn two_processes_fetching_one_repository_share_the_cache() {
     let n = bodies.len();
     bodies.sort();
     bodies.dedup();
-    assert_eq!(n, bodies.len(), "a file was fetched twice: {:?}", hub.requests());
+    assert_eq!(
+        n,
+        bodies.len(),
+        "a file was fetched twice: {:?}",
+        hub.requests()
+    );
 }
 
 #[test]
@@ -150,16 +214,30 @@ fn modelscope_ids_and_hub_errors_through_the_command_line() {
     let home = tmp.path().join("home");
 
     let stdout = ok(
-        xtask(&hub, &home, &["info", "--model", "modelscope:qwen/Tiny-Instruct", "--config-only"])
-            .output()
-            .unwrap(),
+        xtask(
+            &hub,
+            &home,
+            &[
+                "info",
+                "--model",
+                "modelscope:qwen/Tiny-Instruct",
+                "--config-only",
+            ],
+        )
+        .output()
+        .unwrap(),
         "info of a ModelScope id",
     );
     let want = home.join("ms/models/qwen--Tiny-Instruct/snapshots/master");
     assert!(stdout.contains(want.to_str().unwrap()), "{stdout}");
 
-    let e = err(xtask(&hub, &home, &["download", "Org/Missing"]).output().unwrap());
-    assert!(e.contains("the Hugging Face hub has no repository Org/Missing"), "{e}");
+    let e = err(xtask(&hub, &home, &["download", "Org/Missing"])
+        .output()
+        .unwrap());
+    assert!(
+        e.contains("the Hugging Face hub has no repository Org/Missing"),
+        "{e}"
+    );
     // A bare id that only the ModelScope cache holds is used from there, with no request.
     hub.clear_log();
     let offline = |id: &str| {
@@ -167,20 +245,32 @@ fn modelscope_ids_and_hub_errors_through_the_command_line() {
         c.env("HF_HUB_OFFLINE", "1");
         c.output().unwrap()
     };
-    let stdout = ok(offline("qwen/Tiny-Instruct"), "a bare id from the ModelScope cache");
+    let stdout = ok(
+        offline("qwen/Tiny-Instruct"),
+        "a bare id from the ModelScope cache",
+    );
     assert_eq!(stdout.trim(), want.to_str().unwrap());
     let e = err(offline("Qwen/Other"));
-    assert!(e.contains("HF_HUB_OFFLINE is set") && e.contains("Qwen/Other"), "{e}");
+    assert!(
+        e.contains("HF_HUB_OFFLINE is set") && e.contains("Qwen/Other"),
+        "{e}"
+    );
     assert!(hub.requests().is_empty(), "{:?}", hub.requests());
-    let e = err(xtask(&hub, &home, &["download", "not an id"]).output().unwrap());
+    let e = err(xtask(&hub, &home, &["download", "not an id"])
+        .output()
+        .unwrap());
     assert!(e.contains("not a hub id"), "{e}");
-    let e = err(xtask(&hub, &home, &["download", "modelscope:nothing"]).output().unwrap());
+    let e = err(xtask(&hub, &home, &["download", "modelscope:nothing"])
+        .output()
+        .unwrap());
     assert!(e.contains("owner/name"), "{e}");
     // A missing local path that looks like an id is tried on the hub, and said so.
-    let e = err(
-        xtask(&hub, &home, &["info", "--model", "runs/missing", "--config-only"])
-            .output()
-            .unwrap(),
-    );
+    let e = err(xtask(
+        &hub,
+        &home,
+        &["info", "--model", "runs/missing", "--config-only"],
+    )
+    .output()
+    .unwrap());
     assert!(e.contains("has no repository runs/missing"), "{e}");
 }

@@ -34,16 +34,15 @@ pub enum HubError {
     },
 
     #[error(
-        "cannot reach {endpoint} ({why}) and {repo} is not complete in the cache {cache} \
-         (missing {missing}); check the network, or set {endpoint_var} to a mirror"
+        "cannot reach {endpoint} ({why}) and {not_cached}; check the network, or set \
+         {endpoint_var} to a mirror"
     )]
     Unreachable {
         endpoint: String,
         endpoint_var: &'static str,
         why: String,
-        repo: String,
-        cache: PathBuf,
-        missing: String,
+        /// "{repo} is not complete in the cache {dir} (missing …)".
+        not_cached: String,
     },
 
     #[error(
@@ -132,7 +131,11 @@ impl HubError {
     }
 
     /// An I/O error while writing into a cache: disk full is said as such.
-    pub(crate) fn write(path: impl Into<PathBuf>, source: std::io::Error, cache_var: &'static str) -> Self {
+    pub(crate) fn write(
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+        cache_var: &'static str,
+    ) -> Self {
         if kernels::io::is_storage_full(&source) {
             HubError::DiskFull {
                 path: path.into(),

@@ -59,7 +59,11 @@ pub(crate) fn fetch_all(remote: &mut dyn Remote, kind: Kind) -> Result<(), HubEr
     };
     match kind {
         Kind::Adapter => {
-            need(remote, ADAPTER_CONFIG, "it is not a PEFT adapter repository")?;
+            need(
+                remote,
+                ADAPTER_CONFIG,
+                "it is not a PEFT adapter repository",
+            )?;
             need(
                 remote,
                 ADAPTER_WEIGHTS,
@@ -76,7 +80,11 @@ pub(crate) fn fetch_all(remote: &mut dyn Remote, kind: Kind) -> Result<(), HubEr
                     remote.absent(file)?;
                 }
             }
-            need(remote, TOKENIZER, "the tokenizer is read from tokenizer.json")?;
+            need(
+                remote,
+                TOKENIZER,
+                "the tokenizer is read from tokenizer.json",
+            )?;
             if remote.listing().contains(INDEX) {
                 let index = remote.ensure(INDEX)?;
                 for shard in shards(&remote.repo(), &index)? {
@@ -146,7 +154,9 @@ fn shards(repo: &str, index: &Path) -> Result<BTreeSet<String>, HubError> {
             .as_str()
             .ok_or_else(|| bad(format!("weight_map[{key:?}] is not a file name")))?;
         if !safe_relative(file) {
-            return Err(bad(format!("weight_map[{key:?}] = {file:?} is not a file in the repository")));
+            return Err(bad(format!(
+                "weight_map[{key:?}] = {file:?} is not a file in the repository"
+            )));
         }
         out.insert(file.to_string());
     }
@@ -158,7 +168,9 @@ pub(crate) fn safe_relative(path: &str) -> bool {
     !path.is_empty()
         && !path.starts_with('/')
         && !path.contains('\\')
-        && path.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
+        && path
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != "..")
 }
 
 /// Refuses a `config.json` of another architecture (before its weights are fetched).
@@ -169,13 +181,22 @@ fn check_qwen2(repo: &str, config: &Path) -> Result<(), HubError> {
         file: CONFIG.to_string(),
         why: format!("not JSON: {e}"),
     })?;
-    let model_type = json.get("model_type").and_then(|v| v.as_str()).map(str::to_string);
+    let model_type = json
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
     let architectures: Vec<String> = json
         .get("architectures")
         .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
-    if model_type.as_deref() == Some("qwen2") || architectures.iter().any(|a| a == "Qwen2ForCausalLM") {
+    if model_type.as_deref() == Some("qwen2")
+        || architectures.iter().any(|a| a == "Qwen2ForCausalLM")
+    {
         Ok(())
     } else {
         Err(HubError::NotQwen2 {
@@ -195,7 +216,15 @@ mod tests {
         for ok in ["model-00001-of-00002.safetensors", "sub/dir/x.safetensors"] {
             assert!(safe_relative(ok), "{ok}");
         }
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a\\b", "./a"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "a\\b",
+            "./a",
+        ] {
             assert!(!safe_relative(bad), "{bad}");
         }
     }
@@ -204,7 +233,10 @@ mod tests {
     fn a_copy_is_complete_when_its_weights_are_there() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
-        assert_eq!(missing(p, Kind::Model), ["config.json", "tokenizer.json", "model.safetensors"]);
+        assert_eq!(
+            missing(p, Kind::Model),
+            ["config.json", "tokenizer.json", "model.safetensors"]
+        );
         for f in ["config.json", "tokenizer.json"] {
             std::fs::write(p.join(f), "{}").unwrap();
         }
@@ -224,9 +256,16 @@ mod tests {
     fn other_architectures_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let c = dir.path().join("config.json");
-        std::fs::write(&c, r#"{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}"#).unwrap();
+        std::fs::write(
+            &c,
+            r#"{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}"#,
+        )
+        .unwrap();
         let e = check_qwen2("meta/llama", &c).unwrap_err().to_string();
-        assert!(e.contains("meta/llama is not a Qwen2 model") && e.contains("\"llama\""), "{e}");
+        assert!(
+            e.contains("meta/llama is not a Qwen2 model") && e.contains("\"llama\""),
+            "{e}"
+        );
         std::fs::write(&c, r#"{"model_type": "qwen2"}"#).unwrap();
         check_qwen2("q", &c).unwrap();
     }

@@ -33,7 +33,11 @@ pub struct HfConfig {
 
 impl HfConfig {
     pub fn from_env() -> HfConfig {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let var = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let home = var("HF_HOME").unwrap_or_else(|| {
             var("XDG_CACHE_HOME")
                 .unwrap_or_else(|| var("HOME").unwrap_or_default().join(".cache"))
@@ -60,7 +64,12 @@ impl HfConfig {
 }
 
 /// The local snapshot directory of `repo` at `revision`, fetching what a `kind` run needs.
-pub(crate) fn fetch(cfg: &HfConfig, repo: &str, revision: &str, kind: Kind) -> Result<PathBuf, HubError> {
+pub(crate) fn fetch(
+    cfg: &HfConfig,
+    repo: &str,
+    revision: &str,
+    kind: Kind,
+) -> Result<PathBuf, HubError> {
     let folder = Repo::with_revision(repo.into(), RepoType::Model, revision.into()).folder_name();
     let root = cfg.cache.join(&folder);
     let cached = cached_snapshot(&root, revision);
@@ -88,17 +97,28 @@ pub(crate) fn fetch(cfg: &HfConfig, repo: &str, revision: &str, kind: Kind) -> R
             url: cfg.endpoint.clone(),
             why: e.to_string(),
         })?;
-    let status = Status { cfg, repo, revision };
+    let status = Status {
+        cfg,
+        repo,
+        revision,
+    };
+    let not_cached = format!(
+        "{repo} is not complete in the cache {} (missing {})",
+        root.display(),
+        missing.join(", ")
+    );
     let unreachable = |why: String| HubError::Unreachable {
         endpoint: cfg.endpoint.clone(),
         endpoint_var: "HF_ENDPOINT",
         why,
-        repo: repo.into(),
-        cache: root.clone(),
-        missing: missing.join(", "),
+        not_cached: not_cached.clone(),
     };
     let info = api
-        .repo(Repo::with_revision(repo.into(), RepoType::Model, revision.into()))
+        .repo(Repo::with_revision(
+            repo.into(),
+            RepoType::Model,
+            revision.into(),
+        ))
         .info()
         .map_err(|e| status.api_error(e, &cfg.endpoint, &unreachable))?;
     if !is_commit(&info.sha) {
@@ -147,7 +167,8 @@ pub(crate) fn fetch(cfg: &HfConfig, repo: &str, revision: &str, kind: Kind) -> R
 /// The complete snapshot of `repo` at `revision` in the cache, if there is one.
 pub(crate) fn cached(cfg: &HfConfig, repo: &str, revision: &str, kind: Kind) -> Option<PathBuf> {
     let folder = Repo::with_revision(repo.into(), RepoType::Model, revision.into()).folder_name();
-    cached_snapshot(&cfg.cache.join(folder), revision).filter(|d| files::missing(d, kind).is_empty())
+    cached_snapshot(&cfg.cache.join(folder), revision)
+        .filter(|d| files::missing(d, kind).is_empty())
 }
 
 /// The snapshot a revision names in the cache: a commit id directly, a branch or tag through
@@ -156,7 +177,10 @@ fn cached_snapshot(root: &Path, revision: &str) -> Option<PathBuf> {
     let commit = if is_commit(revision) {
         revision.to_string()
     } else {
-        std::fs::read_to_string(root.join("refs").join(revision)).ok()?.trim().to_string()
+        std::fs::read_to_string(root.join("refs").join(revision))
+            .ok()?
+            .trim()
+            .to_string()
     };
     let dir = root.join("snapshots").join(commit);
     dir.is_dir().then_some(dir)
@@ -265,7 +289,11 @@ impl Remote for HfRemote<'_> {
         }
         let url = self
             .api
-            .repo(Repo::with_revision(self.repo.into(), RepoType::Model, self.sha.clone()))
+            .repo(Repo::with_revision(
+                self.repo.into(),
+                RepoType::Model,
+                self.sha.clone(),
+            ))
             .url(file);
         let transport = |why: String| HubError::BadResponse {
             url: url.clone(),
@@ -284,7 +312,12 @@ impl Remote for HfRemote<'_> {
         }
         let blob = self.root.join("blobs").join(&etag);
         if !blob.is_file() {
-            let lock_path = self.cfg.cache.join(".locks").join(&self.folder).join(format!("{etag}.lock"));
+            let lock_path = self
+                .cfg
+                .cache
+                .join(".locks")
+                .join(&self.folder)
+                .join(format!("{etag}.lock"));
             let _lock = transfer::lock(&lock_path)?;
             // Another process may have finished it while we waited.
             if !blob.is_file() {
@@ -323,7 +356,11 @@ fn link(blob: &Path, pointer: &Path) -> Result<(), HubError> {
     std::fs::create_dir_all(dir).map_err(|e| HubError::write(dir, e, "HF_HUB_CACHE"))?;
     // From `snapshots/<commit>/a/b` up to the repository folder, then into `blobs/`.
     let depth = pointer
-        .strip_prefix(blob.parent().and_then(Path::parent).unwrap_or(Path::new("")))
+        .strip_prefix(
+            blob.parent()
+                .and_then(Path::parent)
+                .unwrap_or(Path::new("")),
+        )
         .map(|rel| rel.components().count() - 1)
         .unwrap_or(2);
     let mut target = PathBuf::new();

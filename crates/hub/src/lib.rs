@@ -82,7 +82,8 @@ pub fn is_repo_id(s: &str) -> bool {
             && p.len() <= 96
             && !p.starts_with(['.', '-'])
             && !p.contains("..")
-            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     };
     matches!(s.split_once('/'), Some((org, name)) if part(org) && part(name))
 }
@@ -99,10 +100,16 @@ pub fn fetch(arg: &Path, kind: Kind, revision: Option<&str>) -> Result<PathBuf, 
                 return Err(HubError::BadFile {
                     repo: format!("{MODELSCOPE_PREFIX}{id}"),
                     file: "the id".into(),
-                    why: "a ModelScope id is owner/name, e.g. modelscope:qwen/Qwen2.5-7B-Instruct".into(),
+                    why: "a ModelScope id is owner/name, e.g. modelscope:qwen/Qwen2.5-7B-Instruct"
+                        .into(),
                 });
             }
-            modelscope::fetch(&MsConfig::from_env(), &id, revision.unwrap_or("master"), kind)
+            modelscope::fetch(
+                &MsConfig::from_env(),
+                &id,
+                revision.unwrap_or("master"),
+                kind,
+            )
         }
     }
 }
@@ -110,7 +117,12 @@ pub fn fetch(arg: &Path, kind: Kind, revision: Option<&str>) -> Result<PathBuf, 
 /// [`fetch`] of a Hugging Face id with an explicit configuration. With no revision given, a complete
 /// copy of the id in the ModelScope cache (older tools put the tutorial's model there) is used before
 /// anything is downloaded.
-pub fn fetch_hf(cfg: &HfConfig, id: &str, kind: Kind, revision: Option<&str>) -> Result<PathBuf, HubError> {
+pub fn fetch_hf(
+    cfg: &HfConfig,
+    id: &str,
+    kind: Kind,
+    revision: Option<&str>,
+) -> Result<PathBuf, HubError> {
     let rev = revision.unwrap_or("main");
     if revision.is_none() && hf::cached(cfg, id, rev, kind).is_none() {
         let ms = MsConfig::from_env();
@@ -123,7 +135,12 @@ pub fn fetch_hf(cfg: &HfConfig, id: &str, kind: Kind, revision: Option<&str>) ->
 }
 
 /// [`fetch`] of a ModelScope id with an explicit configuration.
-pub fn fetch_modelscope(cfg: &MsConfig, id: &str, kind: Kind, revision: Option<&str>) -> Result<PathBuf, HubError> {
+pub fn fetch_modelscope(
+    cfg: &MsConfig,
+    id: &str,
+    kind: Kind,
+    revision: Option<&str>,
+) -> Result<PathBuf, HubError> {
     modelscope::fetch(cfg, id, revision.unwrap_or("master"), kind)
 }
 
@@ -138,9 +155,16 @@ fn modelscope_legacy_copy(cache: &Path, owner: &str, name: &str, kind: Kind) -> 
     let lower = owner.to_lowercase();
     if lower != owner {
         dirs.extend(modelscope::legacy_dirs(cache, &lower, name));
-        dirs.push(cache.join("models").join(format!("{lower}--{name}")).join("snapshots").join("master"));
+        dirs.push(
+            cache
+                .join("models")
+                .join(format!("{lower}--{name}"))
+                .join("snapshots")
+                .join("master"),
+        );
     }
-    dirs.into_iter().find(|d| d.is_dir() && files::missing(d, kind).is_empty())
+    dirs.into_iter()
+        .find(|d| d.is_dir() && files::missing(d, kind).is_empty())
 }
 
 /// The HTTP client of every transfer: status codes handled by the caller, a connection that stalls
@@ -158,7 +182,12 @@ fn agent() -> ureq::Agent {
 /// `1`, `true`, `yes`, `on` (any case), as `huggingface_hub` reads its flags.
 fn env_flag(name: &str) -> bool {
     std::env::var(name)
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 
@@ -169,13 +198,27 @@ mod tests {
     #[test]
     fn arguments_name_their_source() {
         let hf = |s: &str| Source::HuggingFace(s.into());
-        assert_eq!(Source::parse("Qwen/Qwen2.5-7B-Instruct".as_ref()), hf("Qwen/Qwen2.5-7B-Instruct"));
+        assert_eq!(
+            Source::parse("Qwen/Qwen2.5-7B-Instruct".as_ref()),
+            hf("Qwen/Qwen2.5-7B-Instruct")
+        );
         assert_eq!(
             Source::parse("modelscope:qwen/Qwen2.5-7B-Instruct".as_ref()),
             Source::ModelScope("qwen/Qwen2.5-7B-Instruct".into())
         );
-        for local in ["runs/a/b", "./x/y", "/abs/path", "just-a-name", "../up/x", "a/.hidden"] {
-            assert_eq!(Source::parse(local.as_ref()), Source::Local(local.into()), "{local}");
+        for local in [
+            "runs/a/b",
+            "./x/y",
+            "/abs/path",
+            "just-a-name",
+            "../up/x",
+            "a/.hidden",
+        ] {
+            assert_eq!(
+                Source::parse(local.as_ref()),
+                Source::Local(local.into()),
+                "{local}"
+            );
         }
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(Source::parse(dir.path()), Source::Local(dir.path().into()));

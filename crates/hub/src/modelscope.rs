@@ -34,7 +34,12 @@ pub struct MsConfig {
 
 impl MsConfig {
     pub fn from_env() -> MsConfig {
-        let text = |k: &str| std::env::var(k).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let text = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
         let endpoint = text("MODELSCOPE_ENDPOINT")
             .or_else(|| {
                 text("MODELSCOPE_DOMAIN").map(|d| {
@@ -46,7 +51,9 @@ impl MsConfig {
                 })
             })
             .unwrap_or_else(|| "https://www.modelscope.cn".into());
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default();
         MsConfig {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             cache: std::env::var_os("MODELSCOPE_CACHE")
@@ -60,7 +67,12 @@ impl MsConfig {
 }
 
 /// The local directory of `repo` at `revision`, fetching what a `kind` run needs.
-pub(crate) fn fetch(cfg: &MsConfig, repo: &str, revision: &str, kind: Kind) -> Result<PathBuf, HubError> {
+pub(crate) fn fetch(
+    cfg: &MsConfig,
+    repo: &str,
+    revision: &str,
+    kind: Kind,
+) -> Result<PathBuf, HubError> {
     let (owner, name) = repo.split_once('/').unwrap_or((repo, ""));
     let target = cfg
         .cache
@@ -72,7 +84,10 @@ pub(crate) fn fetch(cfg: &MsConfig, repo: &str, revision: &str, kind: Kind) -> R
     if revision == "master" {
         candidates.extend(legacy_dirs(&cfg.cache, owner, name));
     }
-    if let Some(done) = candidates.iter().find(|d| d.is_dir() && files::missing(d, kind).is_empty()) {
+    if let Some(done) = candidates
+        .iter()
+        .find(|d| d.is_dir() && files::missing(d, kind).is_empty())
+    {
         return Ok(done.clone());
     }
     let missing = if target.is_dir() {
@@ -100,13 +115,15 @@ pub(crate) fn fetch(cfg: &MsConfig, repo: &str, revision: &str, kind: Kind) -> R
     if let Some(a) = &auth {
         req = req.header("Authorization", a);
     }
+    let not_cached = format!(
+        "modelscope:{repo} is not complete in the cache {} (missing {missing})",
+        target.display()
+    );
     let unreachable = |why: String| HubError::Unreachable {
         endpoint: cfg.endpoint.clone(),
         endpoint_var: "MODELSCOPE_ENDPOINT",
         why,
-        repo: format!("modelscope:{repo}"),
-        cache: target.clone(),
-        missing: missing.clone(),
+        not_cached: not_cached.clone(),
     };
     let mut resp = req.call().map_err(|e| unreachable(e.to_string()))?;
     let code = resp.status().as_u16();
@@ -264,21 +281,34 @@ impl Remote for MsRemote<'_> {
         let entry = &self.entries[file];
         let dest = self.target.join(file);
         let done = |p: &Path| {
-            std::fs::metadata(p).is_ok_and(|m| m.is_file() && entry.size.is_none_or(|s| m.len() == s))
+            std::fs::metadata(p)
+                .is_ok_and(|m| m.is_file() && entry.size.is_none_or(|s| m.len() == s))
         };
         if done(&dest) {
             return Ok(dest);
         }
         // The lock `modelscope` itself takes for this file, so the two never write it together.
-        let key = format!("modelscope-hub-download-lock-v2\0file\0model\0{}\0{file}", self.repo);
-        let digest: String = Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-        let _lock = transfer::lock(&self.cfg.cache.join(".lock").join(format!("file_{digest}.lock")))?;
+        let key = format!(
+            "modelscope-hub-download-lock-v2\0file\0model\0{}\0{file}",
+            self.repo
+        );
+        let digest: String = Sha256::digest(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let _lock = transfer::lock(
+            &self
+                .cfg
+                .cache
+                .join(".lock")
+                .join(format!("file_{digest}.lock")),
+        )?;
         if !done(&dest) {
             let partial = self
                 .cfg
                 .cache
                 .join(".partial")
-                .join(format!("{}", self.repo.replace('/', "--")))
+                .join(self.repo.replace('/', "--"))
                 .join(self.revision)
                 .join(format!("{file}.incomplete"));
             Transfer {

@@ -32,7 +32,10 @@ pub(crate) enum Digest {
 impl Digest {
     /// The digest an ETag stands for: 64 hex digits are a SHA-256, 40 a git blob id.
     pub(crate) fn from_etag(etag: &str) -> Option<Digest> {
-        let hex = etag.trim_matches('"').trim_start_matches("W/").trim_matches('"');
+        let hex = etag
+            .trim_matches('"')
+            .trim_start_matches("W/")
+            .trim_matches('"');
         if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
@@ -155,7 +158,8 @@ impl Transfer<'_> {
         }
         bar.finish();
         self.verify(have, hasher, partial)?;
-        file.sync_all().map_err(|e| HubError::write(partial, e, self.cache_var))?;
+        file.sync_all()
+            .map_err(|e| HubError::write(partial, e, self.cache_var))?;
         drop(file);
         std::fs::rename(partial, dest).map_err(|e| HubError::write(dest, e, self.cache_var))?;
         kernels::io::sync_dir(dest.parent().unwrap_or(Path::new(".")));
@@ -166,7 +170,8 @@ impl Transfer<'_> {
     fn rehash(&self, file: &mut File, partial: &Path, have: u64) -> Result<Hasher, HubError> {
         let mut hasher = Hasher::new(self.digest.as_ref(), self.size);
         if have > 0 && !matches!(hasher, Hasher::None) {
-            file.seek(SeekFrom::Start(0)).map_err(|e| HubError::io(partial, e))?;
+            file.seek(SeekFrom::Start(0))
+                .map_err(|e| HubError::io(partial, e))?;
             let mut buf = vec![0u8; 1 << 20];
             let mut left = have;
             while left > 0 {
@@ -181,7 +186,8 @@ impl Transfer<'_> {
                 left -= n as u64;
             }
         }
-        file.seek(SeekFrom::Start(have)).map_err(|e| HubError::io(partial, e))?;
+        file.seek(SeekFrom::Start(have))
+            .map_err(|e| HubError::io(partial, e))?;
         Ok(hasher)
     }
 
@@ -288,13 +294,20 @@ enum Failure {
 
 fn truncate(file: &mut File, path: &Path) -> Result<u64, HubError> {
     file.set_len(0).map_err(|e| HubError::io(path, e))?;
-    file.seek(SeekFrom::Start(0)).map_err(|e| HubError::io(path, e))?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| HubError::io(path, e))?;
     Ok(0)
 }
 
 /// `bytes 100-199/200` → 100.
 fn content_range_start(v: &str) -> Option<u64> {
-    v.trim().strip_prefix("bytes ")?.split('-').next()?.trim().parse().ok()
+    v.trim()
+        .strip_prefix("bytes ")?
+        .split('-')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// A blocking exclusive lock on `path` (created if missing), held until the guard drops: two
@@ -312,7 +325,10 @@ pub(crate) fn lock(path: &Path) -> Result<File, HubError> {
     let waited = Instant::now();
     file.lock().map_err(|e| HubError::io(path, e))?;
     if waited.elapsed() > Duration::from_millis(500) {
-        eprintln!("waited {:.1} s for another download of the same file", waited.elapsed().as_secs_f64());
+        eprintln!(
+            "waited {:.1} s for another download of the same file",
+            waited.elapsed().as_secs_f64()
+        );
     }
     Ok(file)
 }
@@ -324,7 +340,10 @@ mod tests {
     #[test]
     fn etags_name_their_digest() {
         let sha = "a".repeat(64);
-        assert_eq!(Digest::from_etag(&format!("\"{sha}\"")), Some(Digest::Sha256(sha)));
+        assert_eq!(
+            Digest::from_etag(&format!("\"{sha}\"")),
+            Some(Digest::Sha256(sha))
+        );
         let git = "0123456789abcdef0123456789ABCDEF01234567";
         assert_eq!(
             Digest::from_etag(git),

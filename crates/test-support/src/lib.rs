@@ -9,9 +9,9 @@
 
 mod compare;
 mod files;
+pub mod mock_hub;
 mod paths;
 mod process;
-pub mod mock_hub;
 pub mod tmpfs;
 
 pub use compare::{

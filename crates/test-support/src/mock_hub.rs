@@ -3,7 +3,7 @@
 //! (a connection dropped halfway, a corrupted body, an error status, a gated repository, a slow
 //! body) and a log of every request.
 //!
-//! Hugging Face: `GET /api/models/{repo}/revision/{rev}` (`sha`, `siblings`), `GET|HEAD
+//! Hugging Face: `GET /api/models/{repo}/revision/{rev}` (`sha`, `siblings`) and `/tree/{rev}`, `GET|HEAD
 //! /{repo}/resolve/{rev}/{file}` (`ETag` = SHA-256 for `*.safetensors` as for LFS files, else the git
 //! blob id; `X-Repo-Commit`; `Content-Length`; `Range` → 206 with `Content-Range`). ModelScope:
 //! `GET /api/v1/models/{repo}/repo/files?Revision=` (`Data.Files[]` with `Path`, `Size`, `Sha256`)
@@ -163,7 +163,11 @@ impl MockHub {
 
     /// The next request for the body of `file` sends `after` bytes, then the connection drops.
     pub fn drop_once(&self, file: &str, after: usize) {
-        self.state.lock().unwrap().drop_once.insert(file.into(), after);
+        self.state
+            .lock()
+            .unwrap()
+            .drop_once
+            .insert(file.into(), after);
     }
 
     /// Every body of `file` is served with one byte changed (headers unchanged).
@@ -178,7 +182,11 @@ impl MockHub {
 
     /// `repo` answers 401 without `Authorization: Bearer <token>` and 403 with another token.
     pub fn gate(&self, repo: &str, token: &str) {
-        self.state.lock().unwrap().gated.insert(repo.into(), token.into());
+        self.state
+            .lock()
+            .unwrap()
+            .gated
+            .insert(repo.into(), token.into());
     }
 
     /// Bodies are sent in 64 KiB chunks `pause` apart.
@@ -243,10 +251,16 @@ async fn handle(state: Arc<Mutex<State>>, req: Request) -> Response {
     let headers = req.headers().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
-    let header_str = |h: &HeaderMap, k: header::HeaderName| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let header_str = |h: &HeaderMap, k: header::HeaderName| {
+        h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string)
+    };
     state.lock().unwrap().log.push(Logged {
         method: method.to_string(),
-        uri: if query.is_empty() { path.clone() } else { format!("{path}?{query}") },
+        uri: if query.is_empty() {
+            path.clone()
+        } else {
+            format!("{path}?{query}")
+        },
         range: header_str(&headers, header::RANGE),
         authorization: header_str(&headers, header::AUTHORIZATION),
     });
@@ -254,9 +268,17 @@ async fn handle(state: Arc<Mutex<State>>, req: Request) -> Response {
         return status(405, "method not allowed");
     }
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let mut tree = false;
     // Which repository, and which file of it (None: the listing).
     let (repo_id, file, rev, modelscope) = match parts.as_slice() {
-        ["api", "models", org, name, "revision", rev] => (format!("{org}/{name}"), None, rev.to_string(), false),
+        ["api", "models", org, name, "revision", rev] => {
+            (format!("{org}/{name}"), None, rev.to_string(), false)
+        }
+        // `huggingface_hub`'s listing (`list_repo_tree`): answered as the file tree.
+        ["api", "models", org, name, "tree", rev] => {
+            tree = true;
+            (format!("{org}/{name}"), None, rev.to_string(), false)
+        }
         ["api", "v1", "models", org, name, "repo", "files"] => (
             format!("{org}/{name}"),
             None,
@@ -329,8 +351,27 @@ async fn handle(state: Arc<Mutex<State>>, req: Request) -> Response {
                 })
                 .collect();
             json(serde_json::json!({"Code": 200, "Success": true, "Data": {"Files": files}}))
+        } else if tree {
+            let entries: Vec<_> = repo
+                .files
+                .iter()
+                .map(|(name, bytes)| {
+                    let mut e = serde_json::json!({
+                        "type": "file", "path": name, "size": bytes.len(), "oid": etag("", bytes),
+                    });
+                    if name.ends_with(".safetensors") {
+                        e["lfs"] = serde_json::json!({"oid": etag(name, bytes), "size": bytes.len(), "pointerSize": 134});
+                    }
+                    e
+                })
+                .collect();
+            json(serde_json::Value::Array(entries))
         } else {
-            let siblings: Vec<_> = repo.files.keys().map(|f| serde_json::json!({"rfilename": f})).collect();
+            let siblings: Vec<_> = repo
+                .files
+                .keys()
+                .map(|f| serde_json::json!({"rfilename": f}))
+                .collect();
             json(serde_json::json!({"id": repo.id, "sha": repo.commit, "siblings": siblings}))
         };
     };
@@ -343,7 +384,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request) -> Response {
         body[mid] ^= 0x5a;
     }
     let total = body.len();
-    let (start, end) = match header_str(&headers, header::RANGE).as_deref().and_then(parse_range) {
+    let (start, end) = match header_str(&headers, header::RANGE)
+        .as_deref()
+        .and_then(parse_range)
+    {
         Some((s, e)) if s < total => (s, e.unwrap_or(total - 1).min(total - 1)),
         Some(_) => {
             return Response::builder()
@@ -355,7 +399,11 @@ async fn handle(state: Arc<Mutex<State>>, req: Request) -> Response {
         None => (0, total.saturating_sub(1)),
     };
     let ranged = header_str(&headers, header::RANGE).is_some();
-    let slice = if total == 0 { Vec::new() } else { body[start..=end].to_vec() };
+    let slice = if total == 0 {
+        Vec::new()
+    } else {
+        body[start..=end].to_vec()
+    };
     let tag = etag(&file, bytes);
     let mut resp = Response::builder()
         .status(if ranged { 206 } else { 200 })
@@ -364,10 +412,15 @@ async fn handle(state: Arc<Mutex<State>>, req: Request) -> Response {
         .header("X-Repo-Commit", &repo.commit)
         .header(header::ACCEPT_RANGES, "bytes");
     if file.ends_with(".safetensors") {
-        resp = resp.header("X-Linked-Etag", format!("\"{tag}\"")).header("X-Linked-Size", total);
+        resp = resp
+            .header("X-Linked-Etag", format!("\"{tag}\""))
+            .header("X-Linked-Size", total);
     }
     if ranged {
-        resp = resp.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{total}"));
+        resp = resp.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{end}/{total}"),
+        );
     }
     if method == Method::HEAD {
         return resp.body(Body::empty()).unwrap();
@@ -377,28 +430,34 @@ async fn handle(state: Arc<Mutex<State>>, req: Request) -> Response {
         .chunks(64 * 1024)
         .map(<[u8]>::to_vec)
         .collect();
-    let stream = futures_util::stream::unfold((chunks.into_iter(), cut.is_some(), false), move |(mut it, cut, done)| async move {
-        if done {
-            return None;
-        }
-        match it.next() {
-            Some(c) => {
-                if let Some(p) = slow {
-                    tokio::time::sleep(p).await;
-                }
-                Some((Ok::<_, std::io::Error>(c), (it, cut, false)))
+    let stream = futures_util::stream::unfold(
+        (chunks.into_iter(), cut.is_some(), false),
+        move |(mut it, cut, done)| async move {
+            if done {
+                return None;
             }
-            None if cut => Some((
-                {
-                    // Let the server flush what was sent before the connection is cut.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected drop"))
-                },
-                (it, cut, true),
-            )),
-            None => None,
-        }
-    });
+            match it.next() {
+                Some(c) => {
+                    if let Some(p) = slow {
+                        tokio::time::sleep(p).await;
+                    }
+                    Some((Ok::<_, std::io::Error>(c), (it, cut, false)))
+                }
+                None if cut => Some((
+                    {
+                        // Let the server flush what was sent before the connection is cut.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionReset,
+                            "injected drop",
+                        ))
+                    },
+                    (it, cut, true),
+                )),
+                None => None,
+            }
+        },
+    );
     resp.body(Body::from_stream(stream)).unwrap()
 }
 
@@ -411,6 +470,10 @@ fn is_probe(h: &HeaderMap) -> bool {
 fn parse_range(v: &str) -> Option<(usize, Option<usize>)> {
     let (a, b) = v.strip_prefix("bytes=")?.split_once('-')?;
     let a = a.trim().parse().ok()?;
-    let b = if b.trim().is_empty() { None } else { Some(b.trim().parse().ok()?) };
+    let b = if b.trim().is_empty() {
+        None
+    } else {
+        Some(b.trim().parse().ok()?)
+    };
     Some((a, b))
 }
