@@ -210,8 +210,37 @@ fn two_processes_fetching_one_repository_share_the_cache() {
 fn modelscope_ids_and_hub_errors_through_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, _) = xtask_demo(XTASK, &tmp.path().join("demo"));
-    let hub = MockHub::start(vec![MockRepo::from_dir("qwen/Tiny-Instruct", &model)], 0);
+    let hub = MockHub::start(
+        vec![
+            MockRepo::from_dir("qwen/Tiny-Instruct", &model),
+            MockRepo::from_dir("Org/Gated", &model),
+        ],
+        0,
+    );
     let home = tmp.path().join("home");
+
+    // A gated repository: refused without a token, fetched with the token file `hf auth login`
+    // writes, or with HF_TOKEN.
+    hub.gate("Org/Gated", "hf_secret");
+    let e = err(xtask(&hub, &home, &["download", "Org/Gated"]).output().unwrap());
+    assert!(e.contains("HTTP 401") && e.contains("set HF_TOKEN"), "{e}");
+    let e = err(
+        xtask(&hub, &home, &["download", "Org/Gated"])
+            .env("HF_TOKEN", "hf_wrong")
+            .output()
+            .unwrap(),
+    );
+    assert!(e.contains("HTTP 403"), "{e}");
+    ok(
+        xtask(&hub, &tmp.path().join("home-env"), &["download", "Org/Gated"])
+            .env("HF_TOKEN", "hf_secret")
+            .output()
+            .unwrap(),
+        "download with HF_TOKEN",
+    );
+    std::fs::create_dir_all(home.join("hf")).unwrap();
+    std::fs::write(home.join("hf/token"), "hf_secret\n").unwrap();
+    ok(xtask(&hub, &home, &["download", "Org/Gated"]).output().unwrap(), "download with the token file");
 
     let stdout = ok(
         xtask(
