@@ -41,6 +41,7 @@ pub fn run(a: MemLoadArgs) -> anyhow::Result<()> {
         bail!("pass --model DIR to measure, or --synthesize DIR to write a synthetic checkpoint");
     };
     let dtype = parse_dtype(&a.dtype)?;
+    let model = crate::hub::model(&model, &Default::default())?;
     let before = peak_rss_kib()?;
     let t = Instant::now();
     let loaded = qwen2::load_model::<burn::backend::Flex>(&model, dtype, &Default::default())?;
