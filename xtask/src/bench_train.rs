@@ -22,6 +22,9 @@ pub struct BenchTrainArgs {
     /// tiny | mini | 0.5b (the table of peft_baseline.py)
     #[arg(long, default_value = "mini")]
     size: String,
+    /// Decoder layers instead of the size's own count.
+    #[arg(long)]
+    layers: Option<usize>,
     #[arg(long, default_value_t = 4)]
     batch: usize,
     #[arg(long, default_value_t = 384)]
@@ -103,7 +106,10 @@ fn run_on<Ad: AutodiffBackend>(
     dev: &Ad::Device,
     dtype: DType,
 ) -> anyhow::Result<()> {
-    let cfg = config(&a.size)?;
+    let mut cfg = config(&a.size)?;
+    if let Some(n) = a.layers {
+        cfg.num_hidden_layers = n;
+    }
     Ad::seed(dev, 0);
     let mut base = Qwen2ForCausalLM::<Ad>::new(&cfg, dev);
     if dtype != DType::F32 {
@@ -116,6 +122,7 @@ fn run_on<Ad: AutodiffBackend>(
         .init::<Ad, Qwen2ForCausalLM<Ad>>();
     // One (batch, supervised tokens, real tokens) per step: random tokens with the first third of
     // the labels masked, as the baseline script does, or consecutive real records.
+    let mut plan_tokens = a.batch * a.seq;
     let batches = match &a.real_data {
         None => {
             let mut s = 1u64;
@@ -156,6 +163,7 @@ fn run_on<Ad: AutodiffBackend>(
                 max_length: 384,
                 format: None,
                 padding_free: a.padding_free,
+                lint_model: None,
             };
             let data = crate::data::load(file, &spec, "bench data")?;
             let max_id = data
@@ -177,6 +185,19 @@ fn run_on<Ad: AutodiffBackend>(
                     data.examples.len()
                 );
             }
+            // The largest micro-batch, padding included, for the memory plan.
+            plan_tokens = data.examples[..need]
+                .chunks(a.batch)
+                .map(|c| {
+                    let lens = c.iter().map(|e| e.input_ids.len());
+                    if a.padding_free {
+                        lens.sum()
+                    } else {
+                        c.len() * lens.max().unwrap_or(0)
+                    }
+                })
+                .max()
+                .unwrap_or(0);
             data.examples[..need]
                 .chunks(a.batch)
                 .map(|c| {
@@ -235,6 +256,18 @@ fn run_on<Ad: AutodiffBackend>(
     let seq = tokens / a.batch as f64;
     let attn = 3.0 * 2.0 * seq * (cfg.hidden_size as f64) * cfg.num_hidden_layers as f64;
     let flops = tokens * (4.0 * n_matmul + attn);
+    let lora = lora_trainer::recipe::lora_config();
+    let plan = crate::plan::Plan::new(&crate::plan::PlanInput {
+        config: &cfg,
+        lora_params: crate::plan::lora_params(
+            &cfg,
+            lora.r,
+            &lora_trainer::recipe::TUTORIAL_TARGETS.map(String::from),
+        ),
+        weight_bytes: if dtype == DType::F32 { 4 } else { 2 },
+        tokens: plan_tokens as u64,
+        checkpointing: a.checkpointing,
+    });
     let line = serde_json::json!({
         "impl": format!("ferrolora-burn-{}", Ad::name(dev)), "size": a.size, "batch": a.batch, "seq": a.seq,
         "dtype": a.dtype, "device": a.device, "flops_per_step": flops,
@@ -245,6 +278,7 @@ fn run_on<Ad: AutodiffBackend>(
         "real_data": a.real_data.is_some(),
         "padding_free": a.real_data.is_some() && a.padding_free,
         "peak_rss_mib": (peak_rss_mib() * 10.0).round() / 10.0,
+        "plan_mib": (plan.total() / (1024.0 * 1024.0) * 10.0).round() / 10.0,
         "loss": (loss * 1e4).round() / 1e4,
     });
     outln!("{line}");

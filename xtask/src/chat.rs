@@ -81,6 +81,10 @@ pub struct ChatArgs {
     /// `cpu` (or `cuda[:N]` in a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// error | warn: what a template or system prompt different from the one the adapter was
+    /// trained with (its run.json) does.
+    #[arg(long, default_value = "error", value_parser = ["error", "warn"])]
+    pub lint: String,
 }
 
 pub fn run(a: ChatArgs) -> anyhow::Result<()> {
@@ -138,6 +142,7 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
     let mut model = loaded.model;
     if let Some(adapter) = &a.adapter {
         let adapter = &crate::hub::adapter(adapter)?;
+        check_trained_style(adapter, &style, &a.lint)?;
         let (m, lora, _) = lora_core::load_adapter(model, adapter).with_context(|| {
             format!(
                 "loading adapter {} onto {}",
@@ -311,6 +316,67 @@ impl Input {
     }
 }
 
+/// Chatting with a prompt unlike the training prompts makes a tuned model look broken: the
+/// adapter's `run.json` names the template and system prompt it was trained with.
+fn check_trained_style(
+    adapter: &std::path::Path,
+    style: &lora_data::PromptStyle,
+    lint: &str,
+) -> anyhow::Result<()> {
+    let Some(m) = crate::manifest::read(adapter)? else {
+        return Ok(());
+    };
+    let (Some(template), Some(system)) = (m["template"].as_str(), m["system"].as_str()) else {
+        return Ok(());
+    };
+    let mut diff = Vec::new();
+    if template != style.template.name() {
+        diff.push(format!(
+            "template {template} (chatting with {}: pass --template {template})",
+            style.template.name()
+        ));
+    }
+    if system != style.system {
+        diff.push(format!(
+            "system prompt {system:?} (chatting with {:?}: pass --system)",
+            style.system
+        ));
+    }
+    if diff.is_empty() {
+        return Ok(());
+    }
+    let msg = format!(
+        "{} was trained with {}; --lint warn chats anyway",
+        adapter.display(),
+        diff.join(" and ")
+    );
+    if lint == "warn" {
+        eprintln!("warning: {msg}");
+        Ok(())
+    } else {
+        anyhow::bail!(msg)
+    }
+}
+
+/// The ids generation stops on for the model in `dir`: `generation_config.json`'s `eos_token_id`,
+/// else config.json's, else the tokenizer's `<|im_end|>` and `<|endoftext|>`.
+pub fn stop_ids(dir: &std::path::Path, tok: &ChatTokenizer) -> anyhow::Result<Vec<u32>> {
+    let config = qwen2::Qwen2Config::from_file(&dir.join("config.json"))?;
+    let ids = GenerationConfig::for_model(dir, &config)?.eos_token_id;
+    Ok(if ids.is_empty() {
+        fallback_stop_ids(tok)
+    } else {
+        ids
+    })
+}
+
+fn fallback_stop_ids(tok: &ChatTokenizer) -> Vec<u32> {
+    ["<|im_end|>", "<|endoftext|>"]
+        .iter()
+        .filter_map(|t| tok.tokenizer.token_to_id(t))
+        .collect()
+}
+
 /// Defaults from the model directory, then the flags.
 fn generation_config(
     a: &ChatArgs,
@@ -320,10 +386,7 @@ fn generation_config(
 ) -> anyhow::Result<GenerationConfig> {
     let mut cfg = GenerationConfig::for_model(dir, config)?;
     if cfg.eos_token_id.is_empty() {
-        cfg.eos_token_id = ["<|im_end|>", "<|endoftext|>"]
-            .iter()
-            .filter_map(|t| tok.tokenizer.token_to_id(t))
-            .collect();
+        cfg.eos_token_id = fallback_stop_ids(tok);
     }
     if let Some(v) = a.max_new_tokens {
         cfg.max_new_tokens = v;

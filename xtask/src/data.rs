@@ -7,7 +7,8 @@ use std::path::Path;
 use anyhow::{bail, Context};
 
 use lora_data::{
-    ChatTokenizer, Collator, Example, Format, PrepareOptions, PromptStyle, SkipReason, Summary,
+    ChatTokenizer, Collator, Example, Format, Lint, PrepareOptions, PromptStyle, SkipReason,
+    Summary,
 };
 
 /// How to turn a data file into batches.
@@ -25,6 +26,8 @@ pub struct DataSpec<'a> {
     pub format: Option<&'a str>,
     /// Collate a batch's examples back to back in one row instead of right-padded rows.
     pub padding_free: bool,
+    /// Run the data checks ([`Lint`]) against the stop tokens of this model directory.
+    pub lint_model: Option<&'a Path>,
 }
 
 /// A prepared data file.
@@ -35,6 +38,10 @@ pub struct Data {
     pub collator: Collator,
     /// What preparing the file did (records read, used, skipped and why).
     pub summary: Summary,
+    /// The data checks, when [`DataSpec::lint_model`] asked for them.
+    pub lint: Option<Lint>,
+    /// The template and system prompt the records were rendered with.
+    pub style: PromptStyle,
 }
 
 /// Loads, templates and tokenizes `file`; prints the template, system prompt and summary under
@@ -48,15 +55,27 @@ pub fn load(file: &Path, spec: &DataSpec, label: &str) -> anyhow::Result<Data> {
     let tok = ChatTokenizer::load(spec.tokenizer)?;
     let opts = PrepareOptions {
         template: style.template,
-        system: Some(style.system),
+        system: Some(style.system.clone()),
         max_length: spec.max_length,
     };
     let prepared = lora_data::prepare(&ds.conversations, &tok, &opts)?;
     eprintln!("{label}: {}", prepared.summary);
+    let lint = match spec.lint_model {
+        Some(dir) => Some(Lint::run(
+            &ds.conversations,
+            &prepared,
+            &tok,
+            &style,
+            &crate::chat::stop_ids(dir, &tok)?,
+        )),
+        None => None,
+    };
     Ok(Data {
         examples: prepared.examples,
         collator: Collator::new(tok.pad_token_id).with_padding_free(spec.padding_free),
         summary: prepared.summary,
+        lint,
+        style,
     })
 }
 

@@ -65,6 +65,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         max_length: a.max_length,
         format: a.format.as_deref(),
         padding_free: false,
+        lint_model: None,
     };
     let data = crate::data::load(&a.data, &spec, "eval data")?;
     // Scoring nothing is not a loss of 0 (perplexity 1): refuse, as finetune does.

@@ -70,6 +70,16 @@ pub struct FinetuneOptions {
     /// bf16 base weights and compute (transformers' `bf16`). Unset: on for CUDA, off for the CPU,
     /// whose backend computes in f32 only (`true` there is refused).
     pub bf16: Option<bool>,
+    /// The data checks before the run (`docs/checks.md`): `error` stops on a problem, `warn` only
+    /// says it.
+    pub lint: String,
+    /// Warn once if the loss has not fallen 1% below its first logged value after this many steps
+    /// (0: never).
+    pub not_learning_steps: usize,
+    /// Stop after the checks and the memory plan, before loading the model.
+    pub dry_run: bool,
+    /// The memory the run may use (`12GB`, `500MiB`); default: the available RAM on the CPU.
+    pub memory_budget: Option<String>,
     /// The loop's options (transformers' names).
     #[serde(flatten)]
     pub training: TrainingArguments,
@@ -99,6 +109,10 @@ impl Default for FinetuneOptions {
             device: "cpu".into(),
             padding_free: None,
             bf16: None,
+            lint: "error".into(),
+            not_learning_steps: 50,
+            dry_run: false,
+            memory_budget: None,
             training: TrainingArguments::tutorial(PathBuf::from("output")),
         }
     }
@@ -183,6 +197,23 @@ struct OptionFlags {
     /// in f32 only and refuses true] (the bare flag means true).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     bf16: Option<bool>,
+    /// error | warn: what a data check that fails does (end token cut by --max-length, an end
+    /// token generation does not stop on, records with nothing supervised, a training prompt
+    /// unlike chat's) [default: error]
+    #[arg(long)]
+    lint: Option<String>,
+    /// Warn once when the loss has not fallen 1% below its first logged value after N steps
+    /// (0: never) [default: 50]
+    #[arg(long)]
+    not_learning_steps: Option<usize>,
+    /// Run the data checks and print the memory plan, then stop before loading the model (the bare
+    /// flag means true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    dry_run: Option<bool>,
+    /// The memory the run may use, e.g. 12GB or 500MiB; a plan above it stops the run before the
+    /// model loads [default: the available RAM on the CPU; not checked on CUDA]
+    #[arg(long)]
+    memory_budget: Option<String>,
     #[command(flatten)]
     #[serde(flatten)]
     training: TrainingFlags,
@@ -387,8 +418,17 @@ impl FinetuneOptions {
         }
         if self.bf16 == Some(true) && self.device == "cpu" {
             bail!(
-                "--bf16 on --device cpu: the CPU backend trains in f32 only; bf16 needs                  --device cuda (where it is the default)"
+                "--bf16 on --device cpu: the CPU backend trains in f32 only; bf16 needs \
+                 --device cuda (where it is the default)"
             );
+        }
+        if let Some(b) = &self.memory_budget {
+            if crate::plan::parse_budget(b).is_none() {
+                bail!("--memory-budget {b:?}: use a size such as 12GB, 500MiB or 1.5GiB");
+            }
+        }
+        if !matches!(self.lint.as_str(), "error" | "warn") {
+            bail!("--lint {:?}: use error or warn", self.lint);
         }
         Ok(())
     }
@@ -477,7 +517,7 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
     };
     let model_dir = qwen2::resolve_model_dir(&crate::hub::model(model_arg, &revision)?)?;
     // Fail on a bad config.json before spending time on the data.
-    qwen2::Qwen2Config::from_file(&model_dir.join("config.json"))?;
+    let model_config = qwen2::Qwen2Config::from_file(&model_dir.join("config.json"))?;
 
     // Data.
     let tok_path = o.tokenizer.clone().unwrap_or_else(|| model_dir.clone());
@@ -488,8 +528,18 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         max_length: o.max_length,
         format: o.format.as_deref(),
         padding_free: o.padding_free.unwrap_or(o.device == "cpu"),
+        lint_model: Some(&model_dir),
     };
     let train_data = crate::data::load(data, &spec, "train data")?;
+    let train_style = train_data.style.clone();
+    let spec = DataSpec {
+        lint_model: None,
+        ..spec
+    };
+    // With no usable record at all, the error further on says so in fewer words.
+    if let (Some(lint), false) = (&train_data.lint, train_data.examples.is_empty()) {
+        check_lint(lint, o)?;
+    }
     let (train_ex, eval_ex) = match (&o.eval_data, o.eval_split) {
         (Some(_), Some(_)) => bail!("give --eval-data or --eval-split, not both"),
         (Some(f), None) => (
@@ -507,6 +557,12 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         }
         (None, None) => (train_data.examples, Vec::new()),
     };
+    check_memory(&model_config, &train_ex, o)?;
+    if o.dry_run {
+        outln!("dry run: the checks passed; stopping before loading the model");
+        return Ok(());
+    }
+    let started_at = std::time::SystemTime::now();
 
     // Model and adapter.
     let t = Instant::now();
@@ -554,6 +610,8 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
     );
     let mut tok_s = 0.0;
     let mut first_step = 0;
+    let mut final_loss = None;
+    let mut guard = NotLearning::new(o.not_learning_steps);
     let interrupted = on_ctrl_c()?;
     let mut on_event = |e: &TrainEvent| {
         match e {
@@ -569,7 +627,11 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
             }
             TrainEvent::Log(l) => {
                 tok_s = l.tokens_per_s;
+                final_loss = Some(l.loss);
                 bar.suspend(|| outln!("{}", crate::out::rounded_json(l)));
+                if let Some(warning) = guard.log(l.step - first_step, l.loss) {
+                    bar.suspend(|| eprintln!("{warning}"));
+                }
             }
             TrainEvent::Eval(x) => bar.suspend(|| outln!("{}", crate::out::rounded_json(x))),
             TrainEvent::Saved(p) => bar.suspend(|| eprintln!("saved {}", p.display())),
@@ -611,6 +673,40 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         }
         std::process::exit(130); // 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
     }
+    let adapter_file = outcome.adapter_dir.join("adapter_model.safetensors");
+    if lora_b_all_zero(&adapter_file)? {
+        eprintln!(
+            "WARNING: every lora_B of the adapter is still zero: it changes nothing (a learning \
+             rate of 0, or no step that reached the optimizer)"
+        );
+    }
+    let manifest = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>(),
+        "options": o,
+        "build": crate::manifest::build(),
+        "data": {"path": data, "sha256": crate::manifest::sha256_file(data)?},
+        "eval_data": match &o.eval_data {
+            Some(f) => serde_json::json!({"path": f, "sha256": crate::manifest::sha256_file(f)?}),
+            None => Value::Null,
+        },
+        "model": {
+            "arg": model_arg,
+            "revision": o.revision,
+            "identity": crate::manifest::model_identity(&model_dir, &tok_path)?,
+        },
+        "template": train_style.template.name(),
+        "system": train_style.system,
+        "backend": if o.device == "cpu" { "flex" } else { "cuda" },
+        "device": o.device,
+        "dtype": format!("{:?}", o.dtype()),
+        "threads": rayon::current_num_threads(),
+        "started": crate::manifest::rfc3339(started_at),
+        "finished": crate::manifest::rfc3339(std::time::SystemTime::now()),
+        "global_step": last,
+        "final_loss": final_loss,
+        "adapter_sha256": crate::manifest::sha256_file(&adapter_file)?,
+    });
+    crate::manifest::write(&outcome.adapter_dir, &manifest)?;
     outln!(
         "done: {} in {:.1?}; adapter written to {} (adapter_model.safetensors, adapter_config.json; metrics.jsonl, loss.svg)",
         steps_done(first_step, last),
@@ -618,6 +714,179 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         outcome.adapter_dir.display()
     );
     Ok(())
+}
+
+/// The most tokens one micro-batch of `examples` can hold: the `batch` longest records back to back
+/// (padding-free), or `batch` rows of the longest (padded).
+fn max_micro_batch_tokens(lengths: &[usize], batch: usize, padding_free: bool) -> u64 {
+    if padding_free {
+        let mut l = lengths.to_vec();
+        l.sort_unstable_by(|a, b| b.cmp(a));
+        l.iter().take(batch).sum::<usize>() as u64
+    } else {
+        (batch * lengths.iter().copied().max().unwrap_or(0)) as u64
+    }
+}
+
+/// Prints the memory plan; stops before loading anything when it does not fit the budget, with
+/// the numbers and the cheapest change that fits.
+fn check_memory(
+    config: &qwen2::Qwen2Config,
+    train: &[Example],
+    o: &FinetuneOptions,
+) -> anyhow::Result<()> {
+    let lengths: Vec<usize> = train.iter().map(|e| e.input_ids.len()).collect();
+    let padding_free = o.padding_free.unwrap_or(o.device == "cpu");
+    let lora = crate::plan::lora_params(config, o.lora_r, &o.target_modules);
+    let plan_for = |batch: usize, lengths: &[usize], checkpointing: bool| {
+        crate::plan::Plan::new(&crate::plan::PlanInput {
+            config,
+            lora_params: lora,
+            weight_bytes: if o.dtype() == DType::F32 { 4 } else { 2 },
+            tokens: max_micro_batch_tokens(lengths, batch, padding_free),
+            checkpointing,
+        })
+    };
+    let batch = o.training.per_device_train_batch_size;
+    let ckpt = o.training.gradient_checkpointing;
+    let plan = plan_for(batch, &lengths, ckpt);
+    outln!("{}", plan.line());
+    let (budget, source) = match &o.memory_budget {
+        Some(b) => (crate::plan::parse_budget(b), "--memory-budget"),
+        None if o.device == "cpu" => (crate::plan::available_ram(), "available RAM"),
+        None => (None, ""),
+    };
+    let Some(budget) = budget else {
+        return Ok(());
+    };
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    if plan.total() <= budget {
+        return Ok(());
+    }
+    // The cheapest change that fits: on CUDA checkpointing first (it drops most activations
+    // there); then fewer examples a micro-batch with more accumulation (same optimizer step);
+    // then shorter records.
+    let accum = o.training.gradient_accumulation_steps;
+    let mut fix = None;
+    if o.device != "cpu" && !ckpt && plan_for(batch, &lengths, true).total() <= budget {
+        fix = Some("--gradient-checkpointing".to_string());
+    }
+    let mut b = batch;
+    while fix.is_none() && b > 1 {
+        b = b.div_ceil(2);
+        if plan_for(b, &lengths, ckpt).total() <= budget {
+            let steps = batch * accum / b;
+            fix = Some(format!(
+                "--per-device-train-batch-size {b} --gradient-accumulation-steps {steps} (the same \
+                 {} examples an optimizer step)",
+                batch * accum
+            ));
+        }
+    }
+    if fix.is_none() {
+        let mut max_len = lengths.iter().copied().max().unwrap_or(0);
+        while max_len > 16 {
+            max_len = max_len * 3 / 4;
+            let cut: Vec<usize> = lengths.iter().map(|&l| l.min(max_len)).collect();
+            if plan_for(1, &cut, ckpt).total() <= budget {
+                fix = Some(format!(
+                    "--per-device-train-batch-size 1 --gradient-accumulation-steps {} --max-length \
+                     {max_len} (records get cut: check what --dry-run says of them)",
+                    batch * accum
+                ));
+                break;
+            }
+        }
+    }
+    let fix = fix.unwrap_or_else(|| {
+        let least: Vec<usize> = lengths.iter().map(|&l| l.min(16)).collect();
+        format!(
+            "none of the run's options (one 16-token record a micro-batch still needs {:.2} GiB, \
+             {:.2} of it weights); use a smaller model or a machine with more memory",
+            gib(plan_for(1, &least, ckpt).total()),
+            gib(plan.weights)
+        )
+    });
+    bail!(
+        "the run needs about {:.2} GiB but the {source} is {:.2} GiB ({}); the cheapest change \
+         that fits: {fix}",
+        gib(plan.total()),
+        gib(budget),
+        plan.line()
+    )
+}
+
+/// Says once, loudly, when the loss has not fallen: after `steps` steps of this run, the latest
+/// logged loss is not 1% below the first one.
+struct NotLearning {
+    steps: usize,
+    first: Option<f64>,
+    said: bool,
+}
+
+impl NotLearning {
+    fn new(steps: usize) -> Self {
+        Self {
+            steps,
+            first: None,
+            said: false,
+        }
+    }
+
+    /// A log line of the loss after `ran` steps of this run; the warning, the first time it applies.
+    fn log(&mut self, ran: usize, loss: f64) -> Option<String> {
+        let first = *self.first.get_or_insert(loss);
+        if self.said || self.steps == 0 || ran < self.steps || loss < first * 0.99 {
+            return None;
+        }
+        self.said = true;
+        Some(format!(
+            "WARNING: not learning: after {ran} steps the loss is {loss:.4}, not below its first \
+             logged value {first:.4} by 1%; check the learning rate, the data (`--dry-run` runs its \
+             checks) and the labels (`cargo xtask prepare` shows them)"
+        ))
+    }
+}
+
+/// Whether every `lora_B` tensor of an adapter file is zero (an adapter that changes nothing).
+fn lora_b_all_zero(file: &Path) -> anyhow::Result<bool> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("reading {}", file.display()))?;
+    let mut any = false;
+    for (name, t) in st.tensors() {
+        if name.contains("lora_B") {
+            any = true;
+            if t.data().iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(any)
+}
+
+/// The data checks' problems: an error (naming every problem, one line each) under `--lint error`,
+/// warnings under `--lint warn`.
+fn check_lint(lint: &lora_data::Lint, o: &FinetuneOptions) -> anyhow::Result<()> {
+    let problems = lint.problems(o.max_length);
+    if problems.is_empty() {
+        eprintln!(
+            "checks: end token {:?} supervised in every record and one generation stops on; \
+             training prompts equal chat's ({} compared)",
+            lint.end_token.1, lint.prompts_compared
+        );
+        return Ok(());
+    }
+    if o.lint == "warn" {
+        for p in &problems {
+            eprintln!("warning: {p}");
+        }
+        return Ok(());
+    }
+    for p in &problems[1..] {
+        eprintln!("  also: {p}");
+    }
+    bail!("{} (--lint warn runs anyway)", problems[0])
 }
 
 /// `N steps`, or after a resume `steps A-B (N this run)`: only the steps this call ran.
@@ -813,6 +1082,10 @@ mod tests {
             "--device=cuda:1",
             "--padding-free=false",
             "--bf16",
+            "--lint=warn",
+            "--not-learning-steps=3",
+            "--dry-run",
+            "--memory-budget=9GB",
             "--output-dir=o",
             "--per-device-train-batch-size=2",
             "--gradient-accumulation-steps=3",
@@ -858,6 +1131,10 @@ mod tests {
             device: "cuda:1".into(),
             padding_free: Some(false),
             bf16: Some(true),
+            lint: "warn".into(),
+            not_learning_steps: 3,
+            dry_run: true,
+            memory_budget: Some("9GB".into()),
             training: TrainingArguments {
                 output_dir: "o".into(),
                 per_device_train_batch_size: 2,

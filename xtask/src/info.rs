@@ -1,4 +1,6 @@
 //! `cargo xtask info --model DIR`: resolve, validate and load a model; print what was found.
+//! `cargo xtask info --adapter DIR`: the adapter's config and the manifest of the run that made it
+//! (`run.json`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -11,17 +13,27 @@ use burn::tensor::DType;
 pub struct InfoArgs {
     /// Model directory (config.json + safetensors), hub cache entry, or hub id (`Org/Name`,
     /// `modelscope:Org/Name`; downloaded when not cached).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "adapter")]
+    pub model: Option<PathBuf>,
     #[command(flatten)]
     pub revision: crate::hub::RevisionArg,
+    /// A PEFT adapter directory (or hub id): print its adapter_config.json and the run.json of the
+    /// fine-tune that wrote it.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Only read config.json; do not load weights.
     #[arg(long)]
     pub config_only: bool,
 }
 
 pub fn run(a: InfoArgs) -> anyhow::Result<()> {
-    let dir = qwen2::resolve_model_dir(&crate::hub::model(&a.model, &a.revision)?)?;
+    if let Some(arg) = &a.adapter {
+        adapter(arg)?;
+    }
+    let Some(model) = &a.model else {
+        return Ok(());
+    };
+    let dir = qwen2::resolve_model_dir(&crate::hub::model(model, &a.revision)?)?;
     let cfg = qwen2::Qwen2Config::from_file(&dir.join("config.json"))?;
     outln!("model dir: {}", dir.display());
     outln!(
@@ -53,5 +65,32 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
         r.file_dtypes,
         r.ignored
     );
+    Ok(())
+}
+
+/// Prints an adapter's config and its run manifest.
+fn adapter(arg: &std::path::Path) -> anyhow::Result<()> {
+    let dir = crate::hub::adapter(arg)?;
+    let cfg_path = dir.join("adapter_config.json");
+    let cfg = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("--adapter {}: reading adapter_config.json", arg.display()))?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&cfg).with_context(|| format!("{}: not JSON", cfg_path.display()))?;
+    outln!("adapter dir: {}", dir.display());
+    outln!(
+        "r {} alpha {} dropout {} targets {} base {}",
+        cfg["r"],
+        cfg["lora_alpha"],
+        cfg["lora_dropout"],
+        cfg["target_modules"],
+        cfg["base_model_name_or_path"]
+    );
+    match crate::manifest::read(&dir)? {
+        Some(m) => outln!("{}", serde_json::to_string_pretty(&m)?),
+        None => outln!(
+            "no {} (not written by `cargo xtask finetune`, or by a version before it wrote one)",
+            crate::manifest::FILE
+        ),
+    }
     Ok(())
 }

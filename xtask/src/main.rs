@@ -17,9 +17,11 @@ mod eval;
 mod finetune;
 mod hub;
 mod info;
+mod manifest;
 mod mem;
 mod merge;
 mod parity;
+mod plan;
 mod prepare;
 
 #[derive(Parser)]

@@ -12,6 +12,7 @@
 mod collate;
 mod error;
 mod format;
+mod lint;
 mod prepare;
 mod sampler;
 mod template;
@@ -19,6 +20,7 @@ mod template;
 pub use collate::{Batch, Collator, PaddedBatch};
 pub use error::{DataError, Location, Result};
 pub use format::{load_dataset, parse_dataset, Conversation, Dataset, Format, Message, Role};
+pub use lint::Lint;
 pub use prepare::{
     prepare, read_jsonl, write_jsonl, ChatTokenizer, PrepareOptions, Prepared, SkipReason, Summary,
 };

@@ -178,6 +178,8 @@ pub struct Prepared {
     pub examples: Vec<Example>,
     /// For each example, the 0-based index of the record it came from.
     pub source_index: Vec<usize>,
+    /// The records skipped (0-based index) and why.
+    pub skipped_index: Vec<(usize, SkipReason)>,
     pub summary: Summary,
 }
 
@@ -239,6 +241,7 @@ pub fn prepare(
     let mut examples = Vec::new();
     let mut source_index = Vec::new();
     let mut skipped = BTreeMap::new();
+    let mut skipped_index = Vec::new();
     let mut n_truncated = 0;
     for (i, o) in outcomes.into_iter().enumerate() {
         match o {
@@ -250,6 +253,7 @@ pub fn prepare(
             Outcome::Skipped { why, truncated } => {
                 n_truncated += usize::from(truncated);
                 *skipped.entry(why).or_insert(0) += 1;
+                skipped_index.push((i, why));
             }
         }
     }
@@ -274,6 +278,7 @@ pub fn prepare(
     Ok(Prepared {
         examples,
         source_index,
+        skipped_index,
         summary,
     })
 }
