@@ -784,8 +784,12 @@ fn check_memory(
         }
     }
     if fix.is_none() {
-        let mut max_len = lengths.iter().copied().max().unwrap_or(0);
-        while max_len > 16 {
+        // A --max-length that cuts most records is no fix: stop at the median length.
+        let mut sorted = lengths.clone();
+        sorted.sort_unstable();
+        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0);
+        let mut max_len = sorted.last().copied().unwrap_or(0);
+        while max_len * 3 / 4 >= median.max(16) {
             max_len = max_len * 3 / 4;
             let cut: Vec<usize> = lengths.iter().map(|&l| l.min(max_len)).collect();
             if plan_for(1, &cut, ckpt).total() <= budget {
