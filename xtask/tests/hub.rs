@@ -142,6 +142,12 @@ fn finetune_eval_and_chat_take_hub_ids_and_a_second_run_asks_nothing() {
     assert_eq!(loss(&by_id), loss(&from_dirs), "{by_id}\n{from_dirs}");
     assert!(loss(&by_id).is_some(), "{by_id}");
 
+    // Chat as the demo's adapter was trained (its run.json says how).
+    let trained: serde_json::Value = test_support::read_json(&adapter.join("run.json"));
+    let (template, system) = (
+        trained["template"].as_str().unwrap(),
+        trained["system"].as_str().unwrap(),
+    );
     let chat = |m: &str, a: &str| {
         let args = [
             "chat",
@@ -150,9 +156,9 @@ fn finetune_eval_and_chat_take_hub_ids_and_a_second_run_asks_nothing() {
             "--adapter",
             a,
             "--template",
-            "qwen",
+            template,
             "--system",
-            SYSTEM,
+            system,
         ];
         let mut c = xtask(&hub, &home, &args);
         c.args(["--prompt", "你是谁", "--greedy", "--max-new-tokens", "8"]);
