@@ -122,7 +122,43 @@ pub enum HubError {
     BadResponse { url: String, why: String },
 }
 
+/// What a hub answered about a repository, for [`HubError::status`].
+pub(crate) struct Answer<'a> {
+    pub hub: &'static str,
+    pub repo: &'a str,
+    pub revision: &'a str,
+    pub url: &'a str,
+    /// Appended to "not found" (how a private repository is reached).
+    pub token_hint: &'static str,
+    /// The remedy for 401/403.
+    pub refused_hint: String,
+}
+
 impl HubError {
+    /// An HTTP error status in the hub's words: 404 not found, 401/403 refused, else a server error.
+    pub(crate) fn status(code: u16, a: Answer) -> Self {
+        match code {
+            404 => HubError::NotFound {
+                hub: a.hub,
+                repo: a.repo.into(),
+                revision: a.revision.into(),
+                status: code,
+                token_hint: a.token_hint,
+            },
+            401 | 403 => HubError::Unauthorized {
+                hub: a.hub,
+                repo: a.repo.into(),
+                status: code,
+                hint: a.refused_hint,
+            },
+            _ => HubError::Server {
+                hub: a.hub,
+                url: a.url.into(),
+                status: code,
+            },
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         HubError::Io {
             path: path.into(),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 
-use crate::error::HubError;
+use crate::error::{Answer, HubError};
 use crate::files::{self, Remote};
 use crate::transfer::{self, Digest, Transfer};
 use crate::{agent, env_flag, Kind};
@@ -200,23 +200,19 @@ struct Status<'a> {
 impl Status<'_> {
     fn code(&self, code: u16, url: &str) -> HubError {
         let has_token = self.cfg.token.is_some();
-        match code {
-            404 => HubError::NotFound {
+        HubError::status(
+            code,
+            Answer {
                 hub: HUB,
-                repo: self.repo.into(),
-                revision: self.revision.into(),
-                status: code,
+                repo: self.repo,
+                revision: self.revision,
+                url,
                 token_hint: if has_token {
                     ""
                 } else {
                     "; a private repository also needs HF_TOKEN"
                 },
-            },
-            401 | 403 => HubError::Unauthorized {
-                hub: HUB,
-                repo: self.repo.into(),
-                status: code,
-                hint: if has_token {
+                refused_hint: if has_token {
                     "the token (HF_TOKEN or the token file) has no access to it: accept the \
                      model's terms on its page on the hub, or use a token that has access"
                         .into()
@@ -226,12 +222,7 @@ impl Status<'_> {
                         .into()
                 },
             },
-            _ => HubError::Server {
-                hub: HUB,
-                url: url.into(),
-                status: code,
-            },
-        }
+        )
     }
 
     fn api_error(

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use crate::error::HubError;
+use crate::error::{Answer, HubError};
 use crate::files::{self, Remote};
 use crate::transfer::{self, Digest, Transfer};
 use crate::{agent, env_flag, Kind};
@@ -225,28 +225,20 @@ struct Status<'a> {
 
 impl Status<'_> {
     fn code(&self, code: u16, url: &str) -> HubError {
-        match code {
-            404 => HubError::NotFound {
+        HubError::status(
+            code,
+            Answer {
                 hub: HUB,
-                repo: self.repo.into(),
-                revision: self.revision.into(),
-                status: code,
+                repo: self.repo,
+                revision: self.revision,
+                url,
                 token_hint: "; a private repository also needs MODELSCOPE_API_TOKEN",
+                refused_hint:
+                    "it is private or needs an accepted licence: set MODELSCOPE_API_TOKEN \
+                               to a token (SDK token of your ModelScope account) that has access"
+                        .into(),
             },
-            401 | 403 => HubError::Unauthorized {
-                hub: HUB,
-                repo: self.repo.into(),
-                status: code,
-                hint: "it is private or needs an accepted licence: set MODELSCOPE_API_TOKEN to a \
-                       token (SDK token of your ModelScope account) that has access"
-                    .into(),
-            },
-            _ => HubError::Server {
-                hub: HUB,
-                url: url.into(),
-                status: code,
-            },
-        }
+        )
     }
 }
 
