@@ -1,11 +1,4 @@
-//! `lora-data`: instruction and chat datasets for LoRA fine-tuning of Qwen2.5, the Rust side of
-//! `datasets.load_dataset(...).map(process_func)` plus `DataCollatorForSeq2Seq` and the Trainer's
-//! sampler.
-//!
-//! Pipeline: [`load_dataset`] (alpaca / sharegpt / messages, JSON or JSONL) → [`prepare`] (ChatML
-//! [`Template`], tokenization in parallel, truncation, [`Summary`]) → [`Sampler`] (epoch order,
-//! resumable) → [`Collator`] (padding, Burn Int tensors). The crate knows no model: it needs only a
-//! `tokenizer.json`.
+#![doc = include_str!("../README.md")]
 
 #![forbid(unsafe_code)]
 
