@@ -75,7 +75,7 @@ fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 }
 
 /// Peak resident set size of this process (`VmHWM`), KiB.
-fn peak_rss_kib() -> anyhow::Result<u64> {
+pub(crate) fn peak_rss_kib() -> anyhow::Result<u64> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     status

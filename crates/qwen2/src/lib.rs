@@ -6,6 +6,8 @@ mod config;
 mod error;
 mod export;
 mod generate;
+mod gguf_export;
+mod gguf_vocab;
 mod load;
 mod mlp;
 mod model;
@@ -21,6 +23,10 @@ pub use attention::{attention_reference, AttentionBias, LayerCache, Qwen2Attenti
 pub use config::{Qwen2Config, RopeParameters, TokenIds};
 pub use error::Qwen2Error;
 pub use export::{export_weights, parse_size, ExportReport};
+pub use gguf_export::{
+    export_gguf, export_gguf_lora, gguf_tensor_name, hparams_metadata, GgufDtype, GgufExport,
+};
+pub use gguf_vocab::tokenizer_metadata;
 pub use generate::{generate, generate_cached, Generation, KvCache, StopReason};
 /// The seeded generator of sampling (`kernels::rng::SplitMix64`).
 pub use kernels::rng::SplitMix64;
