@@ -1,22 +1,23 @@
 //! `cargo xtask export --model DIR [--adapter DIR] --format gguf|gguf-lora --dtype ... --output
 //! FILE.gguf`: a model for llama.cpp, Ollama and LM Studio.
 //!
-//! - `gguf`: the base with the adapter folded in by the same merge as `cargo xtask merge` (f32
-//!   merge of the loaded model, `lora_core::merge_all`), written as llama.cpp's `qwen2` GGUF with
-//!   the tokenizer embedded (what its `convert_hf_to_gguf.py` writes for the merged directory).
+//! - `gguf`: the base with the adapter folded in by the same merge as `cargo xtask merge` (in f32,
+//!   `LoraLinear::merged_weight`, the fold of `lora_core::merge_all`), written as llama.cpp's
+//!   `qwen2` GGUF with the tokenizer embedded (what its `convert_hf_to_gguf.py` writes for the
+//!   merged directory). The checkpoint is streamed: one weight is read, merged and written at a
+//!   time.
 //! - `gguf-lora`: the adapter alone as a GGUF LoRA adapter (`llama-cli -m base.gguf --lora
 //!   adapter.gguf`), what `convert_lora_to_gguf.py` writes. Only the base's config.json is read
 //!   (to check every adapter shape against it); its weights are not loaded.
 //!
-//! The file is streamed one tensor at a time under a temporary name and renamed, so the writer
-//! adds one tensor to the memory of the loaded model, and a failed export leaves nothing behind.
+//! The file is written one tensor at a time under a temporary name and renamed: the memory held is
+//! about one tensor (plus the adapter), and a failed export leaves nothing behind.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use burn::backend::Flex;
-use burn::tensor::DType;
 use qwen2::{GgufDtype, GgufExport};
 
 /// Arguments of `export`.
@@ -51,11 +52,12 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     let format = match a.format.as_str() {
         "gguf" => Format::Model,
         "gguf-lora" => Format::Lora,
-        other => bail!("--format {other:?}: use gguf (the merged model) or gguf-lora (the adapter alone)"),
+        other => bail!(
+            "--format {other:?}: use gguf (the merged model) or gguf-lora (the adapter alone)"
+        ),
     };
-    let dtype = GgufDtype::parse(&a.dtype).with_context(|| {
-        format!("--dtype {:?}: use f32, f16, bf16 or q8_0", a.dtype)
-    })?;
+    let dtype = GgufDtype::parse(&a.dtype)
+        .with_context(|| format!("--dtype {:?}: use f32, f16, bf16 or q8_0", a.dtype))?;
     if matches!(format, Format::Lora) && dtype == GgufDtype::Q8_0 {
         bail!("--dtype q8_0 with --format gguf-lora: an adapter is written as f32, f16 or bf16");
     }
@@ -96,47 +98,70 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The merged model: load (f32), attach and merge the adapter as `merge` does, write.
+/// The merged model, streamed: the checkpoint is read one tensor at a time and each adapted weight
+/// is merged as it passes (`LoraLinear::merged_weight`, the fold `merge_all` does), so neither the
+/// base nor the merged model is ever whole in memory.
 fn export_model(
     a: &ExportArgs,
     dir: &Path,
     name: &str,
     dtype: GgufDtype,
 ) -> anyhow::Result<GgufExport> {
-    let cfg = qwen2::Qwen2Config::from_file(&dir.join("config.json"))?;
-    // The tokenizer is checked before the weights are loaded: a wrong one fails in a second.
-    let tok_dir = a.tokenizer.clone().unwrap_or_else(|| dir.to_path_buf());
-    let tok_meta = qwen2::tokenizer_metadata(&tok_dir, &dir.join("config.json"), cfg.vocab_size)
-        .with_context(|| {
-            format!(
-                "reading the tokenizer in {} for the GGUF file",
-                tok_dir.display()
-            )
-        })?;
     let dev = Default::default();
-    let loaded = qwen2::load_model::<Flex>(dir, DType::F32, &dev)
-        .with_context(|| format!("loading base model {}", dir.display()))?;
-    let mut model = loaded.model;
-    if let Some(adapter) = &a.adapter {
-        let (mut m, lora, _) = lora_core::load_adapter(model, adapter).with_context(|| {
-            format!(
-                "loading adapter {} onto {}",
+    let ckpt = qwen2::CheckpointReader::open::<Flex>(dir, &dev)
+        .with_context(|| format!("reading base model {}", dir.display()))?;
+    // The tokenizer is checked before any weight is read: a wrong one fails in a second.
+    let tok_dir = a.tokenizer.clone().unwrap_or_else(|| dir.to_path_buf());
+    let tok_meta =
+        qwen2::tokenizer_metadata(&tok_dir, &dir.join("config.json"), ckpt.config.vocab_size)
+            .with_context(|| {
+                format!(
+                    "reading the tokenizer in {} for the GGUF file",
+                    tok_dir.display()
+                )
+            })?;
+    let mut with_adapter = match &a.adapter {
+        None => None,
+        Some(adapter) => {
+            let (m, lora) = lazy_with_adapter(&ckpt.config, dir, adapter)?;
+            outln!(
+                "merging the LoRA adapter {} (r {}, alpha {}) into {} as it is written",
                 adapter.display(),
+                lora.r,
+                lora.lora_alpha,
                 dir.display()
-            )
-        })?;
-        let merged = lora_core::merge_all(&mut m).context("merging the adapter")?;
-        outln!(
-            "merged {merged} LoRA modules (r {}, alpha {}) of {} into {}",
-            lora.r,
-            lora.lora_alpha,
+            );
+            Some(m)
+        }
+    };
+    qwen2::export_gguf(
+        &ckpt,
+        with_adapter.as_mut(),
+        name,
+        dtype,
+        tok_meta,
+        &a.output,
+        &dev,
+    )
+    .with_context(|| format!("writing --output {}", a.output.display()))
+}
+
+/// A model built lazily from `cfg` (no base weight is read or allocated) with the adapter in
+/// `adapter` attached; every adapter shape is checked against `cfg`.
+fn lazy_with_adapter(
+    cfg: &qwen2::Qwen2Config,
+    dir: &Path,
+    adapter: &Path,
+) -> anyhow::Result<(qwen2::Qwen2ForCausalLM<Flex>, lora_core::LoraConfig)> {
+    let model = qwen2::Qwen2ForCausalLM::<Flex>::new(cfg, &Default::default());
+    let (model, lora, _) = lora_core::load_adapter(model, adapter).with_context(|| {
+        format!(
+            "loading adapter {} onto {}",
             adapter.display(),
             dir.display()
-        );
-        model = m;
-    }
-    qwen2::export_gguf(&model, &loaded.config, name, dtype, tok_meta, &a.output)
-        .with_context(|| format!("writing --output {}", a.output.display()))
+        )
+    })?;
+    Ok((model, lora))
 }
 
 /// The adapter alone, checked against the base's config (a lazy model: no weights are read).
@@ -150,14 +175,7 @@ fn export_lora(
         bail!("--format gguf-lora needs --adapter DIR (the PEFT adapter to export)");
     };
     let cfg = qwen2::Qwen2Config::from_file(&dir.join("config.json"))?;
-    let model = qwen2::Qwen2ForCausalLM::<Flex>::new(&cfg, &Default::default());
-    let (mut model, lora, _) = lora_core::load_adapter(model, adapter).with_context(|| {
-        format!(
-            "loading adapter {} onto {}",
-            adapter.display(),
-            dir.display()
-        )
-    })?;
+    let (mut model, lora) = lazy_with_adapter(&cfg, dir, adapter)?;
     let adapter_name = adapter
         .file_name()
         .map(|n| format!("{name}-{}", n.to_string_lossy()))

@@ -13,14 +13,16 @@
 //! A LoRA adapter GGUF holds `<base tensor>.lora_a` (`[r, in]`) and `.lora_b` (`[out, r]`), as
 //! PEFT stores A and B; llama.cpp scales the product by `adapter.lora.alpha / r`.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor, TensorData};
 use gguf::{GgmlType, TensorInfo, Value};
-use lora_core::LoraModel;
+use lora_core::{LoraLinear, LoraModel};
 
 use crate::error::Qwen2Error;
+use crate::stream::CheckpointReader;
 use crate::{Qwen2Config, Qwen2ForCausalLM};
 
 /// The tensor type chosen for a GGUF export (`--dtype`).
@@ -134,65 +136,77 @@ pub struct GgufExport {
     pub types: Vec<(GgmlType, usize)>,
 }
 
-/// One tensor to export: its GGUF description and where its values come from.
-struct Source<B: Backend> {
-    info: TensorInfo,
-    tensor: Tensor<B, 1>,
-    /// A factor applied to every value (1 but for LoRA B factors whose scaling is not alpha/r).
-    scale: f64,
-}
-
-/// Writes `model` (LoRA factors left out: merge them first) as a GGUF model file at `path`: `general.*`, the
-/// hyperparameters, then `extra` (the tokenizer's metadata), then every tensor. Tensors are
-/// converted and written one at a time.
+/// Writes the checkpoint `ckpt` as a GGUF model file at `path`, with the adapters attached to
+/// `adapter` (a model built lazily from the same config, then given the adapter with
+/// `lora_core::load_adapter`: its base weights are never read) merged in, by
+/// `LoraLinear::merged_weight`, the very fold `merge_all` does. Metadata: `general.*`, the
+/// hyperparameters, then `extra` (the tokenizer's). Each tensor is read from disk, merged,
+/// converted and written before the next is read, so the memory held is one tensor (and the
+/// adapter), never the model.
 pub fn export_gguf<B: Backend>(
-    model: &Qwen2ForCausalLM<B>,
-    cfg: &Qwen2Config,
+    ckpt: &CheckpointReader,
+    adapter: Option<&mut Qwen2ForCausalLM<B>>,
     name: &str,
     dtype: GgufDtype,
     extra: Vec<(String, Value)>,
     path: &Path,
+    device: &B::Device,
 ) -> Result<GgufExport, Qwen2Error> {
-    let mut sources = Vec::new();
-    let mut unnamed = Vec::new();
-    lora_core::visit_params(model, |p: lora_core::ParamRef<'_, B>| {
-        // LoRA factors are left out, as `export_weights` does: the caller merges them first.
-        if p.is_adapter() {
-            return;
-        }
-        match gguf_tensor_name(p.path) {
-            Some(n) => sources.push(Source {
-                info: TensorInfo {
-                    name: n,
-                    shape: p.shape.to_vec(),
-                    ty: dtype.tensor_type(p.shape),
-                },
-                tensor: p.flat(),
-                scale: 1.0,
-            }),
-            None => unnamed.push(p.path.to_string()),
-        }
-    });
-    if !unnamed.is_empty() {
-        return Err(Qwen2Error::Write {
+    let mut infos = Vec::with_capacity(ckpt.params.len());
+    for (key, shape) in &ckpt.params {
+        let name = gguf_tensor_name(key).ok_or_else(|| Qwen2Error::Write {
             path: path.to_path_buf(),
-            reason: format!(
-                "llama.cpp's qwen2 has no tensor for {}",
-                unnamed.join(", ")
-            ),
+            reason: format!("llama.cpp's qwen2 has no tensor for `{key}`"),
+        })?;
+        infos.push(TensorInfo {
+            name,
+            shape: shape.clone(),
+            ty: dtype.tensor_type(shape),
         });
     }
+    // Weight key → its layer with the adapter attached (base weight lazy: never materialized).
+    let mut linears: HashMap<String, (String, &LoraLinear<B>)> = HashMap::new();
+    if let Some(model) = adapter {
+        for (module, linear) in model.lora_linears() {
+            if linear.has_adapter() {
+                linears.insert(format!("{module}.weight"), (module, &*linear));
+            }
+        }
+    }
     let mut meta = vec![
-        ("general.architecture".to_string(), Value::String("qwen2".into())),
+        (
+            "general.architecture".to_string(),
+            Value::String("qwen2".into()),
+        ),
         ("general.type".into(), Value::String("model".into())),
         ("general.name".into(), Value::String(name.into())),
         ("general.file_type".into(), Value::U32(dtype.file_type())),
         // GGML_QUANT_VERSION, written by the converter for every file.
         ("general.quantization_version".into(), Value::U32(2)),
     ];
-    meta.extend(hparams_metadata(cfg));
+    meta.extend(hparams_metadata(&ckpt.config));
     meta.extend(extra);
-    write(path, &meta, sources)
+    let keys: Vec<&str> = ckpt.params.iter().map(|(k, _)| k.as_str()).collect();
+    write(path, &meta, infos, |i, info| {
+        let values = ckpt.read_f32(keys[i]).map_err(|e| e.to_string())?;
+        let Some((module, linear)) = linears.get(keys[i]) else {
+            return Ok(values);
+        };
+        let w = Tensor::<B, 2>::from_data(
+            TensorData::new(values, [info.shape[0], info.shape[1]]),
+            (device, DType::F32),
+        );
+        let merged = linear.merged_weight(w, module).map_err(|e| e.to_string())?;
+        to_f32(merged.reshape([-1]))
+    })
+}
+
+/// A tensor's values as f32.
+fn to_f32<B: Backend>(t: Tensor<B, 1>) -> Result<Vec<f32>, String> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| format!("{e:?}"))
 }
 
 /// Writes the LoRA adapters attached to `model` (not merged) as a GGUF LoRA adapter at `path`,
@@ -219,7 +233,8 @@ pub fn export_gguf_lora<B: Backend>(
         GgufDtype::Bf16 => GgmlType::Bf16,
         _ => GgmlType::F32,
     };
-    let mut sources = Vec::new();
+    let mut infos = Vec::new();
+    let mut factors: Vec<(Tensor<B, 1>, f64)> = Vec::new();
     for (module, linear) in model.lora_linears() {
         let (Some(a), Some(b)) = (linear.lora_A.as_ref(), linear.lora_B.as_ref()) else {
             continue;
@@ -230,36 +245,35 @@ pub fn export_gguf_lora<B: Backend>(
                 reason: format!("the adapter of `{module}` is merged; export it unmerged"),
             });
         }
-        let base = gguf_tensor_name(&format!("{module}.weight")).ok_or_else(|| {
-            Qwen2Error::Write {
+        let base =
+            gguf_tensor_name(&format!("{module}.weight")).ok_or_else(|| Qwen2Error::Write {
                 path: path.to_path_buf(),
                 reason: format!("llama.cpp has no tensor for the LoRA module `{module}`"),
-            }
-        })?;
+            })?;
         let (a, b) = (a.weight.val(), b.weight.val());
         let r = a.dims()[0];
+        // llama.cpp multiplies B·A by alpha / r; fold any other scaling into B.
         let scale = linear.scaling * r as f64 / alpha;
         for (suffix, t, scale) in [("lora_a", a, 1.0), ("lora_b", b, scale)] {
-            let shape = t.dims().to_vec();
-            sources.push(Source {
-                info: TensorInfo {
-                    name: format!("{base}.{suffix}"),
-                    shape,
-                    ty,
-                },
-                tensor: t.reshape([-1]),
-                scale,
+            infos.push(TensorInfo {
+                name: format!("{base}.{suffix}"),
+                shape: t.dims().to_vec(),
+                ty,
             });
+            factors.push((t.reshape([-1]), scale));
         }
     }
-    if sources.is_empty() {
+    if infos.is_empty() {
         return Err(Qwen2Error::Write {
             path: path.to_path_buf(),
             reason: "the model carries no LoRA adapter to export".into(),
         });
     }
     let meta = vec![
-        ("general.architecture".to_string(), Value::String("qwen2".into())),
+        (
+            "general.architecture".to_string(),
+            Value::String("qwen2".into()),
+        ),
         ("general.type".into(), Value::String("adapter".into())),
         ("general.name".into(), Value::String(name.into())),
         ("general.file_type".into(), Value::U32(dtype.file_type())),
@@ -267,15 +281,23 @@ pub fn export_gguf_lora<B: Backend>(
         ("adapter.type".into(), Value::String("lora".into())),
         ("adapter.lora.alpha".into(), Value::F32(alpha as f32)),
     ];
-    write(path, &meta, sources)
+    write(path, &meta, infos, |i, _| {
+        let (t, scale) = &factors[i];
+        if *scale == 1.0 {
+            to_f32(t.clone())
+        } else {
+            to_f32(t.clone().mul_scalar(*scale))
+        }
+    })
 }
 
-fn write<B: Backend>(
+/// Writes the file, counting the tensors of each type; `data(i, info)` gives tensor `i`'s values.
+fn write(
     path: &Path,
     meta: &[(String, Value)],
-    sources: Vec<Source<B>>,
+    infos: Vec<TensorInfo>,
+    data: impl FnMut(usize, &TensorInfo) -> Result<Vec<f32>, String>,
 ) -> Result<GgufExport, Qwen2Error> {
-    let infos: Vec<TensorInfo> = sources.iter().map(|s| s.info.clone()).collect();
     let mut types: Vec<(GgmlType, usize)> = Vec::new();
     for i in &infos {
         match types.iter_mut().find(|(t, _)| *t == i.ty) {
@@ -283,19 +305,7 @@ fn write<B: Backend>(
             None => types.push((i.ty, 1)),
         }
     }
-    // Each tensor's f32 values exist only while it is being written.
-    let report = gguf::write_gguf(path, meta, &infos, |i, _| {
-        let s = &sources[i];
-        let t = if s.scale == 1.0 {
-            s.tensor.clone()
-        } else {
-            s.tensor.clone().mul_scalar(s.scale)
-        };
-        t.into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .map_err(|e| format!("{e:?}"))
-    })?;
+    let report = gguf::write_gguf(path, meta, &infos, data)?;
     Ok(GgufExport { report, types })
 }
 
@@ -309,16 +319,37 @@ mod tests {
             ("model.embed_tokens.weight", "token_embd.weight"),
             ("model.norm.weight", "output_norm.weight"),
             ("lm_head.weight", "output.weight"),
-            ("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"),
-            ("model.layers.3.self_attn.q_proj.weight", "blk.3.attn_q.weight"),
+            (
+                "model.layers.0.input_layernorm.weight",
+                "blk.0.attn_norm.weight",
+            ),
+            (
+                "model.layers.3.self_attn.q_proj.weight",
+                "blk.3.attn_q.weight",
+            ),
             ("model.layers.3.self_attn.q_proj.bias", "blk.3.attn_q.bias"),
             ("model.layers.3.self_attn.k_proj.bias", "blk.3.attn_k.bias"),
-            ("model.layers.3.self_attn.v_proj.weight", "blk.3.attn_v.weight"),
-            ("model.layers.12.self_attn.o_proj.weight", "blk.12.attn_output.weight"),
-            ("model.layers.1.post_attention_layernorm.weight", "blk.1.ffn_norm.weight"),
-            ("model.layers.1.mlp.gate_proj.weight", "blk.1.ffn_gate.weight"),
+            (
+                "model.layers.3.self_attn.v_proj.weight",
+                "blk.3.attn_v.weight",
+            ),
+            (
+                "model.layers.12.self_attn.o_proj.weight",
+                "blk.12.attn_output.weight",
+            ),
+            (
+                "model.layers.1.post_attention_layernorm.weight",
+                "blk.1.ffn_norm.weight",
+            ),
+            (
+                "model.layers.1.mlp.gate_proj.weight",
+                "blk.1.ffn_gate.weight",
+            ),
             ("model.layers.1.mlp.up_proj.weight", "blk.1.ffn_up.weight"),
-            ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight"),
+            (
+                "model.layers.1.mlp.down_proj.weight",
+                "blk.1.ffn_down.weight",
+            ),
         ];
         for (hf, want) in cases {
             assert_eq!(gguf_tensor_name(hf).as_deref(), Some(want), "{hf}");

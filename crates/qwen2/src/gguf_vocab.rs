@@ -96,7 +96,9 @@ pub fn tokenizer_metadata(
         .unwrap_or_default();
     for a in &added {
         let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else {
-            return Err(bad(format!("an `added_tokens` entry has no id or content: {a}")));
+            return Err(bad(format!(
+                "an `added_tokens` entry has no id or content: {a}"
+            )));
         };
         let special = a["special"].as_bool().unwrap_or(false);
         let ty = if special || looks_special(content) {
@@ -131,7 +133,10 @@ pub fn tokenizer_metadata(
     })?;
 
     let mut meta = vec![
-        ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
         ("tokenizer.ggml.pre".into(), Value::String("qwen2".into())),
         ("tokenizer.ggml.tokens".into(), Value::strings(tokens)),
         ("tokenizer.ggml.token_type".into(), Value::i32s(types)),
@@ -249,4 +254,3 @@ fn chat_template(dir: &Path, tc: &Json) -> Result<Option<Vec<(String, Value)>>, 
     }
     Ok(None)
 }
-

@@ -16,6 +16,7 @@ mod resolve;
 mod rope;
 mod sampling;
 mod save;
+mod stream;
 #[cfg(test)]
 mod tests_fused;
 
@@ -23,11 +24,11 @@ pub use attention::{attention_reference, AttentionBias, LayerCache, Qwen2Attenti
 pub use config::{Qwen2Config, RopeParameters, TokenIds};
 pub use error::Qwen2Error;
 pub use export::{export_weights, parse_size, ExportReport};
+pub use generate::{generate, generate_cached, Generation, KvCache, StopReason};
 pub use gguf_export::{
     export_gguf, export_gguf_lora, gguf_tensor_name, hparams_metadata, GgufDtype, GgufExport,
 };
 pub use gguf_vocab::tokenizer_metadata;
-pub use generate::{generate, generate_cached, Generation, KvCache, StopReason};
 /// The seeded generator of sampling (`kernels::rng::SplitMix64`).
 pub use kernels::rng::SplitMix64;
 pub use load::{
@@ -45,3 +46,4 @@ pub use sampling::{
     GENERATION_CONFIG,
 };
 pub use save::save_model;
+pub use stream::CheckpointReader;
