@@ -158,12 +158,15 @@ fn parse(bytes: &[u8]) -> Result<Parsed, String> {
         let ty = GgmlType::from_id(id)
             .ok_or_else(|| format!("tensor `{name}` has ggml type {id}, unknown to this reader"))?;
         let offset = c.u64()?;
-        if offset % alignment as u64 != 0 {
+        if !offset.is_multiple_of(alignment as u64) {
             return Err(format!(
                 "tensor `{name}` starts at data offset {offset}, not a multiple of {alignment}"
             ));
         }
-        if shape.last().is_some_and(|d| d % ty.block_len() != 0) {
+        if shape
+            .last()
+            .is_some_and(|d| !d.is_multiple_of(ty.block_len()))
+        {
             return Err(format!(
                 "tensor `{name}` of {ty:?} has rows of partial blocks"
             ));

@@ -227,7 +227,7 @@ fn check_tensors(tensors: &[TensorInfo]) -> Result<(), String> {
             ));
         }
         let inner = *t.shape.last().expect("non-empty");
-        if inner % t.ty.block_len() != 0 {
+        if !inner.is_multiple_of(t.ty.block_len()) {
             return Err(format!(
                 "tensor `{}` of shape {:?} cannot be stored as {:?}: its rows of {inner} values are \
                  not whole blocks of {}",

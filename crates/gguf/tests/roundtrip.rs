@@ -147,7 +147,8 @@ fn bad_inputs_are_refused_before_anything_is_written() {
     let no_data = |_: usize, _: &TensorInfo| -> Result<Vec<f32>, String> {
         panic!("data asked for an invalid file")
     };
-    let cases: Vec<(Vec<(String, Value)>, Vec<TensorInfo>, &str)> = vec![
+    type Case = (Vec<(String, Value)>, Vec<TensorInfo>, &'static str);
+    let cases: Vec<Case> = vec![
         (
             vec![],
             vec![info("w", &[4, 48], GgmlType::Q8_0)],

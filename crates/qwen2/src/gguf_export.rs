@@ -69,7 +69,9 @@ impl GgufDtype {
             Self::F32 => GgmlType::F32,
             Self::F16 => GgmlType::F16,
             Self::Bf16 => GgmlType::Bf16,
-            Self::Q8_0 if shape[shape.len() - 1] % gguf::quant::Q8_0_BLOCK == 0 => GgmlType::Q8_0,
+            Self::Q8_0 if shape[shape.len() - 1].is_multiple_of(gguf::quant::Q8_0_BLOCK) => {
+                GgmlType::Q8_0
+            }
             Self::Q8_0 => GgmlType::F16,
         }
     }
