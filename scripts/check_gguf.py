@@ -14,15 +14,18 @@ or FERROLORA_SHARED_DATA.
 1. Fixture, in a temporary directory: a tiny random Qwen2 (hidden 64, 2 layers, 4 heads / 2 KV
    heads, q/k/v biases) with Qwen2.5's real vocabulary (151936 ids) and tokenizer files, untied and
    tied, and a random PEFT adapter on all seven projections (r 8, alpha 16).
-2. `cargo xtask export`: the base (f32), the merged model (f32, f16, bf16, q8_0), the adapter alone
-   (`--format gguf-lora`, f32) and the tied base (f32).
+2. `cargo xtask finetune` trains a second adapter on the Huanhuan data (4 steps, learning rate
+   0.01: the user's path). `cargo xtask export`: the base (f32), the merged model (f32, f16, bf16,
+   q8_0), the adapter alone (`--format gguf-lora`, f32), the tied base (f32), and the finetuned
+   adapter merged and alone (f32).
 3. The `gguf` package reads every file back: every metadata key against config.json and the
    tokenizer files, every tensor's name, shape and type; f32 data against the merge done here in
    numpy (W + alpha/r * B @ A); f16/bf16/q8_0 bytes against `gguf.quants.quantize` of the f32
    export's data (must be identical); the adapter's A and B against the PEFT file.
 4. llama.cpp (llama-cpp-python) loads each file. For the f32 files its tokenization of the chat
    prompt and its greedy 32-token continuation must equal `cargo xtask chat --greedy` token for
-   token: base, merged (adapter folded in), base + `--lora` adapter, tied. For f16/bf16/q8_0 the
+   token: base, merged (adapter folded in), base + `--lora` adapter, tied, and both for the
+   finetuned adapter. For f16/bf16/q8_0 the
    first-token logits must lie within the tolerances below of ours (and the continuation is
    reported).
 Exits non-zero when any check fails.
@@ -312,8 +315,17 @@ def main():
                 sys.exit(1)
             return j(out)
 
+        # The user's path: an adapter trained by `cargo xtask finetune` (a few steps of the
+        # tutorial's recipe on the Huanhuan data, with a large learning rate so it matters).
+        data = os.path.join(os.path.dirname(tok_dir), "huanhuan", "huanhuan.json")
+        subprocess.run([xtask, "finetune", "--model", j("base"), "--data", data, "--output",
+                        j("finetuned"), "--max-steps", "4", "--learning-rate", "0.01",
+                        "--per-device-train-batch-size", "1"], check=True, capture_output=True)
         files = {"base": export("base-f32.gguf", "base"), "tied": export("tied-f32.gguf", "tied"),
-                 "lora": export("adapter-f32.gguf", "base", "gguf-lora", "f32", "adapter")}
+                 "lora": export("adapter-f32.gguf", "base", "gguf-lora", "f32", "adapter"),
+                 "ft": export("finetuned-f32.gguf", "base", adapter="finetuned"),
+                 "ft-lora": export("finetuned-lora-f32.gguf", "base", "gguf-lora", "f32",
+                                   "finetuned")}
         for dt in ("f32", "f16", "bf16", "q8_0"):
             files[dt] = export(f"merged-{dt}.gguf", "base", dtype=dt, adapter="adapter")
 
@@ -354,7 +366,10 @@ def main():
         runs = [("base", files["base"], None, j("base"), None),
                 ("merged f32", files["f32"], None, j("base"), j("adapter")),
                 ("base + gguf-lora", files["base"], files["lora"], j("base"), j("adapter")),
-                ("tied", files["tied"], None, j("tied"), None)]
+                ("tied", files["tied"], None, j("tied"), None),
+                ("finetuned, merged f32", files["ft"], None, j("base"), j("finetuned")),
+                ("base + finetuned gguf-lora", files["base"], files["ft-lora"], j("base"),
+                 j("finetuned"))]
         cache = {}
         for what, path, lora, model, adapter in runs:
             key = (model, adapter)
@@ -369,6 +384,14 @@ def main():
                                 f"(first-token logits max rel diff {err:.2e})"
                   + ("" if out == g_ids else f"\n        ours  {g_ids}\n        llama {out}"))
             check(err <= TOLERANCE["f32"], f"{what}: first-token logits within {TOLERANCE['f32']}")
+        # Each adapter changes what the base says (else the adapter runs above prove little).
+        base_out = cache[(j("base"), None)]
+        for name in ("adapter", "finetuned"):
+            o = cache[(j("base"), j(name))]
+            d = float(np.abs(o[2] - base_out[2]).max())
+            label = "random" if name == "adapter" else name
+            check(d > 1e-2, f"the {label} adapter moves our first-token logits by {d:.3f} "
+                            f"(greedy output {'differs' if o[1] != base_out[1] else 'is the same'})")
         p_ids, g_ids, logits = cache[(j("base"), j("adapter"))]
         for dt in ("f16", "bf16", "q8_0"):
             _, out, first = llama(files[dt], p_ids)

@@ -405,6 +405,14 @@ fn bad_inputs_fail_with_a_clear_message_and_leave_no_file() {
     let existing = outdir.join("existing.gguf");
     std::fs::write(&existing, b"keep").unwrap();
     let a_file = outdir.join("existing.gguf/x.gguf");
+    // The built-in demo's kind of tokenizer: one token per character.
+    let wordlevel = tmp.path().join("wordlevel");
+    std::fs::create_dir(&wordlevel).unwrap();
+    std::fs::write(
+        wordlevel.join("tokenizer.json"),
+        r#"{"model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}"#,
+    )
+    .unwrap();
     let cases: Vec<(Vec<&str>, &[&str])> = vec![
         (
             vec!["--model", s(&small), "--dtype", "q4_0", "--output", s(&out)],
@@ -484,10 +492,21 @@ fn bad_inputs_fail_with_a_clear_message_and_leave_no_file() {
             ],
             &["trained on a different base model"],
         ),
-        // A model directory without a tokenizer.
+        // A model directory without a tokenizer, and a tokenizer that is not byte-level BPE.
         (
             vec!["--model", s(&fixture), "--output", s(&out)],
             &["tokenizer.json", "--tokenizer DIR"],
+        ),
+        (
+            vec![
+                "--model",
+                s(&small),
+                "--tokenizer",
+                s(&wordlevel),
+                "--output",
+                s(&out),
+            ],
+            &["tokenizer model is WordLevel", "byte-level BPE"],
         ),
     ];
     for (args, want) in cases {
