@@ -23,10 +23,14 @@ use qwen2::{GgufDtype, GgufExport};
 /// Arguments of `export`.
 #[derive(clap::Args)]
 pub struct ExportArgs {
-    /// Base model directory (config.json + safetensors), hub cache entry, or `Org/Name` repo id.
+    /// Base model directory (config.json + safetensors), hub cache entry, or hub id (`Org/Name`,
+    /// `modelscope:Org/Name`; downloaded when not cached).
     #[arg(long)]
     pub model: PathBuf,
-    /// PEFT LoRA adapter directory: merged into the model (`gguf`) or exported alone (`gguf-lora`).
+    #[command(flatten)]
+    pub revision: crate::hub::RevisionArg,
+    /// PEFT LoRA adapter (a directory or a hub id): merged into the model (`gguf`) or exported
+    /// alone (`gguf-lora`).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// `gguf` (the merged model, for `llama-cli -m`) or `gguf-lora` (the adapter, for `--lora`).
@@ -58,6 +62,9 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     };
     let dtype = GgufDtype::parse(&a.dtype)
         .with_context(|| format!("--dtype {:?}: use f32, f16, bf16 or q8_0", a.dtype))?;
+    if matches!(format, Format::Lora) && a.adapter.is_none() {
+        bail!("--format gguf-lora needs --adapter DIR (the PEFT adapter to export)");
+    }
     if matches!(format, Format::Lora) && dtype == GgufDtype::Q8_0 {
         bail!("--dtype q8_0 with --format gguf-lora: an adapter is written as f32, f16 or bf16");
     }
@@ -69,15 +76,21 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     }
     crate::data::check_writable_file(&a.output, "--output")?;
     let t = Instant::now();
-    let dir = qwen2::resolve_model_dir(&a.model)
+    let model_arg = crate::hub::model(&a.model, &a.revision)?;
+    let adapter = a.adapter.as_deref().map(crate::hub::adapter).transpose()?;
+    let dir = qwen2::resolve_model_dir(&model_arg)
         .with_context(|| format!("--model {}", a.model.display()))?;
-    let name = dir
+    // `general.name`: the last part of --model as given (`Qwen2.5-7B-Instruct` for a hub id, not
+    // the cache's snapshot hash), else the directory's name.
+    let name = a
+        .model
         .file_name()
+        .or_else(|| dir.file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     let out = match format {
-        Format::Model => export_model(&a, &dir, &name, dtype)?,
-        Format::Lora => export_lora(&a, &dir, &name, dtype)?,
+        Format::Model => export_model(&a, adapter.as_deref(), &dir, &name, dtype)?,
+        Format::Lora => export_lora(adapter.as_deref(), &dir, &name, dtype, &a.output)?,
     };
     let types: Vec<String> = out
         .types
@@ -103,6 +116,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
 /// base nor the merged model is ever whole in memory.
 fn export_model(
     a: &ExportArgs,
+    adapter: Option<&Path>,
     dir: &Path,
     name: &str,
     dtype: GgufDtype,
@@ -120,7 +134,7 @@ fn export_model(
                     tok_dir.display()
                 )
             })?;
-    let mut with_adapter = match &a.adapter {
+    let mut with_adapter = match adapter {
         None => None,
         Some(adapter) => {
             let (m, lora) = lazy_with_adapter(&ckpt.config, dir, adapter)?;
@@ -166,12 +180,13 @@ fn lazy_with_adapter(
 
 /// The adapter alone, checked against the base's config (a lazy model: no weights are read).
 fn export_lora(
-    a: &ExportArgs,
+    adapter: Option<&Path>,
     dir: &Path,
     name: &str,
     dtype: GgufDtype,
+    output: &Path,
 ) -> anyhow::Result<GgufExport> {
-    let Some(adapter) = &a.adapter else {
+    let Some(adapter) = adapter else {
         bail!("--format gguf-lora needs --adapter DIR (the PEFT adapter to export)");
     };
     let cfg = qwen2::Qwen2Config::from_file(&dir.join("config.json"))?;
@@ -180,6 +195,6 @@ fn export_lora(
         .file_name()
         .map(|n| format!("{name}-{}", n.to_string_lossy()))
         .unwrap_or_else(|| name.to_string());
-    qwen2::export_gguf_lora(&mut model, &adapter_name, lora.lora_alpha, dtype, &a.output)
-        .with_context(|| format!("writing --output {}", a.output.display()))
+    qwen2::export_gguf_lora(&mut model, &adapter_name, lora.lora_alpha, dtype, output)
+        .with_context(|| format!("writing --output {}", output.display()))
 }

@@ -6,13 +6,17 @@
 //! message naming the option or file, and leaves no file behind. llama.cpp itself is checked by
 //! `scripts/check_gguf.py` (too slow to build for CI).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::backend::Flex;
 use burn::tensor::DType;
 use gguf::{GgmlType, GgufFile, Value};
-use qwen2::{CheckpointReader, GgufDtype, Qwen2Config, Qwen2ForCausalLM};
+use qwen2::{CheckpointReader, GgufDtype, Qwen2ForCausalLM};
 use test_support::{fixtures, read_safetensors, run, run_ok, shared_data_or_skip};
+
+#[path = "common/small_model.rs"]
+mod small_model;
+use small_model::small_model;
 
 const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
 
@@ -311,39 +315,6 @@ fn tokenizer_metadata_equals_tokenizer_json() {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// A small model (vocab 300, hidden 32) with a byte-level BPE tokenizer: printable ASCII and
-/// ChatML's specials, a few merges.
-fn small_model(dir: &Path) -> PathBuf {
-    let cfg = Qwen2Config::new(300, 32, 64, 1, 2, 1, false);
-    let model = Qwen2ForCausalLM::<Flex>::new(&cfg, &Default::default());
-    qwen2::save_model(&model, &cfg, dir).unwrap();
-    let mut vocab = serde_json::Map::new();
-    for b in b'!'..=b'~' {
-        vocab.insert((b as char).to_string(), (b - b'!').into());
-    }
-    vocab.insert("Ġ".into(), 94.into());
-    vocab.insert("Ġt".into(), 95.into());
-    vocab.insert("he".into(), 96.into());
-    let tok = serde_json::json!({
-        "version": "1.0",
-        "added_tokens": [
-            {"id": 97, "content": "<|endoftext|>", "special": true},
-            {"id": 98, "content": "<|im_start|>", "special": true},
-            {"id": 99, "content": "<|im_end|>", "special": true},
-        ],
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
-        "model": {"type": "BPE", "vocab": vocab, "merges": [["Ġ", "t"], "h e"]},
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        r#"{"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": false,
-            "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}"#,
-    )
-    .unwrap();
-    dir.to_path_buf()
 }
 
 #[test]
