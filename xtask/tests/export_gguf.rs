@@ -495,3 +495,42 @@ fn bad_inputs_fail_with_a_clear_message_and_leave_no_file() {
     }
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep");
 }
+
+/// A bf16 base exported as bf16 holds exactly what `cargo xtask merge` writes for it: the f32
+/// merge rounded once to bf16, byte for byte, tensor by tensor.
+#[test]
+fn bf16_export_equals_merge_s_bf16_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("tiny-untied-bf16");
+    let adapter = fixtures().join("peft-tiny-untied");
+    let merged = tmp.path().join("merged");
+    run_ok(
+        XTASK,
+        [
+            "merge",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(&adapter),
+            "--output",
+            s(&merged),
+        ],
+    );
+    let path = tmp.path().join("m.gguf");
+    export(&base, Some(&adapter), GgufDtype::Bf16, &path);
+    let f = GgufFile::open(&path).unwrap();
+    let st = read_safetensors(&merged.join("model.safetensors"));
+    let mut compared = 0;
+    for (key, (dtype, shape, bytes)) in &st {
+        let t = f.tensor(&qwen2::gguf_tensor_name(key).unwrap()).unwrap();
+        if shape.len() == 2 {
+            assert_eq!(format!("{dtype:?}"), "BF16");
+            assert!(
+                f.tensor_bytes(t) == bytes.as_slice(),
+                "{key} differs from merge's"
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 1 + 2 * 7 + 1);
+}
