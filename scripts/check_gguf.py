@@ -132,7 +132,9 @@ def make_model(d, tok_dir, tied, seed):
            "hidden_size": H, "intermediate_size": I, "num_hidden_layers": L,
            "num_attention_heads": NH, "num_key_value_heads": NKV, "vocab_size": V,
            "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-           "tie_word_embeddings": tied, "bos_token_id": 151643, "eos_token_id": 151645,
+           "tie_word_embeddings": tied, "bos_token_id": 151643,
+           # Qwen2.5-Instruct's stop tokens; the seed template ends answers with <|endoftext|>.
+           "eos_token_id": [151645, 151643],
            "use_sliding_window": False, "torch_dtype": "float32"}
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=2)
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
@@ -318,9 +320,12 @@ def main():
         # The user's path: an adapter trained by `cargo xtask finetune` (a few steps of the
         # tutorial's recipe on the Huanhuan data, with a large learning rate so it matters).
         data = os.path.join(os.path.dirname(tok_dir), "huanhuan", "huanhuan.json")
-        subprocess.run([xtask, "finetune", "--model", j("base"), "--data", data, "--output",
-                        j("finetuned"), "--max-steps", "4", "--learning-rate", "0.01",
-                        "--per-device-train-batch-size", "1"], check=True, capture_output=True)
+        p = subprocess.run([xtask, "finetune", "--model", j("base"), "--data", data, "--output",
+                            j("finetuned"), "--max-steps", "4", "--learning-rate", "0.01",
+                            "--per-device-train-batch-size", "1"], capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"cargo xtask finetune failed:\n{p.stdout}{p.stderr}")
+        print("      finetune: " + p.stdout.strip().splitlines()[-1])
         files = {"base": export("base-f32.gguf", "base"), "tied": export("tied-f32.gguf", "tied"),
                  "lora": export("adapter-f32.gguf", "base", "gguf-lora", "f32", "adapter"),
                  "ft": export("finetuned-f32.gguf", "base", adapter="finetuned"),
