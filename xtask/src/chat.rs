@@ -85,6 +85,11 @@ pub struct ChatArgs {
     /// trained with (its run.json) does.
     #[arg(long, default_value = "error", value_parser = ["error", "warn"])]
     pub lint: String,
+    /// After each answer, print one JSON line to stderr: `{"prompt_ids", "generated_ids",
+    /// "first_logits"}` (the ids as processed, and the logits the first new token was picked
+    /// from), to compare with another runtime (`scripts/check_gguf.py` compares llama.cpp).
+    #[arg(long)]
+    pub debug_json: bool,
 }
 
 pub fn run(a: ChatArgs) -> anyhow::Result<()> {
@@ -177,6 +182,7 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
         cache: KvCache::new(model.model.layers.len()),
         cached_ids: Vec::new(),
         stop: Arc::new(AtomicBool::new(false)),
+        debug_json: a.debug_json,
     };
     // Once the reader of stdout has gone (`| head -1`), answers stop early and the session ends.
     let mut out = crate::out::Stdout;
@@ -425,6 +431,8 @@ struct Conversation<B: Backend> {
     /// Set by Ctrl-C during an answer (interactive, on a terminal only): generation stops after
     /// the token being produced, and the tokens so far are the answer.
     stop: Arc<AtomicBool>,
+    /// `--debug-json`.
+    debug_json: bool,
 }
 
 /// One assistant turn: render the history with the chat template, continue from the cached
@@ -480,6 +488,32 @@ fn answer<B: Backend>(
     });
     if let Some(e) = io_err {
         return Err(e).context("writing to stdout");
+    }
+    if state.debug_json {
+        // The prompt again from an empty cache: the logits the first new token came from.
+        let mut fresh = KvCache::new(model.model.layers.len());
+        let ids = burn::tensor::Tensor::<B, 1, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(
+                prompt.iter().map(|t| *t as i64).collect::<Vec<_>>(),
+                [prompt.len()],
+            ),
+            device,
+        )
+        .reshape([1, prompt.len()]);
+        let logits = model
+            .forward_step_last(ids, &mut fresh)
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| anyhow!("reading the logits: {e:?}"))?;
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "prompt_ids": prompt,
+                "generated_ids": g.tokens,
+                "first_logits": logits,
+            })
+        );
     }
     let body: &[u32] = match g.stop {
         StopReason::Eos(_) => &g.tokens[..g.tokens.len() - 1],

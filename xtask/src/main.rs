@@ -14,6 +14,7 @@ mod data;
 mod demo;
 mod device;
 mod eval;
+mod export;
 mod finetune;
 mod hub;
 mod info;
@@ -58,6 +59,8 @@ enum Command {
     MemLoad(mem::MemLoadArgs),
     /// Merge a LoRA adapter into its base model and write a Hugging Face model directory.
     Merge(merge::MergeArgs),
+    /// Write the merged model (or the adapter alone) as GGUF for llama.cpp, Ollama, LM Studio.
+    Export(export::ExportArgs),
     /// Tokenize a dataset with a ChatML template into input_ids/labels/attention_mask JSONL.
     Prepare(prepare::PrepareArgs),
 }
@@ -86,6 +89,7 @@ fn main() {
         Command::MemLoad(a) => mem::run(a),
         Command::Parity(a) => parity::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Export(a) => export::run(a),
         Command::Prepare(a) => prepare::run(a),
     };
     if let Err(e) = result {

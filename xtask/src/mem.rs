@@ -2,6 +2,9 @@
 //! the loaded model. `--synthesize DIR` first writes a random-weight checkpoint of a chosen size
 //! (streamed to disk tensor by tensor), so the measurement needs no downloaded weights.
 //!
+//! The synthetic directory also gets a minimal byte-level BPE `tokenizer.json` (the 256 byte
+//! tokens and the ChatML specials), so `cargo xtask export` can measure its streaming writer on it.
+//!
 //! Run the two steps as separate invocations, so the writer's memory does not count:
 //! `cargo xtask mem-load --synthesize runs/syn --layers 8` then `cargo xtask mem-load --model runs/syn`.
 
@@ -75,7 +78,7 @@ fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 }
 
 /// Peak resident set size of this process (`VmHWM`), KiB.
-fn peak_rss_kib() -> anyhow::Result<u64> {
+pub(crate) fn peak_rss_kib() -> anyhow::Result<u64> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     status
@@ -141,6 +144,10 @@ fn synthesize(dir: &Path, layers: usize, file_dtype: &str) -> anyhow::Result<()>
     }
     w.flush()?;
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_string(&byte_level_tokenizer())?,
+    )?;
     outln!(
         "wrote {} ({:.2} GiB, {} parameters, {file_dtype})",
         path.display(),
@@ -148,4 +155,33 @@ fn synthesize(dir: &Path, layers: usize, file_dtype: &str) -> anyhow::Result<()>
         cfg.num_parameters()
     );
     Ok(())
+}
+
+/// A byte-level BPE `tokenizer.json` without merges: the 256 byte tokens in GPT-2's byte-to-unicode
+/// spelling, then `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`.
+fn byte_level_tokenizer() -> serde_json::Value {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut vocab = serde_json::Map::new();
+    let mut extra = 0;
+    for b in 0..256u32 {
+        let c = if printable(b) {
+            b
+        } else {
+            extra += 1;
+            255 + extra
+        };
+        vocab.insert(char::from_u32(c).expect("valid").to_string(), b.into());
+    }
+    let added: Vec<serde_json::Value> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"id": 256 + i, "content": t, "special": true}))
+        .collect();
+    serde_json::json!({
+        "version": "1.0",
+        "added_tokens": added,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel"},
+        "model": {"type": "BPE", "vocab": vocab, "merges": []},
+    })
 }

@@ -8,6 +8,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use test_support::mock_hub::{MockHub, MockRepo};
+
+#[path = "common/small_model.rs"]
+mod small_model;
 use test_support::xtask_demo;
 
 const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
@@ -320,4 +323,23 @@ fn modelscope_ids_and_hub_errors_through_the_command_line() {
     .output()
     .unwrap());
     assert!(e.contains("has no repository runs/missing"), "{e}");
+}
+
+/// `export` takes a hub id like every command: the GGUF written from `Org/Small` equals, byte for
+/// byte, the one written from the same files in a local directory.
+#[test]
+fn export_takes_a_hub_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let local = tmp.path().join("Small");
+    small_model::small_model(&local);
+    let hub = MockHub::start(vec![MockRepo::from_dir("Org/Small", &local)], 0);
+    let home = tmp.path().join("home");
+    let (by_id, by_dir) = (tmp.path().join("id.gguf"), tmp.path().join("dir.gguf"));
+    for (model, out) in [("Org/Small", &by_id), (local.to_str().unwrap(), &by_dir)] {
+        let args = ["export", "--model", model, "--dtype", "q8_0", "--output"];
+        let mut c = xtask(&hub, &home, &args);
+        c.arg(out);
+        ok(c.output().unwrap(), "export");
+    }
+    assert!(std::fs::read(&by_id).unwrap() == std::fs::read(&by_dir).unwrap());
 }

@@ -30,6 +30,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// [`write_atomic`] for a file too large to hold in memory: `fill` writes the content through a
+/// buffered writer, in as many pieces as it likes, to the temporary sibling; then fsync, rename and
+/// directory fsync as [`write_atomic`]. After `Err` (from `fill` or the file system) `path` is
+/// untouched and the temporary file is removed.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let tmp = path.with_extension(PARTIAL_SUFFIX);
+    let written = File::create(&tmp).and_then(|f| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        fill(&mut w)?;
+        let f = w
+            .into_inner()
+            .map_err(std::io::IntoInnerError::into_error)?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")));
+    Ok(())
+}
+
 /// Makes a rename or file creation in `dir` durable. Best effort: some file systems refuse to
 /// fsync a directory, and the file's data is already synced.
 pub fn sync_dir(dir: &Path) {
@@ -82,5 +107,27 @@ mod tests {
         assert_eq!(names.len(), 1);
         let map = map_readonly(&File::open(&path).unwrap()).unwrap();
         assert_eq!(&map[..], b"two");
+    }
+
+    #[test]
+    fn streamed_write_is_atomic_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        write_atomic_with(&path, |w| {
+            w.write_all(b"GG")?;
+            w.write_all(b"UF")
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"GGUF");
+        // A failure halfway leaves the previous file and no temporary one.
+        let err = write_atomic_with(&path, |w| {
+            w.write_all(b"half")?;
+            Err(std::io::Error::other("conversion failed"))
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "conversion failed");
+        assert_eq!(std::fs::read(&path).unwrap(), b"GGUF");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
     }
 }

@@ -159,12 +159,38 @@ impl<B: Backend> LoraLinear<B> {
                 "not merged"
             }));
         }
-        let delta = self
-            .delta_weight()
-            .ok_or_else(|| state("no adapter attached"))?;
         let w = self.weight.val();
-        let (dtype, rg) = (w.dtype(), w.is_require_grad());
-        let delta = delta.detach().cast(dtype);
+        let rg = w.is_require_grad();
+        let new = self.folded(w, merge, module)?;
+        // The base stays frozen: detach from the adapter's graph, keep the flag it had.
+        self.weight = self
+            .weight
+            .clone()
+            .map(|_| new.detach().set_require_grad(rg));
+        self.merged = merge;
+        Ok(())
+    }
+
+    /// `w + scaling·B·A` for a base weight `w` held outside the layer (a checkpoint streamed tensor
+    /// by tensor, whose layer keeps its weight lazy): exactly what [`Self::merge`] folds into
+    /// `self.weight`, with the same refusal of NaN/Inf.
+    pub fn merged_weight(&self, w: Tensor<B, 2>, module: &str) -> Result<Tensor<B, 2>, LoraError> {
+        self.folded(w, true, module)
+    }
+
+    /// `w ± scaling·B·A` in `w`'s dtype (the delta computed in the adapter's, as PEFT), refusing a
+    /// result with NaN/Inf.
+    fn folded(
+        &self,
+        w: Tensor<B, 2>,
+        merge: bool,
+        module: &str,
+    ) -> Result<Tensor<B, 2>, LoraError> {
+        let delta = self.delta_weight().ok_or_else(|| LoraError::MergeState {
+            module: module.to_string(),
+            reason: "no adapter attached".to_string(),
+        })?;
+        let delta = delta.detach().cast(w.dtype());
         let new = if merge { w + delta } else { w - delta };
         let finite = new.clone().is_nan().bool_or(new.clone().is_inf()).any();
         if finite
@@ -177,13 +203,7 @@ impl<B: Backend> LoraLinear<B> {
                 module: module.to_string(),
             });
         }
-        // The base stays frozen: detach from the adapter's graph, keep the flag it had.
-        self.weight = self
-            .weight
-            .clone()
-            .map(|_| new.detach().set_require_grad(rg));
-        self.merged = merge;
-        Ok(())
+        Ok(new)
     }
 
     /// `[out_features, in_features]` without materializing a lazy weight.

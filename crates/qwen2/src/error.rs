@@ -139,6 +139,17 @@ pub enum Qwen2Error {
         /// The OS or serializer error, and what to do.
         reason: String,
     },
+    /// A tokenizer file cannot be written into a GGUF file as llama.cpp's tokenizer.
+    #[error("{path}: {reason}")]
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What is wrong and what to pass instead.
+        reason: String,
+    },
+    /// Writing a GGUF file failed, or its inputs cannot form one (nothing was left behind).
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufError),
     /// A failure while converting tensor data after all checks passed.
     #[error("loading `{key}` from {file} failed: {reason}")]
     Load {

@@ -6,6 +6,8 @@ mod config;
 mod error;
 mod export;
 mod generate;
+mod gguf_export;
+mod gguf_vocab;
 mod load;
 mod mlp;
 mod model;
@@ -14,6 +16,7 @@ mod resolve;
 mod rope;
 mod sampling;
 mod save;
+mod stream;
 #[cfg(test)]
 mod tests_fused;
 
@@ -22,6 +25,10 @@ pub use config::{Qwen2Config, RopeParameters, TokenIds};
 pub use error::Qwen2Error;
 pub use export::{export_weights, parse_size, ExportReport};
 pub use generate::{generate, generate_cached, Generation, KvCache, StopReason};
+pub use gguf_export::{
+    export_gguf, export_gguf_lora, gguf_tensor_name, hparams_metadata, GgufDtype, GgufExport,
+};
+pub use gguf_vocab::tokenizer_metadata;
 /// The seeded generator of sampling (`kernels::rng::SplitMix64`).
 pub use kernels::rng::SplitMix64;
 pub use load::{
@@ -39,3 +46,4 @@ pub use sampling::{
     GENERATION_CONFIG,
 };
 pub use save::save_model;
+pub use stream::CheckpointReader;

@@ -121,17 +121,17 @@ pub fn parameter_shapes<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Ve
 
 /// One tensor's place in a file, after the header was validated.
 #[derive(Debug, Clone)]
-struct Entry {
-    file: PathBuf,
-    dtype: Dtype,
-    shape: Vec<usize>,
+pub(crate) struct Entry {
+    pub(crate) file: PathBuf,
+    pub(crate) dtype: Dtype,
+    pub(crate) shape: Vec<usize>,
     /// Absolute byte offset of the data in the file.
     start: u64,
     len: usize,
 }
 
 /// Parses and validates one file's header (offsets inside the file, no overlap, file length exact).
-fn read_header(file: &Path) -> Result<BTreeMap<String, Entry>, Qwen2Error> {
+pub(crate) fn read_header(file: &Path) -> Result<BTreeMap<String, Entry>, Qwen2Error> {
     let f = File::open(file).map_err(|e| Qwen2Error::io(file, e))?;
     let file_len = f.metadata().map_err(|e| Qwen2Error::io(file, e))?.len();
     let bad = |reason: String| Qwen2Error::BadSafetensors {
@@ -172,7 +172,7 @@ fn read_header(file: &Path) -> Result<BTreeMap<String, Entry>, Qwen2Error> {
 }
 
 /// Reads one tensor from disk and converts it to `target`.
-fn read_tensor(e: &Entry, target: DType) -> std::io::Result<TensorData> {
+pub(crate) fn read_tensor(e: &Entry, target: DType) -> std::io::Result<TensorData> {
     let mut f = File::open(&e.file)?;
     f.seek(SeekFrom::Start(e.start))?;
     let shape = e.shape.clone();
