@@ -76,7 +76,11 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     }
     crate::data::check_writable_file(&a.output, "--output")?;
     let t = Instant::now();
-    let model_arg = crate::hub::model(&a.model, &a.revision)?;
+    // An adapter alone reads only the base's config.json: fetch only that of a hub id.
+    let model_arg = match format {
+        Format::Lora => crate::hub::model_config(&a.model, &a.revision)?,
+        Format::Model => crate::hub::model(&a.model, &a.revision)?,
+    };
     let adapter = a.adapter.as_deref().map(crate::hub::adapter).transpose()?;
     let dir = qwen2::resolve_model_dir(&model_arg)
         .with_context(|| format!("--model {}", a.model.display()))?;

@@ -24,6 +24,15 @@ pub fn model(arg: &Path, revision: &RevisionArg) -> anyhow::Result<PathBuf> {
     )?)
 }
 
+/// The local directory of `--model` when only its `config.json` is read (a hub id fetches only it).
+pub fn model_config(arg: &Path, revision: &RevisionArg) -> anyhow::Result<PathBuf> {
+    Ok(lora_hub::fetch(
+        arg,
+        Kind::Config,
+        revision.revision.as_deref(),
+    )?)
+}
+
 /// The local directory of `--adapter` (always the default branch of a hub id).
 pub fn adapter(arg: &Path) -> anyhow::Result<PathBuf> {
     Ok(lora_hub::fetch(arg, Kind::Adapter, None)?)

@@ -343,3 +343,44 @@ fn export_takes_a_hub_id() {
     }
     assert!(std::fs::read(&by_id).unwrap() == std::fs::read(&by_dir).unwrap());
 }
+
+/// An adapter exported alone reads only its base's config.json: of a hub id, only that is fetched,
+/// and the file equals the one exported from the local directory.
+#[test]
+fn exporting_an_adapter_alone_fetches_only_the_base_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Named as the id's last part, as the exported `general.name` is.
+    let base = tmp.path().join("Base");
+    test_support::copy_dir_files(
+        &test_support::fixtures().join("tiny-untied-f32-sharded"),
+        &base,
+    );
+    let adapter = test_support::fixtures().join("peft-tiny-untied");
+    let hub = MockHub::start(vec![MockRepo::from_dir("Org/Base", &base)], 0);
+    let home = tmp.path().join("home");
+    let (by_id, by_dir) = (tmp.path().join("id.gguf"), tmp.path().join("dir.gguf"));
+    for (model, out) in [("Org/Base", &by_id), (base.to_str().unwrap(), &by_dir)] {
+        let args = [
+            "export",
+            "--model",
+            model,
+            "--adapter",
+            adapter.to_str().unwrap(),
+        ];
+        let mut c = xtask(&hub, &home, &args);
+        c.args(["--format", "gguf-lora", "--dtype", "f32", "--output"])
+            .arg(out);
+        ok(c.output().unwrap(), "export --format gguf-lora");
+    }
+    let fetched: Vec<String> = hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.uri.contains("/resolve/") && r.range.as_deref() != Some("bytes=0-0"))
+        .map(|r| r.uri)
+        .collect();
+    assert!(
+        fetched.len() == 1 && fetched[0].ends_with("/config.json"),
+        "{fetched:?}"
+    );
+    assert!(std::fs::read(&by_id).unwrap() == std::fs::read(&by_dir).unwrap());
+}

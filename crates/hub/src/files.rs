@@ -58,6 +58,10 @@ pub(crate) fn fetch_all(remote: &mut dyn Remote, kind: Kind) -> Result<(), HubEr
         }
     };
     match kind {
+        Kind::Config => {
+            let config = need(remote, CONFIG, "it is not a transformers model repository")?;
+            check_qwen2(&remote.repo(), &config)?;
+        }
         Kind::Adapter => {
             need(
                 remote,
@@ -108,6 +112,11 @@ pub(crate) fn missing(dir: &Path, kind: Kind) -> Vec<String> {
     let absent = |f: &str| !dir.join(f).is_file();
     let mut out: Vec<String> = Vec::new();
     match kind {
+        Kind::Config => {
+            if absent(CONFIG) {
+                out.push(CONFIG.into());
+            }
+        }
         Kind::Adapter => {
             for f in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
                 if absent(f) {

@@ -37,6 +37,8 @@ pub enum Kind {
     Model,
     /// A PEFT LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`).
     Adapter,
+    /// Only a Qwen2 model's `config.json` (what exporting an adapter alone reads of its base).
+    Config,
 }
 
 /// The prefix that sends an id to ModelScope.

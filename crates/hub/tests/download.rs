@@ -517,3 +517,22 @@ fn a_full_disk_stops_cleanly_and_the_download_resumes_after() {
         .any(|r| r.uri.ends_with(WEIGHTS) && r.range.as_deref().is_some_and(|x| x != "bytes=0-0"));
     assert!(resumed, "the second run started over");
 }
+
+#[test]
+fn a_config_alone_is_fetched_alone_and_the_model_completes_it_later() {
+    let repo = tiny();
+    let hub = MockHub::start(vec![repo.clone()], 0);
+    let cache = tempfile::tempdir().unwrap();
+    let c = cfg(&hub, cache.path());
+    let dir = fetch_hf(&c, REPO, Kind::Config, Some("main")).unwrap();
+    assert_eq!(bodies(&hub), ["config.json"]);
+    assert!(dir.join("config.json").is_file() && !dir.join(WEIGHTS).exists());
+    hub.clear_log();
+    assert_eq!(fetch_hf(&c, REPO, Kind::Config, Some("main")).unwrap(), dir);
+    assert!(hub.requests().is_empty());
+    assert_eq!(get(&c, REPO).unwrap(), dir);
+    assert_eq!(
+        std::fs::read(dir.join(WEIGHTS)).unwrap(),
+        repo.files[WEIGHTS]
+    );
+}
