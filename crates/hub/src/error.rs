@@ -120,6 +120,13 @@ pub enum HubError {
 
     #[error("unexpected answer from {url}: {why}")]
     BadResponse { url: String, why: String },
+
+    #[error("{path} is not a local directory, and as a hub id: {source}")]
+    NeitherPathNorId {
+        path: PathBuf,
+        #[source]
+        source: Box<HubError>,
+    },
 }
 
 /// What a hub answered about a repository, for [`HubError::status`].

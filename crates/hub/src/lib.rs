@@ -96,7 +96,19 @@ pub fn is_repo_id(s: &str) -> bool {
 pub fn fetch(arg: &Path, kind: Kind, revision: Option<&str>) -> Result<PathBuf, HubError> {
     match Source::parse(arg) {
         Source::Local(p) => Ok(p),
-        Source::HuggingFace(id) => fetch_hf(&HfConfig::from_env(), &id, kind, revision),
+        // A typo in a local path looks like an id too: say both readings when it is neither.
+        Source::HuggingFace(id) => {
+            fetch_hf(&HfConfig::from_env(), &id, kind, revision).map_err(|e| match e {
+                HubError::NotFound { .. }
+                | HubError::Unauthorized { .. }
+                | HubError::Unreachable { .. }
+                | HubError::Offline { .. } => HubError::NeitherPathNorId {
+                    path: arg.to_path_buf(),
+                    source: Box::new(e),
+                },
+                e => e,
+            })
+        }
         Source::ModelScope(id) => {
             if !is_repo_id(&id) {
                 return Err(HubError::BadFile {
