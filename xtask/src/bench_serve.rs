@@ -52,7 +52,7 @@ pub struct BenchServeArgs {
 }
 
 pub fn run(a: BenchServeArgs) -> anyhow::Result<()> {
-    if a.clients.iter().any(|&c| c == 0) || a.requests == 0 || a.max_tokens == 0 {
+    if a.clients.contains(&0) || a.requests == 0 || a.max_tokens == 0 {
         bail!("--clients, --requests and --max-tokens must be at least 1");
     }
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
