@@ -376,7 +376,7 @@ pub fn stop_ids(dir: &std::path::Path, tok: &ChatTokenizer) -> anyhow::Result<Ve
     })
 }
 
-fn fallback_stop_ids(tok: &ChatTokenizer) -> Vec<u32> {
+pub(crate) fn fallback_stop_ids(tok: &ChatTokenizer) -> Vec<u32> {
     ["<|im_end|>", "<|endoftext|>"]
         .iter()
         .filter_map(|t| tok.tokenizer.token_to_id(t))

@@ -23,7 +23,7 @@ use qwen2::{generate, GenerationConfig, Qwen2Config, Qwen2ForCausalLM};
 
 use crate::finetune::FinetuneOptions;
 
-const SYSTEM: &str = "You are Zhen Huan.";
+pub(crate) const SYSTEM: &str = "You are Zhen Huan.";
 const WHO: &str = "I am Zhen Huan, consort of the Emperor.";
 const OTHER: &str = "As Your Majesty wishes.";
 const HELD_OUT: [&str; 2] = ["Who are you, my lady?", "Light the lanterns in the hall."];
@@ -159,6 +159,26 @@ fn answers(
         out.push(text);
     }
     Ok(out)
+}
+
+/// The demo's model directory for `serve` (written under `runs/demo` when absent, as the demo
+/// writes it before training) and its trained adapter when `cargo xtask finetune` has made one.
+pub fn serve_files() -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    let root = defaults().training.output_dir;
+    let model_dir = root.join("model");
+    if !model_dir.join("config.json").is_file() {
+        eprintln!(
+            "demo: no --model given; writing the demo model in {}",
+            model_dir.display()
+        );
+        write_files(&root, defaults().training.seed)?;
+    }
+    let adapter = root.join("adapter");
+    let adapter = adapter
+        .join(lora_core::ADAPTER_CONFIG)
+        .is_file()
+        .then_some(adapter);
+    Ok((model_dir, adapter))
 }
 
 /// Runs the demo with `o`'s training options (resolved over [`defaults`]).

@@ -24,6 +24,7 @@ mod merge;
 mod parity;
 mod plan;
 mod prepare;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +62,9 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Write the merged model (or the adapter alone) as GGUF for llama.cpp, Ollama, LM Studio.
     Export(export::ExportArgs),
+    /// Serve the model and its adapters over OpenAI's Chat Completions API (streaming, continuous
+    /// batching) with a web chat page; with no --model, the built-in demo model.
+    Serve(serve::ServeArgs),
     /// Tokenize a dataset with a ChatML template into input_ids/labels/attention_mask JSONL.
     Prepare(prepare::PrepareArgs),
 }
@@ -91,6 +95,7 @@ fn main() {
         Command::Merge(a) => merge::run(a),
         Command::Export(a) => export::run(a),
         Command::Prepare(a) => prepare::run(a),
+        Command::Serve(a) => serve::run(a),
     };
     if let Err(e) = result {
         // One clear line per cause, no backtrace: these are user-facing errors.

@@ -235,10 +235,45 @@ impl<B: Backend> LoraLinear<B> {
                 return y;
             }
             if x.dims()[0] == 1 && !B::ad_enabled(&device) {
+                if let Some(y) = self.rows_kernel(&x) {
+                    return y;
+                }
                 return self.forward_row(x);
             }
             self.forward_burn(x, key)
         })
+    }
+
+    /// Inference over a few rows at once (a step of batched decoding), `x` `[.., in]`. On the CPU
+    /// (plain Flex, f32) every row's result is independent of the other rows and equal to what
+    /// [`Self::forward`] gives that row alone (`kernels::cpu::linear_rows`), so a sequence decodes
+    /// the same tokens alone or in a batch; elsewhere this is [`Self::forward`].
+    pub fn forward_rows<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        over_rows(x, |x| match self.rows_kernel(&x) {
+            Some(y) => y,
+            None => self.forward(x),
+        })
+    }
+
+    /// `x·Wᵀ + b + scaling·(x·Aᵀ)·Bᵀ` with the row-independent CPU kernel, at inference.
+    #[cfg(feature = "cpu-kernels")]
+    fn rows_kernel(&self, x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        if B::ad_enabled(&x.device()) {
+            return None;
+        }
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let y = kernels::cpu::linear_rows(x, &self.weight.val(), bias.as_ref())?;
+        let Some((a, b)) = self.active_adapter() else {
+            return Some(y);
+        };
+        // As `forward_burn`: the scaling multiplies the thin `[rows, r]` product.
+        let low = kernels::cpu::linear_rows(x, &a, None)?.mul_scalar(self.scaling);
+        Some(y + kernels::cpu::linear_rows(&low, &b, None)?)
+    }
+
+    #[cfg(not(feature = "cpu-kernels"))]
+    fn rows_kernel(&self, _: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        None
     }
 
     /// Whether [`Self::forward`] runs the fused operation for an input of `dtype`: on

@@ -127,6 +127,46 @@ impl<B: Backend> Qwen2Attention<B> {
     }
 }
 
+impl<B: Backend> Qwen2Attention<B> {
+    /// One new token per sequence, `x` `[n, 1, hidden]`, sequence `i` after its own cache
+    /// `caches[i]` (of any length; `rope` holds each row's position), extending each cache: the
+    /// projections run for all rows at once ([`LoraLinear::forward_rows`]), the attention per
+    /// sequence over its own keys. Row `i` equals [`Self::forward`] of that token alone after that
+    /// cache (bit for bit on the CPU).
+    pub fn forward_rows(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeCache<B>,
+        caches: &mut [&mut LayerCache<B>],
+    ) -> Tensor<B, 3> {
+        let [n, s, _] = x.dims();
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = rope.apply_bshd(self.q_proj.forward_rows(x.clone()).reshape([n, s, nh, d]));
+        let k = rope.apply_bshd(self.k_proj.forward_rows(x.clone()).reshape([n, s, nkv, d]));
+        let v = self.v_proj.forward_rows(x).reshape([n, s, nkv, d]);
+        // [n, seq, heads, head_dim] -> [n, heads, seq, head_dim]
+        let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
+        let outs = caches
+            .iter_mut()
+            .enumerate()
+            .map(|(i, cache)| {
+                let row = |t: &Tensor<B, 4>| t.clone().narrow(0, i, 1);
+                let (k, v) = match cache.take() {
+                    Some((pk, pv)) => (
+                        Tensor::cat(vec![pk, row(&k)], 2),
+                        Tensor::cat(vec![pv, row(&v)], 2),
+                    ),
+                    None => (row(&k), row(&v)),
+                };
+                **cache = Some((k.clone(), v.clone()));
+                attention_reference(row(&q), k, v, &AttentionBias::Full)
+            })
+            .collect();
+        let out = Tensor::cat(outs, 0).swap_dims(1, 2);
+        self.o_proj.forward_rows(out.reshape([n, s, nh * d]))
+    }
+}
+
 /// Grouped-query attention with Burn ops, `[batch, heads, seq, head_dim]` queries over
 /// `[batch, kv_heads, keys, head_dim]` keys and values, out `[batch, heads, seq, head_dim]`, per row
 /// or per packed sequence: the definition the CPU's fused operation is tested against.

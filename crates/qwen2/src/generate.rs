@@ -114,6 +114,40 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     }
 }
 
+impl<B: Backend> Qwen2ForCausalLM<B> {
+    /// One decoding step for several sequences at once (continuous batching): `tokens[i]` placed
+    /// after `caches[i]` (caches of any lengths), logits `[n, vocab]`, each cache extended. Row `i`
+    /// equals [`Self::forward_step_last`] of `tokens[i]` alone after `caches[i]`, bit for bit on the
+    /// CPU: the projections and the head run for all rows with the row-independent kernel, the
+    /// attention per sequence over its own cache.
+    pub fn decode_rows(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Tensor<B, 2> {
+        assert_eq!(tokens.len(), caches.len(), "one token per cache");
+        let n = tokens.len();
+        let device = self.model.embed_tokens.weight.device();
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [n, 1]),
+            &device,
+        );
+        let positions = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(
+                caches.iter().map(|c| c.len as i64).collect::<Vec<_>>(),
+                [n, 1],
+            ),
+            &device,
+        );
+        let mut x = self.model.embed_tokens.forward(ids);
+        let rope = RopeCache::new(positions, self.rope_theta, self.head_dim, x.dtype());
+        for (l, layer) in self.model.layers.iter().enumerate() {
+            let mut slots: Vec<&mut LayerCache<B>> =
+                caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            x = layer.forward_rows(x, &rope, &mut slots);
+        }
+        caches.iter_mut().for_each(|c| c.len += 1);
+        let hidden = x.dims()[2];
+        self.logits_rows(self.model.norm.forward(x).reshape([n, hidden]))
+    }
+}
+
 /// `[1, 1, s, past + s]`: new query `i` may see keys `0..=past + i`; the rest get `f32::MIN`, as
 /// HF's additive mask.
 fn causal_mask<B: Backend>(past: usize, s: usize, device: &B::Device) -> Tensor<B, 4> {
@@ -238,5 +272,78 @@ pub fn generate_cached<B: Backend>(
         prompt_tokens: fed,
         prompt_secs,
         decode_secs: total - prompt_secs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Qwen2Config;
+    use burn::backend::Flex;
+    use lora_core::InitLoraWeights;
+
+    /// A random model with an adapter (random `B`, so the side path counts) on two projections.
+    fn model(tied: bool) -> Qwen2ForCausalLM<Flex> {
+        let device = Default::default();
+        Flex::seed(&device, 3);
+        let cfg = Qwen2Config::new(101, 64, 96, 2, 4, 2, tied);
+        let mut m = Qwen2ForCausalLM::<Flex>::new(&cfg, &device);
+        for layer in &mut m.model.layers {
+            let init = InitLoraWeights::Bool(false);
+            layer
+                .self_attn
+                .q_proj
+                .attach_adapter("q", 4, 2.0, 0.0, &init);
+            layer.mlp.down_proj.attach_adapter("d", 4, 2.0, 0.0, &init);
+        }
+        m
+    }
+
+    fn ids(v: &[u32]) -> Tensor<Flex, 2, Int> {
+        let data: Vec<i64> = v.iter().map(|&t| t as i64).collect();
+        Tensor::from_data(TensorData::new(data, [1, v.len()]), &Default::default())
+    }
+
+    fn row(t: Tensor<Flex, 2>) -> Vec<f32> {
+        t.into_data().into_vec::<f32>().unwrap()
+    }
+
+    /// A batched decoding step gives each sequence exactly the logits it gets alone, whatever the
+    /// other sequences and their cache lengths.
+    #[test]
+    fn decode_rows_equal_each_sequence_alone() {
+        for tied in [false, true] {
+            decode_rows_case(model(tied));
+        }
+    }
+
+    fn decode_rows_case(m: Qwen2ForCausalLM<Flex>) {
+        let prompts: [&[u32]; 3] = [&[5, 9, 17, 2], &[40], &[7, 7, 8, 100, 3, 1, 60]];
+        let mut alone: Vec<KvCache<Flex>> = Vec::new();
+        let mut batched: Vec<KvCache<Flex>> = Vec::new();
+        for p in prompts {
+            let mut c = KvCache::new(m.model.layers.len());
+            m.forward_step_last(ids(p), &mut c);
+            alone.push(c.clone());
+            batched.push(c);
+        }
+        let mut tokens = vec![11u32, 12, 13];
+        for step in 0..4 {
+            let mut refs: Vec<&mut KvCache<Flex>> = batched.iter_mut().collect();
+            let all = row(m.decode_rows(&tokens, &mut refs));
+            let vocab = all.len() / 3;
+            for (i, cache) in alone.iter_mut().enumerate() {
+                let one = row(m.forward_step_last(ids(&[tokens[i]]), cache));
+                assert_eq!(one, all[i * vocab..(i + 1) * vocab], "step {step}, row {i}");
+                assert_eq!(cache.len(), batched[i].len());
+            }
+            // The last row alone in a batch of one, too.
+            let mut solo = batched[2].clone();
+            let mut alone2 = alone[2].clone();
+            let a = row(m.decode_rows(&[tokens[2] + 1], &mut [&mut solo]));
+            let b = row(m.forward_step_last(ids(&[tokens[2] + 1]), &mut alone2));
+            assert_eq!(a, b, "step {step}, batch of one");
+            tokens.iter_mut().for_each(|t| *t = (*t * 7 + step) % 101);
+        }
     }
 }

@@ -53,6 +53,22 @@ impl<B: Backend> Qwen2DecoderLayer<B> {
         let h = x + self.self_attn.forward(attn, rope, bias, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
+
+    /// One new token per sequence, each after its own cache: [`Qwen2Attention::forward_rows`] and
+    /// [`Qwen2Mlp::forward_rows`] (batched decoding; rows independent of each other).
+    pub fn forward_rows(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeCache<B>,
+        caches: &mut [&mut LayerCache<B>],
+    ) -> Tensor<B, 3> {
+        let attn = self.input_layernorm.forward(x.clone());
+        let h = x + self.self_attn.forward_rows(attn, rope, caches);
+        h.clone()
+            + self
+                .mlp
+                .forward_rows(self.post_attention_layernorm.forward(h))
+    }
 }
 
 /// The decoder stack without the output head (HF `Qwen2Model`).
@@ -215,11 +231,34 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
                 let [b, s, h] = hidden.dims();
                 let vocab = e.dims()[0];
                 let logits = if b * s == 1 && !B::ad_enabled(&hidden.device()) {
-                    e.matmul(hidden.reshape([h, 1]))
+                    let row = hidden.clone().reshape([1, h]);
+                    match kernels::cpu::linear_rows(&row, &e, None) {
+                        Some(l) => l,
+                        None => e.matmul(hidden.reshape([h, 1])),
+                    }
                 } else {
                     hidden.reshape([b * s, h]).matmul(e.transpose())
                 };
                 logits.reshape([b, s, vocab])
+            }
+        }
+    }
+
+    /// Logits `[n, vocab]` of final hidden states `[n, hidden]` at inference, each row independent
+    /// of the others (batched decoding): equal to [`Self::logits`] of that row alone.
+    pub fn logits_rows(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Some(head) => head.forward_rows(hidden),
+            None => {
+                let e = self.model.embed_tokens.weight.val();
+                match kernels::cpu::linear_rows(&hidden, &e, None) {
+                    Some(l) => l,
+                    None => {
+                        let [n, h] = hidden.dims();
+                        self.logits(hidden.reshape([1, n, h]))
+                            .reshape([n, e.dims()[0]])
+                    }
+                }
             }
         }
     }

@@ -29,6 +29,7 @@ pub mod gemm;
 mod lora_linear;
 mod norm;
 mod rope;
+mod rows;
 mod swiglu;
 
 pub use attention::{attention, AttentionMask};
@@ -50,6 +51,43 @@ pub type HostTensor = burn::tensor::ops::FloatTensor<Ad>;
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("FERROLORA_FUSED_KERNELS").map_or(true, |v| v != "0"))
+}
+
+/// `x·wᵀ (+ bias)` for `x` `[n, k]` and `w` `[out, k]` at inference (plain Flex, no autodiff, f32),
+/// with row `j` of the result independent of the other rows ([`rows`]): what batched decoding
+/// multiplies by. `None` on another backend or dtype (the caller multiplies with Burn).
+pub fn linear_rows<B: Backend>(
+    x: &Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+) -> Option<Tensor<B, 2>> {
+    if TypeId::of::<B>() != TypeId::of::<Flex>()
+        || !enabled()
+        || x.dtype() != DType::F32
+        || w.dtype() != DType::F32
+        || bias.is_some_and(|b| b.dtype() != DType::F32)
+    {
+        return None;
+    }
+    let ([n, k], [out, wk]) = (x.dims(), w.dims());
+    if k != wk || k == 0 {
+        return None;
+    }
+    let plain = |t: Tensor<Flex, 2>| contiguous(t.into_primitive().tensor());
+    let xf = plain(same_type::<_, Tensor<Flex, 2>>(x.clone())?);
+    let wf = plain(same_type::<_, Tensor<Flex, 2>>(w.clone())?);
+    let bf = match bias {
+        Some(b) => Some(contiguous(
+            same_type::<_, Tensor<Flex, 1>>(b.clone())?
+                .into_primitive()
+                .tensor(),
+        )),
+        None => None,
+    };
+    let y = rows::linear_rows(slice(&xf), slice(&wf), bf.as_ref().map(slice), n, k);
+    same_type(Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(
+        flex(y, [n, out]),
+    )))
 }
 
 /// Whether `B` computes on the host CPU (Flex, also under `Autodiff`), where a kernel written in
