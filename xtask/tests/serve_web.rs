@@ -1,9 +1,10 @@
 //! The chat page of `cargo xtask serve` in a real browser: headless Chromium, driven over the Chrome
-//! DevTools Protocol (CDP), opens `/` of the demo server, lists the models, and holds a two-turn
+//! DevTools Protocol (CDP), opens `/` of the demo server (the demo model and the adapter that
+//! `cargo xtask finetune` trains), lists the models, picks the adapter, and holds a two-turn
 //! conversation typed as a user would (Shift+Enter for a new line, Enter to send, then a click on
-//! Send). Each streamed answer must equal the `content` of a non-streaming
-//! `POST /v1/chat/completions` with the same messages (so the page sends the whole history), the
-//! same model, temperature 0 and the same `max_tokens`. A screenshot of the page goes to
+//! Send). Each request must carry the whole history, and each streamed answer must equal the
+//! `content` of a non-streaming `POST /v1/chat/completions` with the same messages, the same model,
+//! temperature 0 and the same `max_tokens`. A screenshot of the page goes to
 //! `target/serve-web.png`, and with `FERROLORA_WRITE_SCREENSHOT=1` also to `docs/serve-web.png`.
 //! Then a request the server refuses (`max_tokens` 0) shows the server's message in the answer's
 //! place, and Clear empties the conversation.
@@ -45,7 +46,21 @@ fn web_page_streams_the_same_answers_as_the_api() {
         return;
     };
 
+    // The demo fine-tune (a few seconds) leaves runs/demo/adapter, which serve offers as
+    // `demo-adapter`: its answers read as text, the random base model's do not.
     let cwd = tempfile::tempdir().unwrap();
+    let finetune = Command::new(XTASK)
+        .arg("finetune")
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    assert!(
+        finetune.status.success(),
+        "xtask finetune (the demo) failed ({}):\n{}\n{}",
+        finetune.status,
+        String::from_utf8_lossy(&finetune.stdout),
+        String::from_utf8_lossy(&finetune.stderr)
+    );
     let server = Logged::spawn(
         "xtask serve",
         Command::new(XTASK)
@@ -81,7 +96,7 @@ fn web_page_streams_the_same_answers_as_the_api() {
     );
     page.call("Page.navigate", json!({ "url": format!("{base}/") }));
 
-    // The model list: the first entry is selected, and the demo's base model is among them.
+    // The model list: the demo's base model and its adapter.
     let models = page.wait_for(
         "the model list",
         r#"(() => {
@@ -98,32 +113,46 @@ fn web_page_streams_the_same_answers_as_the_api() {
         )
     });
     assert!(
-        models.iter().any(|m| m == "demo"),
+        models == ["demo", "demo-adapter"],
         "{}",
         page.failure(&format!(
-            "the page lists {models:?}, without the demo model `demo`"
+            "the page lists {models:?}, not the demo's `demo` and `demo-adapter`"
         ))
     );
-    let model = page.eval(r#"document.getElementById("model").value"#);
-    let model = model.as_str().unwrap().to_owned();
+    let model = "demo-adapter";
+    page.eval(&format!(
+        r#"document.getElementById("model").value = "{model}""#
+    ));
+    // Records the body of each request the page posts, to check what it sends (the history).
+    page.eval(
+        r#"window.sentRequests = [];
+        const fetchAsBefore = window.fetch;
+        window.fetch = (url, init) => {
+            if (init?.body) window.sentRequests.push(JSON.parse(init.body));
+            return fetchAsBefore(url, init);
+        };"#,
+    );
 
     // Turn 1: two lines (Shift+Enter inserts the line break), sent with Enter.
     page.eval(r#"document.getElementById("input").focus()"#);
-    page.insert_text("Hello");
+    page.insert_text("Who are you,");
     page.key_enter(true);
-    page.insert_text("who are you?");
+    page.insert_text("my lady?");
     page.key_enter(false);
-    let mut messages = vec![json!({"role": "user", "content": "Hello\nwho are you?"})];
-    let answer = page.wait_for_answer(1);
-    check_turn(&page, &base, &model, &mut messages, &answer);
+    let mut messages = vec![json!({"role": "user", "content": "Who are you,\nmy lady?"})];
+    check_turn(&mut page, &base, model, &mut messages, 1);
+    // Not two empty strings compared: the adapter answers this one.
+    assert!(
+        !messages[1]["content"].as_str().unwrap().is_empty(),
+        "the demo adapter answered nothing to the first message"
+    );
 
     // Turn 2: sent with a click on Send; the request must carry turn 1 too.
     page.eval(r#"document.getElementById("input").focus()"#);
-    page.insert_text("And then?");
+    page.insert_text("Light the lanterns in the hall.");
     page.click("#send");
-    messages.push(json!({"role": "user", "content": "And then?"}));
-    let answer = page.wait_for_answer(2);
-    check_turn(&page, &base, &model, &mut messages, &answer);
+    messages.push(json!({"role": "user", "content": "Light the lanterns in the hall."}));
+    check_turn(&mut page, &base, model, &mut messages, 2);
 
     let png = page.call("Page.captureScreenshot", json!({"format": "png"}));
     let png = base64::engine::general_purpose::STANDARD
@@ -164,15 +193,36 @@ fn web_page_streams_the_same_answers_as_the_api() {
     assert_eq!(left, 0, "{}", page.failure("Clear left turns on the page"));
 }
 
-/// Checks the page's last exchange: its user turn shows the last of `messages`, and its streamed
-/// answer equals the API's non-streaming greedy answer to `messages`; then appends the answer.
-fn check_turn(page: &Page, base: &str, model: &str, messages: &mut Vec<Value>, answer: &Value) {
+/// Checks the page's exchange `n` (1-based), once its answer is complete: the user turn shows the
+/// last of `messages`; the page's request carried exactly `messages` (the history, and no system
+/// message), the model, temperature 0, the default `max_tokens` and `stream: true`; the streamed
+/// answer equals the API's non-streaming greedy answer to `messages`. Then appends the answer.
+fn check_turn(page: &mut Page, base: &str, model: &str, messages: &mut Vec<Value>, n: usize) {
+    let answer = page.wait_for_answer(n);
     let user = messages.last().unwrap()["content"].as_str().unwrap();
     assert_eq!(
         answer["user"].as_str(),
         Some(user),
         "{}",
-        page.failure("the page's last user turn is not the message typed")
+        page.failure(&format!(
+            "turn {n}: the page's user turn is not the message typed"
+        ))
+    );
+    let sent = page.eval(&format!("window.sentRequests[{n} - 1]"));
+    let want_sent = json!({
+        "model": model,
+        "messages": messages,
+        "temperature": 0,
+        "max_tokens": MAX_TOKENS,
+        "stream": true,
+    });
+    assert_eq!(
+        sent,
+        want_sent,
+        "{}",
+        page.failure(&format!(
+            "turn {n}: the page's request body is not the one expected"
+        ))
     );
     let streamed = answer["text"].as_str().unwrap();
     let want = complete(base, model, messages);
@@ -181,14 +231,9 @@ fn check_turn(page: &Page, base: &str, model: &str, messages: &mut Vec<Value>, a
         want,
         "{}",
         page.failure(&format!(
-            "turn {}: the page's streamed answer differs from the non-streaming API's to the same \
-             messages {messages:?}",
-            messages.len().div_ceil(2)
+            "turn {n}: the page's streamed answer differs from the non-streaming API's to the same \
+             messages {messages:?}"
         ))
-    );
-    assert!(
-        !want.is_empty(),
-        "the demo model answered nothing to {messages:?}"
     );
     messages.push(json!({"role": "assistant", "content": want}));
 }
