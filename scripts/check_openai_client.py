@@ -5,8 +5,9 @@ Pinned environment (made by this script when missing, in .venv-openai):
     openai==3.57.0  (Python 3.11)
 By hand: python3 -m venv .venv-openai && .venv-openai/bin/pip install openai==3.57.0
 
-Run (from the repository root; builds xtask, then serves the built-in demo model on a free port
-from a temporary directory, and stops it at the end):
+Run (from the repository root; builds xtask, runs the demo fine-tune (`cargo xtask finetune`, ~10 s)
+in a temporary directory, serves the demo model and its adapter from there on a free port, and
+stops the server at the end):
     python3 scripts/check_openai_client.py
 Or against a server already running (every model it lists is checked):
     python3 scripts/check_openai_client.py --base-url http://127.0.0.1:8000 [--api-key KEY]
@@ -31,8 +32,9 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 VENV = os.path.join(ROOT, ".venv-openai")
 PINS = ["openai==3.57.0"]
 XTASK = os.path.join(ROOT, "target", "release", "xtask")
-MAX_TOKENS = 24
-MESSAGES = [{"role": "user", "content": "Hello, who are you?"}]
+MAX_TOKENS = 64
+# One of the demo's held-out requests: the demo adapter answers it and stops; the base does not.
+MESSAGES = [{"role": "user", "content": "Who are you, my lady?"}]
 
 
 def in_venv():
@@ -47,8 +49,12 @@ def in_venv():
 
 
 def start_server(cwd):
-    """Builds and starts `xtask serve --port 0` in `cwd`; returns the process and its base URL."""
+    """Builds xtask, runs the demo fine-tune in `cwd` (so that `serve` has its adapter too) and
+    starts `xtask serve --port 0` there; returns the process and its base URL."""
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "xtask"], cwd=ROOT, check=True)
+    ft = subprocess.run([XTASK, "finetune"], cwd=cwd, capture_output=True, text=True)
+    if ft.returncode != 0:
+        sys.exit(f"FAIL: xtask finetune ({ft.returncode}):\n{ft.stdout}\n{ft.stderr}")
     p = subprocess.Popen([XTASK, "serve", "--port", "0"], cwd=cwd, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = []
