@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod out;
 
 mod bench_matmul;
+mod bench_serve;
 mod bench_train;
 mod chat;
 mod data;
@@ -42,6 +43,9 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Matrix-product rate (GFLOP/s) of the backend for given shapes and dtype.
     BenchMatmul(bench_matmul::BenchMatmulArgs),
+    /// Throughput of `serve` for 1, 8, 32 concurrent streaming clients (tokens/s, time to first
+    /// token), over HTTP on the loopback.
+    BenchServe(bench_serve::BenchServeArgs),
     /// Time LoRA training steps of a random-weight model (compare with peft_baseline.py).
     BenchTrain(bench_train::BenchTrainArgs),
     /// Fine-tune a model with LoRA (the tutorial's recipe by default) and write a PEFT adapter;
@@ -86,6 +90,7 @@ fn main() {
         Command::Chat(a) => chat::run(a),
         Command::BenchMatmul(a) => bench_matmul::run(a),
         Command::BenchTrain(a) => bench_train::run(a),
+        Command::BenchServe(a) => bench_serve::run(a),
         Command::Finetune(a) => finetune_or_demo(&a),
         Command::Download(a) => hub::download(a),
         Command::Eval(a) => eval::run(a),

@@ -71,6 +71,8 @@ pub struct ChatRequest {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// vLLM's extension: keep generating past end-of-sequence tokens (for benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// The fields read; everything else a client sends (`user`, `presence_penalty` 0, ...) is ignored
@@ -93,6 +95,7 @@ struct Raw {
     logprobs: Option<Value>,
     tools: Option<Value>,
     response_format: Option<Value>,
+    ignore_eos: Option<Value>,
 }
 
 /// Parses and checks a request body.
@@ -224,7 +227,18 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let ignore_eos = match raw.ignore_eos {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(v) => {
+            return Err(ApiError::bad(
+                "ignore_eos",
+                format!("`ignore_eos` must be true or false, got {v}"),
+            ))
+        }
+    };
     Ok(ChatRequest {
+        ignore_eos,
         model,
         messages,
         max_tokens,

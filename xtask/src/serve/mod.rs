@@ -509,6 +509,9 @@ fn prepare(app: &App, r: &ChatRequest) -> Result<(usize, Vec<u32>, GenerationCon
     if let Some(s) = r.seed {
         g.seed = s;
     }
+    if r.ignore_eos {
+        g.eos_token_id.clear();
+    }
     Ok((model, prompt, g))
 }
 
