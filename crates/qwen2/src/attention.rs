@@ -92,17 +92,26 @@ impl<B: Backend> Qwen2Attention<B> {
         let q = rope.apply_bshd(self.q_proj.forward(x.clone()).reshape([b, s, nh, d]));
         let k = rope.apply_bshd(self.k_proj.forward(x.clone()).reshape([b, s, nkv, d]));
         let v = self.v_proj.forward(x).reshape([b, s, nkv, d]);
-        let fused = match (&cache, bias) {
-            (None, AttentionBias::Dense(m)) => {
+        // An empty cache (a prompt) attends like a forward without one; its keys and values are
+        // then cached.
+        let fresh = cache.as_ref().is_none_or(|c| c.is_none());
+        let fused = match bias {
+            AttentionBias::Dense(m) if fresh && m.dims()[3] == s => {
                 kernels::cpu::attention(&q, &k, &v, AttentionMask::Dense(m))
             }
-            (None, AttentionBias::Packed(m)) => {
+            AttentionBias::Packed(m) if cache.is_none() => {
                 kernels::cpu::attention(&q, &k, &v, AttentionMask::Packed(m))
             }
             _ => None,
         };
         let out = match fused {
-            Some(out) => out,
+            Some(out) => {
+                if let Some(slot) = cache {
+                    // [batch, seq, kv_heads, head_dim] -> [batch, kv_heads, seq, head_dim]
+                    *slot = Some((k.swap_dims(1, 2), v.swap_dims(1, 2)));
+                }
+                out
+            }
             None => {
                 // [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
                 let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));

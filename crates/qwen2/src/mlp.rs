@@ -48,6 +48,7 @@ impl<B: Backend> Qwen2Mlp<B> {
     pub fn forward_rows(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate = self.gate_proj.forward_rows(x.clone());
         let up = self.up_proj.forward_rows(x);
-        self.down_proj.forward_rows(silu(gate) * up)
+        let h = kernels::cpu::swiglu(&gate, &up).unwrap_or_else(|| silu(gate) * up);
+        self.down_proj.forward_rows(h)
     }
 }

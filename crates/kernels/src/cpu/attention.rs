@@ -14,7 +14,10 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat, MatMut, Threads};
-use super::{applies, contiguous, flex, from_host, host, record, register, slice};
+use super::{
+    applies, contiguous, flex, from_host, from_inference, host, inference, infers, record,
+    register, slice,
+};
 
 /// Which keys each query sees, as additive f32 masks (`0` where visible, `f32::MIN` where hidden).
 #[derive(Clone, Copy, Debug)]
@@ -46,6 +49,25 @@ pub fn attention<B: Backend>(
     v: &Tensor<B, 4>,
     mask: AttentionMask<'_, B>,
 ) -> Option<Tensor<B, 4>> {
+    if infers::<B>() {
+        let (dense, packed);
+        let mask = match mask {
+            AttentionMask::Dense(m) => {
+                dense = inference(m)?;
+                AttentionMask::Dense(&dense)
+            }
+            AttentionMask::Packed(list) => {
+                packed = list.iter().map(inference).collect::<Option<Vec<_>>>()?;
+                AttentionMask::Packed(&packed)
+            }
+        };
+        return from_inference(attention(
+            &inference(q)?,
+            &inference(k)?,
+            &inference(v)?,
+            mask,
+        )?);
+    }
     if !applies::<B>(&[q.dtype(), k.dtype(), v.dtype()]) {
         return None;
     }

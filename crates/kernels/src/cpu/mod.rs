@@ -102,6 +102,25 @@ pub fn applies<B: Backend>(dtypes: &[DType]) -> bool {
     TypeId::of::<B>() == TypeId::of::<Ad>() && enabled() && dtypes.iter().all(|&d| d == DType::F32)
 }
 
+/// Whether `B` is plain Flex (inference: no autodiff) and the fused operations are on: then
+/// RMSNorm, SwiGLU, RoPE and attention run their fused forward ([`inference`], [`from_inference`]).
+fn infers<B: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<Flex>() && enabled()
+}
+
+/// A plain Flex tensor as an untracked `Autodiff<Flex>` one (no graph, nothing kept for a
+/// backward), so that a fused operation runs its forward alone at inference.
+fn inference<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Tensor<Ad, D>> {
+    Some(Tensor::<Ad, D>::from_inner(
+        same_type::<_, Tensor<Flex, D>>(t.clone())?,
+    ))
+}
+
+/// The result of a fused operation run through [`inference`], back as plain Flex.
+fn from_inference<B: Backend, const D: usize>(t: Tensor<Ad, D>) -> Option<Tensor<B, D>> {
+    same_type(t.inner())
+}
+
 /// `t`'s `Autodiff<Flex>` primitive, or `None` when `B` is another backend.
 pub fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Option<HostTensor> {
     Some(same_type::<_, Tensor<Ad, D>>(t)?.into_primitive().tensor())

@@ -12,7 +12,10 @@ use burn::tensor::Tensor;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{applies, contiguous, flex, from_host, host, record, register, slice};
+use super::{
+    applies, contiguous, flex, from_host, from_inference, host, inference, infers, record,
+    register, slice,
+};
 
 /// Rows per parallel task.
 const ROWS: usize = 8;
@@ -24,6 +27,9 @@ pub fn rms_norm<B: Backend, const D: usize>(
     weight: &Tensor<B, 1>,
     eps: f64,
 ) -> Option<Tensor<B, D>> {
+    if infers::<B>() {
+        return from_inference(rms_norm(&inference(x)?, &inference(weight)?, eps)?);
+    }
     if !applies::<B>(&[x.dtype(), weight.dtype()])
         || weight.is_require_grad()
         || x.dims()[D - 1] != weight.dims()[0]

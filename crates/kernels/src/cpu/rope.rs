@@ -12,7 +12,10 @@ use burn::tensor::Tensor;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{applies, contiguous, flex, from_host, host, record, register, slice};
+use super::{
+    applies, contiguous, flex, from_host, from_inference, host, inference, infers, record,
+    register, slice,
+};
 
 /// `x·cos + rotate_half(x)·sin` per head for `x` `[batch, seq, heads, head_dim]` and tables `cos`,
 /// `sin` `[1 or batch, 1, seq, head_dim]`, or `None` when the operation does not apply.
@@ -21,6 +24,9 @@ pub fn rope<B: Backend>(
     cos: &Tensor<B, 4>,
     sin: &Tensor<B, 4>,
 ) -> Option<Tensor<B, 4>> {
+    if infers::<B>() {
+        return from_inference(rope(&inference(x)?, &inference(cos)?, &inference(sin)?)?);
+    }
     if !applies::<B>(&[x.dtype(), cos.dtype(), sin.dtype()]) {
         return None;
     }

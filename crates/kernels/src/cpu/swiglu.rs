@@ -10,7 +10,10 @@ use burn::tensor::Tensor;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{applies, contiguous, flex, from_host, host, record, register, slice};
+use super::{
+    applies, contiguous, flex, from_host, from_inference, host, inference, infers, record,
+    register, slice,
+};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -31,6 +34,9 @@ pub fn swiglu<B: Backend, const D: usize>(
     gate: &Tensor<B, D>,
     up: &Tensor<B, D>,
 ) -> Option<Tensor<B, D>> {
+    if infers::<B>() {
+        return from_inference(swiglu(&inference(gate)?, &inference(up)?)?);
+    }
     if !applies::<B>(&[gate.dtype(), up.dtype()]) || gate.dims() != up.dims() {
         return None;
     }
