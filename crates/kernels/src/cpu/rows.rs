@@ -28,26 +28,47 @@ pub fn linear_rows(x: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, k: usiz
     if let Some(b) = bias {
         assert_eq!(b.len(), out, "linear_rows: bias length");
     }
-    // Computed as yᵀ `[out, n]` (each task owns whole rows of it), transposed at the end.
-    let mut yt = vec![0f32; out * n];
-    let task = |(blk, dst): (usize, &mut [f32])| {
-        let o0 = blk * BLOCK;
-        let rows = dst.len() / n;
-        block(x, &w[o0 * k..(o0 + rows) * k], n, k, dst);
-    };
-    if out * n * k >= 1 << 16 {
-        yt.par_chunks_mut(BLOCK * n).enumerate().for_each(task);
-    } else {
-        yt.chunks_mut(BLOCK * n).enumerate().for_each(task);
-    }
     let mut y = vec![0f32; n * out];
-    for o in 0..out {
-        let b = bias.map_or(0.0, |b| b[o]);
+    let dst = Dst(y.as_mut_ptr());
+    let task = |blk: usize| {
+        let o0 = blk * BLOCK;
+        let rows = BLOCK.min(out - o0);
+        // This block's outputs as yᵀ `[rows, n]`, then written into its columns of y.
+        let mut t = vec![0f32; rows * n];
+        block(x, &w[o0 * k..(o0 + rows) * k], n, k, &mut t);
         for j in 0..n {
-            y[j * out + o] = yt[o * n + j] + b;
+            for r in 0..rows {
+                let v = t[r * n + j] + bias.map_or(0.0, |b| b[o0 + r]);
+                // SAFETY: j < n and o0 + r < out, so the index lies inside y (n · out elements);
+                // each block writes only its own columns o0..o0 + rows, so no two tasks write the
+                // same element, and y is not read until every task has finished.
+                unsafe { dst.at(j * out + o0 + r).write(v) };
+            }
         }
+    };
+    let blocks = out.div_ceil(BLOCK);
+    if out * n * k >= 1 << 16 {
+        (0..blocks).into_par_iter().for_each(task);
+    } else {
+        (0..blocks).for_each(task);
     }
     y
+}
+
+/// The output of [`linear_rows`], written by the tasks at disjoint indices.
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+// SAFETY: the tasks write disjoint elements through it (see `linear_rows`), and the buffer outlives
+// them.
+unsafe impl Send for Dst {}
+// SAFETY: as above.
+unsafe impl Sync for Dst {}
+
+impl Dst {
+    /// The address of element `i` (a method, so that closures capture the whole `Dst`).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
 }
 
 /// `dst[r·n + j] = dot(w[r], x[j])` for the weight rows of `w`, in tiles of 4 weight rows by 4 (or
