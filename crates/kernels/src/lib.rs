@@ -4,4 +4,5 @@
 #[cfg(feature = "cpu")]
 pub mod cpu;
 pub mod io;
+pub mod quant;
 pub mod rng;
