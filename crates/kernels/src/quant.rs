@@ -8,9 +8,10 @@
 //!   nearest code (the codes' midpoints as bucket bounds, a value on a bound going to the lower
 //!   bucket: `torch.bucketize`).
 //! * Two indices per byte, the first in the high nibble.
-//! * Double quantization (`bnb_4bit_use_double_quant`): the scales minus their mean (`offset`) are
-//!   quantized to 8 bits in blocks of 256 with bitsandbytes' signed dynamic code, each block with its
-//!   own f32 scale.
+//! * Double quantization (`bnb_4bit_use_double_quant`): the scales minus their mean (`offset`, torch's
+//!   single-threaded float mean) are quantized to 8 bits in blocks of 256 with bitsandbytes' signed
+//!   dynamic code, each block with its own f32 scale, through the 65536-point grid bitsandbytes' CPU
+//!   kernel uses.
 //! * Dequantization: `code[index] · scale` in f32 (the scale itself being
 //!   `code8[q] · scale2 + offset` under double quantization).
 
@@ -180,7 +181,11 @@ impl Quantized {
             for (j, o) in chunk.iter_mut().enumerate() {
                 let i = b * BLOCK + j;
                 let byte = self.packed[i / 2];
-                let q = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
+                let q = if i.is_multiple_of(2) {
+                    byte >> 4
+                } else {
+                    byte & 0xF
+                };
                 *o = code[q as usize] * s;
             }
         }
@@ -230,7 +235,7 @@ pub fn dynamic_code() -> &'static [f32; 256] {
         for i in 0..7 {
             let items = (1usize << i) + 1;
             let bounds = linspace_f32(0.1, 1.0, items);
-            let scale = 10f64.powi(i as i32 - 6) as f32;
+            let scale = 10f64.powi(i - 6) as f32;
             for w in bounds.windows(2) {
                 let mean = (w[0] + w[1]) / 2.0;
                 data.push(scale * mean);
@@ -393,10 +398,10 @@ fn multi_row_sum<const W: usize, const R: usize>(
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..R {
-                let lower = acc[j - 1][k];
-                add(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0f32; W];
+            let (below, this) = acc.split_at_mut(j);
+            for (lower, upper) in below[j - 1].iter_mut().zip(this[0].iter_mut()) {
+                add(upper, lower);
+                *lower = [0f32; W];
             }
             if i & (mask << (j * power)) != 0 {
                 break;
@@ -409,11 +414,11 @@ fn multi_row_sum<const W: usize, const R: usize>(
         }
         i += 1;
     }
-    for j in 1..LEVELS {
-        for k in 0..R {
-            let upper = acc[j][k];
-            add(&mut acc[0][k], &upper);
+    let (first, rest) = acc.split_at_mut(1);
+    for level in rest.iter() {
+        for (a, b) in first[0].iter_mut().zip(level) {
+            add(a, b);
         }
     }
-    acc[0]
+    first[0]
 }
