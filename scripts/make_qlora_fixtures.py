@@ -3,11 +3,12 @@
 against (`crates/kernels/tests/quant_bnb.rs`).
 
 Pinned environment:
-    torch==2.15.0  bitsandbytes==0.50.2  numpy  (Python 3.11)
+    torch==2.15.0  transformers==5.24.0  bitsandbytes==0.50.2  numpy  safetensors==0.8.0
+    (Python 3.11)
 
 Run (from the repository root):
-    .venv/bin/pip install torch==2.15.0 bitsandbytes==0.50.2 numpy \
-        && .venv/bin/python scripts/make_qlora_fixtures.py [--dump DIR]
+    .venv/bin/pip install torch==2.15.0 transformers==5.24.0 bitsandbytes==0.50.2 numpy \
+        safetensors==0.8.0 && .venv/bin/python scripts/make_qlora_fixtures.py [--dump DIR]
 
 Each case's input is generated from SplitMix64 in float32 (the same arithmetic in the Rust test):
 element k uses z1, z2 = the (2k+1)-th and (2k+2)-th outputs of SplitMix64(seed),
@@ -17,6 +18,11 @@ quantization, `bitsandbytes.functional.quantize_4bit(x, blocksize=64, ...)` on t
 packed bytes, the scales (plain; or the 8-bit scales, their block scales and the offset) and
 `dequantize_4bit` to float32. `tests/fixtures/qlora/bnb.json` keeps their SHA-256 digests (and, for
 the small case, the values); `--dump DIR` also writes every array as .npy.
+
+Then transformers' QLoRA load of the f32 tiny fixtures (`from_pretrained(quantization_config=
+BitsAndBytesConfig(load_in_4bit=True, ...))`, bitsandbytes' `Linear4bit` on the CPU) and its logits
+on each fixture's reference inputs, computed as in training (the embeddings taking a gradient), for nf4 with double quantization and fp4 without:
+`tests/fixtures/qlora/{fixture}-{nf4-dq,fp4}.safetensors`, with the model's memory footprint.
 """
 import argparse
 import hashlib
@@ -90,10 +96,39 @@ def main():
                     os.makedirs(a.dump, exist_ok=True)
                     for k, v in arrays.items():
                         np.save(os.path.join(a.dump, f"{name}-{kind}-{int(double)}-{k}.npy"), v)
+    out["transformers"] = transformers_logits()
     path = "tests/fixtures/qlora/bnb.json"
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {path}: {len(out['cases'])} cases, bitsandbytes {bitsandbytes.__version__}")
+
+
+def transformers_logits():
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    footprints = {}
+    for fixture in ["tiny-tied-f32", "tiny-untied-f32-sharded"]:
+        d = f"tests/fixtures/{fixture}"
+        ref = load_file(f"{d}/reference.safetensors")
+        for tag, kind, double in [("nf4-dq", "nf4", True), ("fp4", "fp4", False)]:
+            cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                                     bnb_4bit_use_double_quant=double,
+                                     bnb_4bit_compute_dtype=torch.float32)
+            # Eager attention, as the fixtures' references (it differs from sdpa only on the
+            # padded rows' fully masked queries).
+            m = AutoModelForCausalLM.from_pretrained(d, quantization_config=cfg, device_map="cpu",
+                                                     dtype=torch.float32,
+                                                     attn_implementation="eager")
+            assert type(m.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+            # With the input taking a gradient, as in QLoRA training, `Linear4bit` runs
+            # `dequantize_4bit` + `linear` (without one, bitsandbytes' CPU inference path repacks the
+            # weights with bf16 scales, which is lossy).
+            embeds = m.model.embed_tokens(ref["input_ids"]).detach().requires_grad_(True)
+            logits = m(inputs_embeds=embeds, attention_mask=ref["attention_mask"]).logits.detach()
+            save_file({"logits": logits.contiguous()}, f"tests/fixtures/qlora/{fixture}-{tag}.safetensors")
+            footprints[f"{fixture}-{tag}"] = m.get_memory_footprint()
+    return {"memory_footprint": footprints}
 
 
 if __name__ == "__main__":

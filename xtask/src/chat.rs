@@ -33,6 +33,8 @@ pub struct ChatArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub revision: crate::hub::RevisionArg,
+    #[command(flatten)]
+    pub quant: crate::quant::QuantArgs,
     /// PEFT LoRA adapter to apply: a directory (adapter_config.json + adapter_model.safetensors)
     /// or a hub id.
     #[arg(long)]
@@ -141,8 +143,7 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
     }
     let tok = ChatTokenizer::load(&tok_path)
         .with_context(|| format!("loading the tokenizer from {}", tok_path.display()))?;
-    let loaded = qwen2::load_model::<B>(&dir, DType::F32, device)
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let loaded = a.quant.load::<B>(&dir, DType::F32, device)?;
     let cfg = generation_config(a, &dir, &loaded.config, &tok)?;
     let mut model = loaded.model;
     if let Some(adapter) = &a.adapter {

@@ -18,6 +18,8 @@ pub struct EvalArgs {
     model: PathBuf,
     #[command(flatten)]
     revision: crate::hub::RevisionArg,
+    #[command(flatten)]
+    quant: crate::quant::QuantArgs,
     /// A PEFT adapter to apply: a directory or a hub id.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -72,7 +74,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     if data.examples.is_empty() {
         return Err(crate::data::none_used(&a.data, &data.summary));
     }
-    let mut model = qwen2::load_model::<B>(&model_dir, DType::F32, &dev)?.model;
+    let mut model = a.quant.load::<B>(&model_dir, DType::F32, &dev)?.model;
     if let Some(arg) = &a.adapter {
         let dir = crate::hub::adapter(arg)?;
         model = lora_core::load_adapter(model, &dir)

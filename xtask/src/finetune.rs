@@ -80,6 +80,15 @@ pub struct FinetuneOptions {
     pub dry_run: bool,
     /// The memory the run may use (`12GB`, `500MiB`); default: the available RAM on the CPU.
     pub memory_budget: Option<String>,
+    /// QLoRA: the base's projection weights in 4 bits, quantized while loading (`load_in_4bit`).
+    pub load_in_4bit: bool,
+    /// `nf4` or `fp4`.
+    pub bnb_4bit_quant_type: String,
+    /// Quantize the 4-bit blocks' scales too.
+    pub bnb_4bit_use_double_quant: bool,
+    /// The dtype 4-bit weights are dequantized to (`float32`, `bfloat16`, `float16`; `None`: the
+    /// run's dtype).
+    pub bnb_4bit_compute_dtype: Option<String>,
     /// The loop's options (transformers' names).
     #[serde(flatten)]
     pub training: TrainingArguments,
@@ -113,6 +122,10 @@ impl Default for FinetuneOptions {
             not_learning_steps: 50,
             dry_run: false,
             memory_budget: None,
+            load_in_4bit: false,
+            bnb_4bit_quant_type: "nf4".into(),
+            bnb_4bit_use_double_quant: false,
+            bnb_4bit_compute_dtype: None,
             training: TrainingArguments::tutorial(PathBuf::from("output")),
         }
     }
@@ -214,6 +227,20 @@ struct OptionFlags {
     /// model loads [default: the available RAM on the CPU; not checked on CUDA]
     #[arg(long)]
     memory_budget: Option<String>,
+    /// QLoRA: hold the base's projection weights in 4 bits (bitsandbytes' NF4/FP4 layout),
+    /// quantized while loading; the adapters train in full precision (the bare flag means true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    load_in_4bit: Option<bool>,
+    /// nf4 or fp4 [default: nf4]
+    #[arg(long)]
+    bnb_4bit_quant_type: Option<String>,
+    /// Quantize the 4-bit blocks' scales too (the bare flag means true) [default: false]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    bnb_4bit_use_double_quant: Option<bool>,
+    /// float32, bfloat16 or float16: what 4-bit weights are dequantized to for each product
+    /// [default: the run's dtype]
+    #[arg(long)]
+    bnb_4bit_compute_dtype: Option<String>,
     #[command(flatten)]
     #[serde(flatten)]
     training: TrainingFlags,
@@ -430,7 +457,27 @@ impl FinetuneOptions {
         if !matches!(self.lint.as_str(), "error" | "warn") {
             bail!("--lint {:?}: use error or warn", self.lint);
         }
+        self.load4bit()?;
+        if !self.load_in_4bit
+            && (self.bnb_4bit_use_double_quant || self.bnb_4bit_compute_dtype.is_some())
+        {
+            bail!("--bnb-4bit-use-double-quant and --bnb-4bit-compute-dtype need --load-in-4bit");
+        }
         Ok(())
+    }
+
+    /// The 4-bit load asked for (`None` without `--load-in-4bit`).
+    pub fn load4bit(&self) -> anyhow::Result<Option<qwen2::Load4bit>> {
+        let run_dtype = match self.dtype() {
+            DType::F32 => "float32",
+            _ => "bfloat16",
+        };
+        crate::quant::load4bit(
+            self.load_in_4bit,
+            Some(&self.bnb_4bit_quant_type),
+            self.bnb_4bit_use_double_quant,
+            Some(self.bnb_4bit_compute_dtype.as_deref().unwrap_or(run_dtype)),
+        )
     }
 
     /// The base weights' dtype: bf16 on CUDA unless `--bf16 false`; f32 on the CPU.
@@ -569,7 +616,7 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
     // CPU: f32 throughout. GPU: bf16 base weights (unless --bf16 false), f32 adapters and
     // optimizer state.
     let dtype = o.dtype();
-    let loaded = qwen2::load_model::<B>(&model_dir, dtype, device)?;
+    let loaded = crate::quant::load::<B>(o.load4bit()?, &model_dir, dtype, device)?;
     outln!("loaded {} in {:.1?}", model_dir.display(), t.elapsed());
     B::seed(device, o.training.seed);
     let (model, lora_cfg, report) = match &o.init_adapter {
@@ -738,14 +785,19 @@ fn check_memory(
     let lengths: Vec<usize> = train.iter().map(|e| e.input_ids.len()).collect();
     let padding_free = o.padding_free.unwrap_or(o.device == "cpu");
     let lora = crate::plan::lora_params(config, o.lora_r, &o.target_modules);
+    let q4 = o.load4bit()?;
     let plan_for = |batch: usize, lengths: &[usize], checkpointing: bool| {
-        crate::plan::Plan::new(&crate::plan::PlanInput {
+        let mut plan = crate::plan::Plan::new(&crate::plan::PlanInput {
             config,
             lora_params: lora,
             weight_bytes: if o.dtype() == DType::F32 { 4 } else { 2 },
             tokens: max_micro_batch_tokens(lengths, batch, padding_free),
             checkpointing,
-        })
+        });
+        if let Some(q) = &q4 {
+            plan.weights = crate::quant::training_weights(config, q, checkpointing);
+        }
+        plan
     };
     let batch = o.training.per_device_train_batch_size;
     let ckpt = o.training.gradient_checkpointing;
@@ -1090,6 +1142,10 @@ mod tests {
             "--not-learning-steps=3",
             "--dry-run",
             "--memory-budget=9GB",
+            "--load-in-4bit",
+            "--bnb-4bit-quant-type=fp4",
+            "--bnb-4bit-use-double-quant",
+            "--bnb-4bit-compute-dtype=bfloat16",
             "--output-dir=o",
             "--per-device-train-batch-size=2",
             "--gradient-accumulation-steps=3",
@@ -1139,6 +1195,10 @@ mod tests {
             not_learning_steps: 3,
             dry_run: true,
             memory_budget: Some("9GB".into()),
+            load_in_4bit: true,
+            bnb_4bit_quant_type: "fp4".into(),
+            bnb_4bit_use_double_quant: true,
+            bnb_4bit_compute_dtype: Some("bfloat16".into()),
             training: TrainingArguments {
                 output_dir: "o".into(),
                 per_device_train_batch_size: 2,

@@ -17,6 +17,8 @@ pub struct InfoArgs {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub revision: crate::hub::RevisionArg,
+    #[command(flatten)]
+    pub quant: crate::quant::QuantArgs,
     /// A PEFT adapter directory (or hub id): print its adapter_config.json and the run.json of the
     /// fine-tune that wrote it.
     #[arg(long)]
@@ -49,12 +51,27 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
         cfg.rope_theta()
     );
     outln!("parameters: {}", cfg.num_parameters());
+    let q = a.quant.load4bit()?;
+    if let Some(q) = &q {
+        let (four, rest) = crate::quant::footprint(&cfg, q);
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        outln!(
+            "4-bit footprint ({}{}, compute {:?}): {:.2} GiB = {:.2} GiB of 4-bit projections + {:.2} GiB \
+             of embeddings, norms, biases and head (from config.json)",
+            q.quant_type.name(),
+            if q.double_quant { ", double quant" } else { "" },
+            q.compute_dtype,
+            gib(four + rest),
+            gib(four),
+            gib(rest)
+        );
+    }
     if a.config_only {
         return Ok(());
     }
     let t = Instant::now();
-    let loaded = qwen2::load_model::<burn::backend::Flex>(&dir, DType::F32, &Default::default())
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let loaded =
+        crate::quant::load::<burn::backend::Flex>(q, &dir, DType::F32, &Default::default())?;
     let r = &loaded.report;
     outln!(
         "loaded {} tensors ({} elements) from {} file(s) in {:.2?}; file dtypes {:?}; ignored {:?}",

@@ -25,6 +25,7 @@ mod merge;
 mod parity;
 mod plan;
 mod prepare;
+mod quant;
 mod serve;
 
 #[derive(Parser)]

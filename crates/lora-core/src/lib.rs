@@ -15,6 +15,6 @@ pub use adapter::{
 };
 pub use config::{InitLoraWeights, LayerSelector, LoraConfig, ModuleSelector};
 pub use error::LoraError;
-pub use linear::{param_id, LoraLinear, LoraWeight};
+pub use linear::{param_id, Base4bit, LoraLinear, LoraWeight};
 pub use params::{param_count, visit_params, ParamRef};
 pub use target::{apply_lora, is_targeted, merge_all, unmerge_all, LoraModel, LoraReport};

@@ -5,10 +5,12 @@
 //! (strided GEMM), so no conversion happens at load time.
 #![allow(non_snake_case)] // `lora_A` / `lora_B`: the field names are PEFT's checkpoint keys.
 
+use std::sync::Arc;
+
 use burn::module::{Initializer, Module, Param, ParamId};
 use burn::nn::Dropout;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{DType, Distribution, Tensor, TensorData};
 
 use crate::config::InitLoraWeights;
 use crate::dropout::{draw_key, dropout, keyed_dropout, keyed_masks};
@@ -38,6 +40,20 @@ pub struct LoraLinear<B: Backend> {
     pub scaling: f64,
     /// Whether `scaling·B·A` is currently folded into `weight` (then forward skips the side path).
     pub merged: bool,
+    /// The base weight in 4 bits (QLoRA: a model loaded with `load_in_4bit`). When set, `weight`
+    /// stays lazy (never allocated) and every product dequantizes this weight for that call, so
+    /// the full-precision base exists one layer at a time (plus what a training step keeps for
+    /// its backward).
+    #[module(skip)]
+    pub base_4bit: Option<Arc<Base4bit>>,
+}
+
+/// A base weight in bitsandbytes' 4-bit layout (`kernels::quant`), and the dtype products run in
+/// (`bnb_4bit_compute_dtype`).
+#[derive(Debug)]
+pub struct Base4bit {
+    pub quantized: kernels::quant::Quantized,
+    pub compute_dtype: DType,
 }
 
 impl<B: Backend> LoraLinear<B> {
@@ -64,6 +80,7 @@ impl<B: Backend> LoraLinear<B> {
             lora_dropout: None,
             scaling: 1.0,
             merged: false,
+            base_4bit: None,
         }
     }
 
@@ -159,6 +176,12 @@ impl<B: Backend> LoraLinear<B> {
                 "not merged"
             }));
         }
+        if self.base_4bit.is_some() {
+            return Err(state(
+                "the base weight is 4-bit (load_in_4bit): merge into the full-precision model \
+                 instead (load it without 4-bit quantization)",
+            ));
+        }
         let w = self.weight.val();
         let rg = w.is_require_grad();
         let new = self.folded(w, merge, module)?;
@@ -218,7 +241,7 @@ impl<B: Backend> LoraLinear<B> {
 
     /// The base map only: `x·Wᵀ + b` over the last dimension.
     pub fn forward_base<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        over_rows(x, |x| self.base(x))
+        over_rows(x, |x| self.base(x, &self.w()))
     }
 
     /// `x·Wᵀ + b + scaling · (dropout(x)·Aᵀ)·Bᵀ`; the base alone when no adapter is attached.
@@ -231,16 +254,17 @@ impl<B: Backend> LoraLinear<B> {
         let device = x.device();
         let key = self.dropout_key(&device);
         over_rows(x, |x| {
-            if let Some(y) = self.forward_fused(&x, key) {
+            let w = self.w();
+            if let Some(y) = self.forward_fused(&x, key, &w) {
                 return y;
             }
             if x.dims()[0] == 1 && !B::ad_enabled(&device) {
-                if let Some(y) = self.rows_kernel(&x) {
+                if let Some(y) = self.rows_kernel(&x, &w) {
                     return y;
                 }
-                return self.forward_row(x);
+                return self.forward_row(x, &w);
             }
-            self.forward_burn(x, key)
+            self.forward_burn(x, key, &w)
         })
     }
 
@@ -249,7 +273,7 @@ impl<B: Backend> LoraLinear<B> {
     /// [`Self::forward`] gives that row alone (`kernels::cpu::linear_rows`), so a sequence decodes
     /// the same tokens alone or in a batch; elsewhere this is [`Self::forward`].
     pub fn forward_rows<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        over_rows(x, |x| match self.rows_kernel(&x) {
+        over_rows(x, |x| match self.rows_kernel(&x, &self.w()) {
             Some(y) => y,
             None => self.forward(x),
         })
@@ -257,12 +281,12 @@ impl<B: Backend> LoraLinear<B> {
 
     /// `x·Wᵀ + b + scaling·(x·Aᵀ)·Bᵀ` with the row-independent CPU kernel, at inference.
     #[cfg(feature = "cpu-kernels")]
-    fn rows_kernel(&self, x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    fn rows_kernel(&self, x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
         if B::ad_enabled(&x.device()) {
             return None;
         }
         let bias = self.bias.as_ref().map(|b| b.val());
-        let y = kernels::cpu::linear_rows(x, &self.weight.val(), bias.as_ref())?;
+        let y = kernels::cpu::linear_rows(x, w, bias.as_ref())?;
         let Some((a, b)) = self.active_adapter() else {
             return Some(y);
         };
@@ -272,7 +296,7 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     #[cfg(not(feature = "cpu-kernels"))]
-    fn rows_kernel(&self, _: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    fn rows_kernel(&self, _: &Tensor<B, 2>, _: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
         None
     }
 
@@ -285,7 +309,7 @@ impl<B: Backend> LoraLinear<B> {
             let adapter = self.active_adapter();
             let bias = self.bias.as_ref().map(|b| b.val());
             let adapter = adapter.as_ref().map(|(a, b)| (a, b));
-            kernels::cpu::lora_linear_applies(dtype, &self.weight.val(), bias.as_ref(), adapter)
+            kernels::cpu::lora_linear_applies(dtype, &self.w(), bias.as_ref(), adapter)
         }
         #[cfg(not(feature = "cpu-kernels"))]
         {
@@ -298,7 +322,19 @@ impl<B: Backend> LoraLinear<B> {
     /// is tested against.
     pub fn forward_reference<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let key = self.dropout_key(&x.device());
-        over_rows(x, |x| self.forward_burn(x, key))
+        over_rows(x, |x| self.forward_burn(x, key, &self.w()))
+    }
+
+    /// The base weight `[out, in]`: the parameter, or the 4-bit weight dequantized now.
+    fn w(&self) -> Tensor<B, 2> {
+        match &self.base_4bit {
+            None => self.weight.val(),
+            Some(q) => {
+                let [out, d_in] = self.shape();
+                let data = TensorData::new(q.quantized.dequantize(), [out, d_in]);
+                Tensor::from_data(data, (&self.weight.lazy_device(), q.compute_dtype))
+            }
+        }
     }
 
     /// `(A, B)` of an attached adapter that is not merged.
@@ -323,7 +359,12 @@ impl<B: Backend> LoraLinear<B> {
 
     /// The fused operation, when it applies.
     #[cfg(feature = "cpu-kernels")]
-    fn forward_fused(&self, x: &Tensor<B, 2>, key: Option<u64>) -> Option<Tensor<B, 2>> {
+    fn forward_fused(
+        &self,
+        x: &Tensor<B, 2>,
+        key: Option<u64>,
+        w: &Tensor<B, 2>,
+    ) -> Option<Tensor<B, 2>> {
         let keep = 1.0 - self.lora_dropout.as_ref().map_or(0.0, |d| d.prob);
         let adapter = self.active_adapter().map(|(a, b)| kernels::cpu::Adapter {
             a,
@@ -332,24 +373,29 @@ impl<B: Backend> LoraLinear<B> {
             dropout: key.map(|k| (k, keep)),
         });
         let bias = self.bias.as_ref().map(|b| b.val());
-        kernels::cpu::lora_linear(x, &self.weight.val(), bias.as_ref(), adapter.as_ref())
+        kernels::cpu::lora_linear(x, w, bias.as_ref(), adapter.as_ref())
     }
 
     #[cfg(not(feature = "cpu-kernels"))]
-    fn forward_fused(&self, _: &Tensor<B, 2>, _: Option<u64>) -> Option<Tensor<B, 2>> {
+    fn forward_fused(
+        &self,
+        _: &Tensor<B, 2>,
+        _: Option<u64>,
+        _: &Tensor<B, 2>,
+    ) -> Option<Tensor<B, 2>> {
         None
     }
 
     /// `x·Wᵀ + b` for `x` `[rows, in]`.
-    fn base(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    fn base(&self, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
         let y = if self.weight_first(&x) {
             // (W·xᵀ)ᵀ: the same product with the weight on the left, where Flex's GEMM runs
             // 1.4–2.4× faster at prompt-sized row counts (`cargo xtask bench-matmul`, 2 threads:
             // 129×4864·(896×4864)ᵀ 79 GFLOP/s, 896×4864·(129×4864)ᵀ 186; 129×896·(4864×896)ᵀ 168,
             // 4864×896·(129×896)ᵀ 251).
-            self.weight.val().matmul(x.transpose()).transpose()
+            w.clone().matmul(x.transpose()).transpose()
         } else {
-            x.matmul(self.weight.val().transpose())
+            x.matmul(w.clone().transpose())
         };
         match &self.bias {
             Some(b) => y + b.val().unsqueeze::<2>(),
@@ -378,11 +424,11 @@ impl<B: Backend> LoraLinear<B> {
     /// on Flex a matrix-vector product with the transposed view `x·Wᵀ` is ~20× slower than with the
     /// contiguous weight (measured: 22 ms against 1 ms for 4864×896), and decoding is nothing but
     /// such products.
-    fn forward_row(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    fn forward_row(&self, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
         let [out, d_in] = self.shape();
         // [1, in] -> [in, 1] (free), [out, in] @ [in, 1] -> [out, 1]
         let xc = x.reshape([d_in, 1]);
-        let mut y = self.weight.val().matmul(xc.clone());
+        let mut y = w.clone().matmul(xc.clone());
         if let Some(bias) = &self.bias {
             y = y + bias.val().reshape([out, 1]);
         }
@@ -407,9 +453,9 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// The Burn-ops form for `x` `[rows, in]`.
-    fn forward_burn(&self, x: Tensor<B, 2>, key: Option<u64>) -> Tensor<B, 2> {
+    fn forward_burn(&self, x: Tensor<B, 2>, key: Option<u64>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
         let Some((a, b)) = self.active_adapter() else {
-            return self.base(x);
+            return self.base(x, w);
         };
         // Mixed precision: a bf16 base with f32 adapters computes the side path in the adapters'
         // dtype and adds it back in the base's (PEFT casts, then applies dropout, in that order).
@@ -434,7 +480,7 @@ impl<B: Backend> LoraLinear<B> {
         } else {
             side.cast(dtype)
         };
-        self.base(x) + side
+        self.base(x, w) + side
     }
 }
 
@@ -473,6 +519,7 @@ impl<B: Backend> From<burn::nn::Linear<B>> for LoraLinear<B> {
             lora_dropout: None,
             scaling: 1.0,
             merged: false,
+            base_4bit: None,
         }
     }
 }

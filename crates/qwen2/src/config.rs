@@ -183,7 +183,27 @@ impl Qwen2Config {
 
     /// Parses `config.json` text and validates it.
     pub fn from_json_str(text: &str) -> Result<Self, Qwen2Error> {
-        let cfg: Self = serde_json::from_str(text).map_err(|e| Qwen2Error::ConfigParse {
+        let raw: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Qwen2Error::ConfigParse {
+                path: None,
+                reason: e.to_string(),
+            })?;
+        // A checkpoint quantized by bitsandbytes, GPTQ, AWQ, ...: its weights are not floats.
+        if let Some(q) = raw.get("quantization_config").filter(|q| !q.is_null()) {
+            let method = q
+                .get("quant_method")
+                .and_then(|m| m.as_str())
+                .unwrap_or("unknown");
+            return Err(Qwen2Error::InvalidConfig {
+                path: None,
+                reason: format!(
+                    "the checkpoint is already quantized (quantization_config.quant_method \
+                     {method:?}), which this loader does not read: use the full-precision original \
+                     (f32/bf16/f16 weights); `--load-in-4bit` quantizes it while loading"
+                ),
+            });
+        }
+        let cfg: Self = serde_json::from_value(raw).map_err(|e| Qwen2Error::ConfigParse {
             path: None,
             reason: e.to_string(),
         })?;

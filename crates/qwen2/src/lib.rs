@@ -32,7 +32,8 @@ pub use gguf_vocab::tokenizer_metadata;
 /// The seeded generator of sampling (`kernels::rng::SplitMix64`).
 pub use kernels::rng::SplitMix64;
 pub use load::{
-    load_model, load_safetensors_into, parameter_shapes, weight_files, LoadReport, LoadedModel,
+    load_model, load_model_4bit, load_safetensors_into, parameter_shapes, quantized_key,
+    weight_files, Load4bit, LoadReport, LoadedModel,
 };
 pub use mlp::Qwen2Mlp;
 pub use model::{

@@ -53,6 +53,25 @@ pub struct LoadReport {
     pub ignored: Vec<String>,
     /// Storage dtypes seen in the files.
     pub file_dtypes: Vec<String>,
+    /// With a 4-bit load: the weights quantized, and their bytes (packed values and scales).
+    pub quantized_tensors: usize,
+    pub quantized_bytes: usize,
+}
+
+/// How [`load_model_4bit`] quantizes: transformers' `BitsAndBytesConfig` fields
+/// (`bnb_4bit_quant_type`, `bnb_4bit_use_double_quant`, `bnb_4bit_compute_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Load4bit {
+    pub quant_type: kernels::quant::Kind,
+    pub double_quant: bool,
+    pub compute_dtype: DType,
+}
+
+/// Whether a 4-bit load quantizes parameter `key`: the decoder layers' seven projection weights,
+/// the layers bitsandbytes + transformers replace with `Linear4bit`. Embeddings, norms, biases and
+/// `lm_head` stay in the compute dtype, as there.
+pub fn quantized_key(key: &str) -> bool {
+    key.starts_with("model.layers.") && key.ends_with("_proj.weight")
 }
 
 /// The safetensors files of a model directory: the shards named by `model.safetensors.index.json`
@@ -238,6 +257,19 @@ pub fn load_safetensors_into<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
     dtype: DType,
     ignore: impl Fn(&str) -> bool,
 ) -> Result<LoadReport, Qwen2Error> {
+    load_except(module, files, dtype, ignore, |_| false).map(|(r, _)| r)
+}
+
+/// [`load_safetensors_into`], leaving the parameters `defer(key)` names unloaded (lazy) after
+/// checking their headers like the others: their entries are returned, for the caller to read.
+fn load_except<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
+    module: &mut M,
+    files: &[PathBuf],
+    dtype: DType,
+    ignore: impl Fn(&str) -> bool,
+    defer: impl Fn(&str) -> bool,
+) -> Result<(LoadReport, Vec<(String, Entry)>), Qwen2Error> {
+    let mut deferred = Vec::new();
     let mut report = LoadReport {
         files: files.to_vec(),
         ..Default::default()
@@ -290,6 +322,10 @@ pub fn load_safetensors_into<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
             });
         }
         report.elements += shape.iter().product::<usize>();
+        if defer(key) {
+            deferred.push((key.clone(), e));
+            continue;
+        }
         let path: Vec<String> = key.split('.').map(str::to_string).collect();
         let entry = e.clone();
         let data_fn = Rc::new(move || {
@@ -322,7 +358,7 @@ pub fn load_safetensors_into<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
             reason: format!("{err:?}"),
         });
     }
-    if result.applied.len() != expected.len() {
+    if result.applied.len() + deferred.len() != expected.len() {
         return Err(Qwen2Error::Load {
             key: result
                 .missing
@@ -337,8 +373,8 @@ pub fn load_safetensors_into<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
             ),
         });
     }
-    report.tensors = result.applied.len();
-    Ok(report)
+    report.tensors = result.applied.len() + deferred.len();
+    Ok((report, deferred))
 }
 
 /// Loads a Qwen2 model from `path` (see [`resolve_model_dir`]) with parameters in `dtype`
@@ -361,5 +397,76 @@ pub fn load_model<B: Backend>(
         config,
         dir,
         report,
+    })
+}
+
+/// [`load_model`] with the decoder layers' projection weights in 4 bits ([`quantized_key`]), as
+/// transformers' `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`
+/// holds them: each weight is read, quantized (`kernels::quant`, bitsandbytes' layout) and
+/// dropped before the next is read, so the peak is the 4-bit model plus one weight in f32. The
+/// rest of the model loads in `q.compute_dtype`.
+pub fn load_model_4bit<B: Backend>(
+    path: &Path,
+    q: Load4bit,
+    device: &B::Device,
+) -> Result<LoadedModel<B>, Qwen2Error> {
+    let dir = resolve_model_dir(path)?;
+    let config = Qwen2Config::from_file(&dir.join(CONFIG))?;
+    let files = weight_files(&dir)?;
+    let mut model = Qwen2ForCausalLM::<B>::new(&config, device);
+    let tied = config.tie_word_embeddings;
+    let (mut report, deferred) = load_except(
+        &mut model,
+        &files,
+        q.compute_dtype,
+        |key| key.ends_with("rotary_emb.inv_freq") || (tied && key == "lm_head.weight"),
+        quantized_key,
+    )?;
+    for (key, entry) in deferred {
+        let load = |reason: String| Qwen2Error::Load {
+            key: key.clone(),
+            file: entry.file.clone(),
+            reason,
+        };
+        let values = read_tensor(&entry, DType::F32)
+            .map_err(|e| load(e.to_string()))?
+            .into_vec::<f32>()
+            .map_err(|e| load(format!("{e:?}")))?;
+        let quantized = kernels::quant::Quantized::new(&values, q.quant_type, q.double_quant);
+        drop(values);
+        report.quantized_tensors += 1;
+        report.quantized_bytes += quantized.bytes();
+        let linear = projection_mut(&mut model, &key)
+            .ok_or_else(|| load("not a projection of a decoder layer".into()))?;
+        linear.base_4bit = Some(std::sync::Arc::new(lora_core::Base4bit {
+            quantized,
+            compute_dtype: q.compute_dtype,
+        }));
+    }
+    Ok(LoadedModel {
+        model,
+        config,
+        dir,
+        report,
+    })
+}
+
+/// The projection whose weight is `model.layers.{i}.{self_attn|mlp}.{name}.weight`.
+fn projection_mut<'a, B: Backend>(
+    model: &'a mut Qwen2ForCausalLM<B>,
+    key: &str,
+) -> Option<&'a mut lora_core::LoraLinear<B>> {
+    let rest = key.strip_prefix("model.layers.")?.strip_suffix(".weight")?;
+    let (i, rest) = rest.split_once('.')?;
+    let layer = model.model.layers.get_mut(i.parse::<usize>().ok()?)?;
+    Some(match rest {
+        "self_attn.q_proj" => &mut layer.self_attn.q_proj,
+        "self_attn.k_proj" => &mut layer.self_attn.k_proj,
+        "self_attn.v_proj" => &mut layer.self_attn.v_proj,
+        "self_attn.o_proj" => &mut layer.self_attn.o_proj,
+        "mlp.gate_proj" => &mut layer.mlp.gate_proj,
+        "mlp.up_proj" => &mut layer.mlp.up_proj,
+        "mlp.down_proj" => &mut layer.mlp.down_proj,
+        _ => return None,
     })
 }

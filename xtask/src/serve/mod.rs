@@ -53,6 +53,8 @@ pub struct ServeArgs {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub revision: crate::hub::RevisionArg,
+    #[command(flatten)]
+    pub quant: crate::quant::QuantArgs,
     /// `NAME=DIR`: a PEFT adapter (directory or hub id) served unmerged as the model `NAME`
     /// (repeatable).
     #[arg(long = "adapter", value_name = "NAME=DIR")]
@@ -193,8 +195,7 @@ where
     }
     let tok = ChatTokenizer::load(&tok_path)
         .with_context(|| format!("loading the tokenizer from {}", tok_path.display()))?;
-    let loaded = qwen2::load_model::<B>(&dir, DType::F32, &device)
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let loaded = a.quant.load::<B>(&dir, DType::F32, &device)?;
     let mut defaults = GenerationConfig::for_model(&dir, &loaded.config)?;
     if defaults.eos_token_id.is_empty() {
         defaults.eos_token_id = crate::chat::fallback_stop_ids(&tok);
