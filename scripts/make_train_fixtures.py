@@ -3,6 +3,7 @@
 
 Pinned environment (the versions these fixtures were generated with):
     torch==2.15.0  transformers==5.24.0  peft==0.21.2  safetensors==0.8.0  (Python 3.11)
+    bitsandbytes==0.50.2 (the QLoRA run)
 
 Regenerate (from the repository root, after scripts/make_fixtures.py and make_lora_fixtures.py):
     .venv/bin/python scripts/make_train_fixtures.py
@@ -18,6 +19,12 @@ get_linear_schedule_with_warmup(2 warmup steps, 10 total). Writes reference.safe
     loss            [10]  mean token loss of each optimizer step (before its update)
     grad_norm       [10]  global gradient norm before clipping
     final.<path>    every lora_A / lora_B after the 10th step, keyed by our module path
+
+Then the same 10 steps as QLoRA: the base loaded by transformers with
+BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+bnb_4bit_compute_dtype=float32) (bitsandbytes' Linear4bit on the CPU: dequantize + linear, the input
+gradient through the dequantized weight), the same adapter on it: qlora-losses.json and
+qlora-reference.safetensors.
 """
 import json
 import os
@@ -68,6 +75,18 @@ def main():
     with open(os.path.join(OUT, "examples.json"), "w") as f:
         json.dump(data, f)
     base = Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager")
+    run(data, base, "")
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    base = Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager",
+                                            quantization_config=q, device_map="cpu")
+    assert type(base.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    run(data, base, "qlora-")
+
+
+def run(data, base, prefix):
     model = PeftModel.from_pretrained(base, ADAPTER, is_trainable=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -97,10 +116,11 @@ def main():
             path = name.replace("base_model.model.", "", 1).replace(".default", "")
             tensors[f"final.{path}"] = p.detach().clone()
     # Losses in f64 text too: the f32 tensor above rounds them.
-    with open(os.path.join(OUT, "losses.json"), "w") as f:
+    with open(os.path.join(OUT, f"{prefix}losses.json"), "w") as f:
         json.dump({"loss": losses, "grad_norm": norms}, f, indent=1)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "reference.safetensors"))
-    print("losses", [round(x, 5) for x in losses])
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              os.path.join(OUT, f"{prefix}reference.safetensors"))
+    print(prefix or "f32 ", "losses", [round(x, 5) for x in losses])
     print("grad norms", [round(x, 4) for x in norms])
 
 

@@ -314,13 +314,32 @@ const FINAL_WEIGHT_REL_TOL: f32 = 1e-4;
 
 #[test]
 fn ten_steps_match_pytorch_reference_loop() {
-    let _rng = rng_lock();
-    let dir = fixtures().join("train-tiny");
-    let ex: Vec<Example> = read_json(&dir.join("examples.json"));
-    let want: serde_json::Value = read_json(&dir.join("losses.json"));
     let base = qwen2::load_model::<Ad>(&fixture(), DType::F32, &Default::default())
         .unwrap()
         .model;
+    ten_steps(base, "");
+}
+
+/// The same 10 steps as QLoRA: the base's projections in NF4 with double quantization, against
+/// PEFT on transformers' bitsandbytes 4-bit load (`scripts/make_train_fixtures.py`).
+#[test]
+fn ten_qlora_steps_match_peft_with_bitsandbytes() {
+    let q = qwen2::Load4bit {
+        quant_type: kernels::quant::Kind::Nf4,
+        double_quant: true,
+        compute_dtype: DType::F32,
+    };
+    let base = qwen2::load_model_4bit::<Ad>(&fixture(), q, &Default::default())
+        .unwrap()
+        .model;
+    ten_steps(base, "qlora-");
+}
+
+fn ten_steps(base: Qwen2ForCausalLM<Ad>, prefix: &str) {
+    let _rng = rng_lock();
+    let dir = fixtures().join("train-tiny");
+    let ex: Vec<Example> = read_json(&dir.join("examples.json"));
+    let want: serde_json::Value = read_json(&dir.join(format!("{prefix}losses.json")));
     let (m, cfg, _) = lora_core::load_adapter(base, &fixtures().join("peft-tiny-untied")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let a = TrainingArguments {
@@ -383,7 +402,7 @@ fn ten_steps_match_pytorch_reference_loop() {
             i + 1
         );
     }
-    let reference = read_reference(&dir.join("reference.safetensors"));
+    let reference = read_reference(&dir.join(format!("{prefix}reference.safetensors")));
     let mut worst_w = 0f32;
     for (path, v) in values(&m) {
         let err = max_rel_err(&v, &reference[&format!("final.{path}")].f32);
@@ -393,7 +412,7 @@ fn ten_steps_match_pytorch_reference_loop() {
         );
         worst_w = worst_w.max(err);
     }
-    println!("10 steps vs PyTorch: worst step-loss rel error {worst_loss:.2e}, worst final-weight rel error {worst_w:.2e}");
+    println!("{prefix}10 steps vs PyTorch: worst step-loss rel error {worst_loss:.2e}, worst final-weight rel error {worst_w:.2e}");
 }
 
 #[test]
