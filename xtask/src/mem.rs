@@ -34,6 +34,8 @@ pub struct MemLoadArgs {
     /// Compute dtype to load into: f32 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    #[command(flatten)]
+    pub quant: crate::quant::QuantArgs,
 }
 
 pub fn run(a: MemLoadArgs) -> anyhow::Result<()> {
@@ -47,22 +49,33 @@ pub fn run(a: MemLoadArgs) -> anyhow::Result<()> {
     let model = crate::hub::model(&model, &Default::default())?;
     let before = peak_rss_kib()?;
     let t = Instant::now();
-    let loaded = qwen2::load_model::<burn::backend::Flex>(&model, dtype, &Default::default())?;
+    let loaded = a
+        .quant
+        .load::<burn::backend::Flex>(&model, dtype, &Default::default())?;
     let secs = t.elapsed().as_secs_f64();
     let peak = peak_rss_kib()?;
-    let bytes = loaded.report.elements * dtype.size();
+    // The model as held: with --load-in-4bit, the 4-bit projections and the rest in the dtype.
+    let r = &loaded.report;
+    let quantized_elements: usize = if r.quantized_tensors > 0 {
+        crate::quant::layer_projection_params(&loaded.config) as usize
+            * loaded.config.num_hidden_layers
+    } else {
+        0
+    };
+    let bytes = (r.elements - quantized_elements) * dtype.size() + r.quantized_bytes;
     let mib = |kib: u64| kib as f64 / 1024.0;
     let model_mib = bytes as f64 / (1024.0 * 1024.0);
     outln!(
         "{{\"model_mib\": {:.1}, \"peak_rss_mib\": {:.1}, \"rss_before_mib\": {:.1}, \"ratio\": {:.3}, \
-         \"load_s\": {:.2}, \"file_dtypes\": {:?}, \"dtype\": \"{}\"}}",
+         \"load_s\": {:.2}, \"file_dtypes\": {:?}, \"dtype\": \"{}\", \"load_in_4bit\": {}}}",
         model_mib,
         mib(peak),
         mib(before),
         mib(peak) / model_mib,
         secs,
         loaded.report.file_dtypes,
-        a.dtype
+        a.dtype,
+        a.quant.load_in_4bit
     );
     drop(loaded);
     Ok(())

@@ -19,14 +19,18 @@ pub struct QuantArgs {
     #[arg(long)]
     pub load_in_4bit: bool,
     /// nf4 or fp4 [default: nf4].
-    #[arg(long, requires = "load_in_4bit")]
+    #[arg(long, requires = "load_in_4bit", value_parser = ["nf4", "fp4"])]
     pub bnb_4bit_quant_type: Option<String>,
     /// Quantize the block scales too (8 bits, blocks of 256): ~0.37 fewer bits per weight.
     #[arg(long, requires = "load_in_4bit")]
     pub bnb_4bit_use_double_quant: bool,
     /// float32, bfloat16 or float16: the dtype weights are dequantized to for each product
     /// [default: float32].
-    #[arg(long, requires = "load_in_4bit")]
+    #[arg(
+        long,
+        requires = "load_in_4bit",
+        value_parser = ["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
+    )]
     pub bnb_4bit_compute_dtype: Option<String>,
 }
 
