@@ -41,6 +41,9 @@ pub struct BenchTrainArgs {
     /// Base-weight dtype: f32 | bf16 (adapters and optimizer state stay f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// QLoRA: the projections in NF4 with double-quantized scales, computed in --dtype.
+    #[arg(long)]
+    load_in_4bit: bool,
     /// Real batches instead of random tokens: this Huanhuan-style file, tokenized with the `seed`
     /// template (the tutorial's process_func, max length 384), `--batch` records a step in file order,
     /// padding-free or right-padded to the longest (`--seq` is then ignored; tokens/s counts
@@ -114,6 +117,13 @@ fn run_on<Ad: AutodiffBackend>(
     let mut base = Qwen2ForCausalLM::<Ad>::new(&cfg, dev);
     if dtype != DType::F32 {
         base = base.map(&mut Cast(dtype));
+    }
+    if a.load_in_4bit {
+        base.quantize_4bit(qwen2::Load4bit {
+            quant_type: kernels::quant::Kind::Nf4,
+            double_quant: true,
+            compute_dtype: dtype,
+        });
     }
     let (mut model, _) = apply_lora(base, &lora_trainer::recipe::lora_config())?;
     let mut optim = AdamWConfig::new()

@@ -325,6 +325,32 @@ impl<B: Backend> LoraLinear<B> {
         over_rows(x, |x| self.forward_burn(x, key, &self.w()))
     }
 
+    /// Replaces the base weight by its 4-bit form (bitsandbytes' layout, `kernels::quant`), as
+    /// bitsandbytes' `Linear4bit` replaces an `nn.Linear` of a model in memory; the full-precision
+    /// weight is released (a lazy placeholder of its shape stays, never allocated).
+    pub fn quantize_base(
+        &mut self,
+        quant_type: kernels::quant::Kind,
+        double_quant: bool,
+        compute_dtype: DType,
+    ) {
+        let [out, d_in] = self.shape();
+        let device = self.weight.lazy_device();
+        let values = self
+            .weight
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("f32 after convert");
+        let quantized = kernels::quant::Quantized::new(&values, quant_type, double_quant);
+        self.weight = Initializer::Zeros.init([out, d_in], &device);
+        self.base_4bit = Some(Arc::new(Base4bit {
+            quantized,
+            compute_dtype,
+        }));
+    }
+
     /// The base weight `[out, in]`: the parameter, or the 4-bit weight dequantized now.
     fn w(&self) -> Tensor<B, 2> {
         match &self.base_4bit {

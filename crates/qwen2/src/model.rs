@@ -264,6 +264,25 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     }
 
     /// Logits `[batch, seq, vocab]`; arguments as in [`Self::forward_hidden`].
+    /// The decoder layers' seven projections replaced by their 4-bit forms
+    /// ([`lora_core::LoraLinear::quantize_base`]; what [`crate::load_model_4bit`] holds, for a
+    /// model already in memory).
+    pub fn quantize_4bit(&mut self, q: crate::Load4bit) {
+        for l in &mut self.model.layers {
+            for p in [
+                &mut l.self_attn.q_proj,
+                &mut l.self_attn.k_proj,
+                &mut l.self_attn.v_proj,
+                &mut l.self_attn.o_proj,
+                &mut l.mlp.gate_proj,
+                &mut l.mlp.up_proj,
+                &mut l.mlp.down_proj,
+            ] {
+                p.quantize_base(q.quant_type, q.double_quant, q.compute_dtype);
+            }
+        }
+    }
+
     pub fn forward(
         &self,
         input_ids: Tensor<B, 2, Int>,
