@@ -795,7 +795,8 @@ fn check_memory(
             checkpointing,
         });
         if let Some(q) = &q4 {
-            plan.weights = crate::quant::training_weights(config, q, checkpointing);
+            let fused = o.device == "cpu" && q.compute_dtype == DType::F32;
+            plan.weights = crate::quant::training_weights(config, q, checkpointing || fused);
         }
         plan
     };

@@ -166,12 +166,13 @@ pub fn layer_projection_params(cfg: &qwen2::Qwen2Config) -> u64 {
 }
 
 /// The weights' share of a QLoRA training step's peak: the 4-bit model, plus the dequantized
-/// projections a step holds for its backward: one layer's with gradient checkpointing (each layer
-/// is recomputed in its own backward), every layer's without.
-pub fn training_weights(cfg: &qwen2::Qwen2Config, q: &Load4bit, checkpointing: bool) -> f64 {
+/// projections alive at once: one layer's when the step keeps only packed weights for its backward
+/// (`one_layer`: the CPU's fused operation, which dequantizes again in the backward, or gradient
+/// checkpointing, which recomputes each layer in its own backward), else every layer's.
+pub fn training_weights(cfg: &qwen2::Qwen2Config, q: &Load4bit, one_layer: bool) -> f64 {
     let (four, rest) = footprint(cfg, q);
     let bytes = if q.compute_dtype == DType::F32 { 4 } else { 2 };
-    let layers = if checkpointing {
+    let layers = if one_layer {
         1
     } else {
         cfg.num_hidden_layers as u64

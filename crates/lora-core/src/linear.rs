@@ -52,7 +52,7 @@ pub struct LoraLinear<B: Backend> {
 /// (`bnb_4bit_compute_dtype`).
 #[derive(Debug)]
 pub struct Base4bit {
-    pub quantized: kernels::quant::Quantized,
+    pub quantized: Arc<kernels::quant::Quantized>,
     pub compute_dtype: DType,
 }
 
@@ -254,6 +254,9 @@ impl<B: Backend> LoraLinear<B> {
         let device = x.device();
         let key = self.dropout_key(&device);
         over_rows(x, |x| {
+            if let Some(y) = self.forward_fused_4bit(&x, key) {
+                return y;
+            }
             let w = self.w();
             if let Some(y) = self.forward_fused(&x, key, &w) {
                 return y;
@@ -346,7 +349,7 @@ impl<B: Backend> LoraLinear<B> {
         let quantized = kernels::quant::Quantized::new(&values, quant_type, double_quant);
         self.weight = Initializer::Zeros.init([out, d_in], &device);
         self.base_4bit = Some(Arc::new(Base4bit {
-            quantized,
+            quantized: Arc::new(quantized),
             compute_dtype,
         }));
     }
@@ -400,6 +403,36 @@ impl<B: Backend> LoraLinear<B> {
         });
         let bias = self.bias.as_ref().map(|b| b.val());
         kernels::cpu::lora_linear(x, w, bias.as_ref(), adapter.as_ref())
+    }
+
+    /// The fused operation over a 4-bit base (f32 compute), which keeps only the packed weight
+    /// for its backward.
+    #[cfg(feature = "cpu-kernels")]
+    fn forward_fused_4bit(&self, x: &Tensor<B, 2>, key: Option<u64>) -> Option<Tensor<B, 2>> {
+        let q = self.base_4bit.as_ref()?;
+        if q.compute_dtype != DType::F32 {
+            return None;
+        }
+        let keep = 1.0 - self.lora_dropout.as_ref().map_or(0.0, |d| d.prob);
+        let adapter = self.active_adapter().map(|(a, b)| kernels::cpu::Adapter {
+            a,
+            b,
+            scaling: self.scaling,
+            dropout: key.map(|k| (k, keep)),
+        });
+        let bias = self.bias.as_ref().map(|b| b.val());
+        kernels::cpu::lora_linear_4bit(
+            x,
+            &q.quantized,
+            self.shape(),
+            bias.as_ref(),
+            adapter.as_ref(),
+        )
+    }
+
+    #[cfg(not(feature = "cpu-kernels"))]
+    fn forward_fused_4bit(&self, _: &Tensor<B, 2>, _: Option<u64>) -> Option<Tensor<B, 2>> {
+        None
     }
 
     #[cfg(not(feature = "cpu-kernels"))]

@@ -439,7 +439,7 @@ pub fn load_model_4bit<B: Backend>(
         let linear = projection_mut(&mut model, &key)
             .ok_or_else(|| load("not a projection of a decoder layer".into()))?;
         linear.base_4bit = Some(std::sync::Arc::new(lora_core::Base4bit {
-            quantized,
+            quantized: std::sync::Arc::new(quantized),
             compute_dtype: q.compute_dtype,
         }));
     }

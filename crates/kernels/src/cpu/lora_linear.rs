@@ -8,6 +8,13 @@
 //! The operations and their order are those of `lora_core::LoraLinear::forward_reference`, so the
 //! two agree bit for bit. The frozen base weight and bias get no gradient: a base that takes one
 //! is not taken (`None`).
+//!
+//! A base in bitsandbytes' 4-bit form ([`lora_linear_4bit`]) is dequantized for the forward and
+//! again for the backward: the operation keeps only the packed weight between the two, as
+//! bitsandbytes' `MatMul4Bit` does, so a training step never holds a layer's full-precision weight
+//! longer than one product.
+
+use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
@@ -20,7 +27,8 @@ use rayon::prelude::*;
 
 use super::dropout::keep_mask;
 use super::gemm::{matmul, product, Mat, MatMut, Threads};
-use super::{applies, flex, from_host, host, record, register, slice, wanted};
+use super::{applies, flex, from_host, host, record, register, slice, wanted, HostTensor};
+use crate::quant::Quantized;
 
 /// The adapter of a LoRA linear: `A` `[r, in]`, `B` `[out, r]`, the scaling `s`, and the dropout
 /// of its input as `(key, keep probability)` (`None`: no dropout).
@@ -63,17 +71,53 @@ pub fn lora_linear<B: Backend>(
     if !lora_linear_applies(x.dtype(), weight, bias, adapter.map(|ad| (&ad.a, &ad.b))) {
         return None;
     }
-    let (x, xs) = host(x);
     let (_, w) = host(weight);
-    let [out_f, in_f] = w.layout().shape().dims::<2>();
+    let shape = w.layout().shape().dims::<2>();
+    run(x, shape, Weight::Dense(w), bias, adapter)
+}
+
+/// [`lora_linear`] with the base weight `[out, in]` = `shape` in bitsandbytes' 4-bit form, computed
+/// in f32: `None` unless `B` is `Autodiff<Flex>` with every other operand f32 and a frozen bias.
+pub fn lora_linear_4bit<B: Backend>(
+    x: &Tensor<B, 2>,
+    weight: &Arc<Quantized>,
+    shape: [usize; 2],
+    bias: Option<&Tensor<B, 1>>,
+    adapter: Option<&Adapter<B>>,
+) -> Option<Tensor<B, 2>> {
+    let mut dtypes = vec![x.dtype()];
+    dtypes.extend(bias.map(|b| b.dtype()));
+    if let Some(ad) = adapter {
+        dtypes.extend([ad.a.dtype(), ad.b.dtype()]);
+    }
+    if !applies::<B>(&dtypes)
+        || bias.is_some_and(|b| b.is_require_grad())
+        || weight.len != shape[0] * shape[1]
+    {
+        return None;
+    }
+    run(x, shape, Weight::Packed(Arc::clone(weight)), bias, adapter)
+}
+
+/// The forward of both forms, the base weight `w` being `[out, in]` = `shape`.
+fn run<B: Backend>(
+    x: &Tensor<B, 2>,
+    [out_f, in_f]: [usize; 2],
+    w: Weight,
+    bias: Option<&Tensor<B, 1>>,
+    adapter: Option<&Adapter<B>>,
+) -> Option<Tensor<B, 2>> {
+    let (x, xs): (HostTensor, FlexTensor) = host(x);
     let rows = xs.layout().shape().dims::<2>()[0];
 
-    // y = x·Wᵀ
-    let mut y = product(
-        Mat::new(slice(&xs), rows, in_f),
-        Mat::new(slice(&w), out_f, in_f).t(),
-        Threads::Auto,
-    );
+    // y = x·Wᵀ (a 4-bit weight dequantized for this product only)
+    let mut y = w.with_values(|values| {
+        product(
+            Mat::new(slice(&xs), rows, in_f),
+            Mat::new(values, out_f, in_f).t(),
+            Threads::Auto,
+        )
+    });
     // + b
     if let Some(b) = bias {
         let (_, b) = host(b);
@@ -88,6 +132,7 @@ pub fn lora_linear<B: Backend>(
     let Some(ad) = adapter else {
         let state = State {
             w,
+            shape: [out_f, in_f],
             adapter: None,
             dropout: None,
             scaling: 0.0,
@@ -130,6 +175,7 @@ pub fn lora_linear<B: Backend>(
     );
     let state = State {
         w,
+        shape: [out_f, in_f],
         adapter: Some([xd, flex(u, [rows, r]), ap, bp]),
         dropout: ad.dropout,
         scaling,
@@ -139,11 +185,31 @@ pub fn lora_linear<B: Backend>(
     from_host::<B, 2>(out)
 }
 
+/// The base weight as the backward gets it.
+#[derive(Clone, Debug)]
+enum Weight {
+    Dense(FlexTensor),
+    /// Dequantized again in the backward.
+    Packed(Arc<Quantized>),
+}
+
+impl Weight {
+    /// `f` of the weight's f32 values (dequantized for the call when packed).
+    fn with_values<T>(&self, f: impl FnOnce(&[f32]) -> T) -> T {
+        match self {
+            Weight::Dense(w) => f(slice(w)),
+            Weight::Packed(q) => f(&q.dequantize()),
+        }
+    }
+}
+
 /// What the backward needs.
 #[derive(Clone, Debug)]
 struct State {
     /// Base weight `[out, in]`.
-    w: FlexTensor,
+    w: Weight,
+    /// `[out, in]`.
+    shape: [usize; 2],
     /// With an adapter: `xd = dropout(x)` `[rows, in]`, `u = s·(xd·Aᵀ)` `[rows, r]`, `A`, `B`.
     adapter: Option<[FlexTensor; 4]>,
     /// Dropout key and keep probability.
@@ -172,11 +238,14 @@ impl<const N: usize> Backward<Flex, N> for LoraLinear {
 
 /// Gradients `(gx, gA, gB)`, each computed only when `want` asks for it.
 fn backward(state: &State, gy: &FlexTensor, want: [bool; 3]) -> [Option<FlexTensor>; 3] {
-    let w = &state.w;
-    let [out_f, in_f] = w.layout().shape().dims::<2>();
+    let [out_f, in_f] = state.shape;
     let rows = gy.layout().shape().dims::<2>()[0];
     let gy = Mat::new(slice(gy), rows, out_f);
-    let mut gx = want[0].then(|| product(gy, Mat::new(slice(w), out_f, in_f), Threads::Auto));
+    let mut gx = want[0].then(|| {
+        state
+            .w
+            .with_values(|w| product(gy, Mat::new(w, out_f, in_f), Threads::Auto))
+    });
     let (mut ga_out, mut gb_out) = (None, None);
     if let Some([xd, u, a, b]) = &state.adapter {
         let r = a.layout().shape().dims::<2>()[0];

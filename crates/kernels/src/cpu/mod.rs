@@ -35,7 +35,7 @@ mod swiglu;
 pub use attention::{attention, AttentionMask};
 pub use cross_entropy::{fused_linear_cross_entropy, linear_cross_entropy};
 pub use dropout::keep_mask;
-pub use lora_linear::{lora_linear, lora_linear_applies, Adapter};
+pub use lora_linear::{lora_linear, lora_linear_4bit, lora_linear_applies, Adapter};
 pub use norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;
