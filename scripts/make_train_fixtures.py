@@ -24,7 +24,9 @@ Then the same 10 steps as QLoRA: the base loaded by transformers with
 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
 bnb_4bit_compute_dtype=float32) (bitsandbytes' Linear4bit on the CPU: dequantize + linear, the input
 gradient through the dequantized weight), the same adapter on it: qlora-losses.json and
-qlora-reference.safetensors.
+qlora-reference.safetensors. And the same 10 steps with LoRA+ (PEFT's create_loraplus_optimizer,
+loraplus_lr_ratio 16: every lora_B at 16× the learning rate): loraplus-losses.json and
+loraplus-reference.safetensors.
 """
 import json
 import os
@@ -40,6 +42,7 @@ BASE = os.path.join("tests", "fixtures", "tiny-untied-f32-sharded")
 ADAPTER = os.path.join("tests", "fixtures", "peft-tiny-untied")
 OUT = os.path.join("tests", "fixtures", "train-tiny")
 STEPS, BS, ACCUM, LR, WARMUP, MAX_NORM = 10, 2, 2, 1e-3, 2, 1.0
+LORAPLUS = 16.0
 
 
 def examples():
@@ -84,13 +87,22 @@ def main():
                                             quantization_config=q, device_map="cpu")
     assert type(base.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     run(data, base, "qlora-")
+    base = Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager")
+    run(data, base, "loraplus-", loraplus_lr_ratio=LORAPLUS)
 
 
-def run(data, base, prefix):
+def run(data, base, prefix, loraplus_lr_ratio=None):
     model = PeftModel.from_pretrained(base, ADAPTER, is_trainable=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    if loraplus_lr_ratio is None:
+        opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    else:
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt = create_loraplus_optimizer(model=model, optimizer_cls=torch.optim.AdamW, lr=LR,
+                                        loraplus_lr_ratio=loraplus_lr_ratio, betas=(0.9, 0.999),
+                                        eps=1e-8, weight_decay=0.0)
     sched = get_linear_schedule_with_warmup(opt, WARMUP, STEPS)
     micro = [data[i:i + BS] for i in range(0, len(data), BS)]  # sequential, 6 micro-batches an epoch
     losses, norms, k = [], [], 0

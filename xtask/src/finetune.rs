@@ -292,6 +292,10 @@ struct TrainingFlags {
     /// Clip the global gradient norm to this (0: no clipping).
     #[arg(long, value_parser = finite)]
     max_grad_norm: Option<f64>,
+    /// LoRA+: every lora_B learns at this multiple of the learning rate (PEFT's
+    /// create_loraplus_optimizer; 16 is its paper's suggestion) [default: off]
+    #[arg(long, value_parser = finite)]
+    loraplus_lr_ratio: Option<f64>,
     /// Log every N optimizer steps.
     #[arg(long)]
     logging_steps: Option<usize>,
@@ -1161,6 +1165,7 @@ mod tests {
             "--adam-beta2=0.99",
             "--adam-epsilon=1e-6",
             "--max-grad-norm=0",
+            "--loraplus-lr-ratio=16",
             "--logging-steps=1",
             "--save-steps=2",
             "--save-total-limit=5",
@@ -1215,6 +1220,7 @@ mod tests {
                 adam_beta2: 0.99,
                 adam_epsilon: 1e-6,
                 max_grad_norm: 0.0,
+                loraplus_lr_ratio: Some(16.0),
                 logging_steps: 1,
                 save_steps: 2,
                 save_total_limit: Some(5),

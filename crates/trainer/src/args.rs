@@ -51,6 +51,10 @@ pub struct TrainingArguments {
     pub adam_epsilon: f64,
     /// Global gradient-norm clip (over all adapter gradients together); 0 disables.
     pub max_grad_norm: f64,
+    /// LoRA+: every `lora_B` learns at this multiple of the learning rate, the rest at the
+    /// learning rate itself (PEFT's `create_loraplus_optimizer` groups; LLaMA-Factory's
+    /// `loraplus_lr_ratio`). `None`: one learning rate.
+    pub loraplus_lr_ratio: Option<f64>,
     /// Log every this many optimizer steps.
     pub logging_steps: usize,
     /// Save a checkpoint every this many optimizer steps (0: only the final adapter).
@@ -91,6 +95,7 @@ impl Default for TrainingArguments {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             max_grad_norm: 1.0,
+            loraplus_lr_ratio: None,
             logging_steps: 500,
             save_steps: 500,
             save_total_limit: None,
@@ -192,6 +197,14 @@ impl TrainingArguments {
                 self.max_grad_norm >= 0.0,
             ),
         ];
+        if let Some(r) = self.loraplus_lr_ratio {
+            if !(r.is_finite() && r > 0.0) {
+                return bad(
+                    "loraplus_lr_ratio",
+                    format!("is {r}; it must be a finite number > 0 (PEFT suggests 16)"),
+                );
+            }
+        }
         for (option, value, range, ok) in floats {
             if !(value.is_finite() && ok) {
                 return bad(
@@ -262,7 +275,7 @@ mod tests {
     #[test]
     fn every_float_is_checked_and_named() {
         type Set = fn(&mut TrainingArguments, f64);
-        let options: [(&str, Set, f64); 8] = [
+        let options: [(&str, Set, f64); 9] = [
             ("learning_rate", |a, v| a.learning_rate = v, 0.0),
             ("num_train_epochs", |a, v| a.num_train_epochs = v, -1.0),
             ("warmup_ratio", |a, v| a.warmup_ratio = v, 1.5),
@@ -271,6 +284,11 @@ mod tests {
             ("adam_beta2", |a, v| a.adam_beta2 = v, -0.5),
             ("adam_epsilon", |a, v| a.adam_epsilon = v, 0.0),
             ("max_grad_norm", |a, v| a.max_grad_norm = v, -1.0),
+            (
+                "loraplus_lr_ratio",
+                |a, v| a.loraplus_lr_ratio = Some(v),
+                0.0,
+            ),
         ];
         let ok = TrainingArguments::tutorial(PathBuf::from("out"));
         ok.validate().unwrap();

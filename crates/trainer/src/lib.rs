@@ -7,6 +7,7 @@ mod clip;
 mod error;
 mod eval;
 mod lm;
+mod loraplus;
 mod loss;
 mod plot;
 pub mod recipe;
@@ -19,6 +20,7 @@ pub use clip::clip_global_norm;
 pub use error::TrainError;
 pub use eval::{evaluate, EvalResult};
 pub use lm::{plain_loss_and_grads, CausalLm, TrainableLm};
+pub use loraplus::take_lora_b;
 pub use loss::{
     causal_lm_loss, causal_lm_loss_sum, chunked_head_loss, label_aware_loss_sum, HEAD_CHUNK_ROWS,
     IGNORE_INDEX, TRAIN_HEAD_CHUNK_ROWS,

@@ -341,6 +341,10 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
             });
         }
         let lr = args.lr_at(state.global_step, total);
+        if let Some(ratio) = args.loraplus_lr_ratio {
+            let b = crate::loraplus::take_lora_b(&model, &mut grads);
+            model = optim.step(lr * ratio, model, b);
+        }
         model = optim.step(lr, model, grads);
         window_time += step_start.elapsed();
 

@@ -99,10 +99,24 @@ fn accumulating_k_micro_batches_equals_one_batch() {
 
 #[test]
 fn resumed_run_is_bitwise_identical() {
+    resumed_run_case(None);
+}
+
+/// With LoRA+ too: the optimizer state of both parameter groups survives the checkpoint.
+#[test]
+fn resumed_loraplus_run_is_bitwise_identical() {
+    resumed_run_case(Some(16.0));
+}
+
+fn resumed_run_case(loraplus_lr_ratio: Option<f64>) {
     let _rng = rng_lock();
     let cfg = lora_cfg(0.1); // dropout on: the RNG must resume too
     let ex = examples(10);
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let args = |d: &Path| TrainingArguments {
+        loraplus_lr_ratio,
+        ..args(d)
+    };
     let (ma, oa) = run(&cfg, &ex, &args(a_dir.path()), None).unwrap();
     assert_eq!(oa.state.step_losses.len(), 6);
 
@@ -317,7 +331,17 @@ fn ten_steps_match_pytorch_reference_loop() {
     let base = qwen2::load_model::<Ad>(&fixture(), DType::F32, &Default::default())
         .unwrap()
         .model;
-    ten_steps(base, "");
+    ten_steps(base, "", None);
+}
+
+/// The same 10 steps with LoRA+ (every lora_B at 16× the learning rate), against PEFT's
+/// `create_loraplus_optimizer`.
+#[test]
+fn ten_loraplus_steps_match_peft() {
+    let base = qwen2::load_model::<Ad>(&fixture(), DType::F32, &Default::default())
+        .unwrap()
+        .model;
+    ten_steps(base, "loraplus-", Some(16.0));
 }
 
 /// The same 10 steps as QLoRA: the base's projections in NF4 with double quantization, against
@@ -332,10 +356,10 @@ fn ten_qlora_steps_match_peft_with_bitsandbytes() {
     let base = qwen2::load_model_4bit::<Ad>(&fixture(), q, &Default::default())
         .unwrap()
         .model;
-    ten_steps(base, "qlora-");
+    ten_steps(base, "qlora-", None);
 }
 
-fn ten_steps(base: Qwen2ForCausalLM<Ad>, prefix: &str) {
+fn ten_steps(base: Qwen2ForCausalLM<Ad>, prefix: &str, loraplus_lr_ratio: Option<f64>) {
     let _rng = rng_lock();
     let dir = fixtures().join("train-tiny");
     let ex: Vec<Example> = read_json(&dir.join("examples.json"));
@@ -350,6 +374,7 @@ fn ten_steps(base: Qwen2ForCausalLM<Ad>, prefix: &str) {
         warmup_steps: 2,
         max_steps: Some(10),
         max_grad_norm: 1.0,
+        loraplus_lr_ratio,
         shuffle: false,
         save_steps: 0,
         logging_steps: 1,
