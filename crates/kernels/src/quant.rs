@@ -171,12 +171,29 @@ impl Quantized {
         out
     }
 
-    /// [`Self::dequantize`] into `out` (`len` elements).
+    /// [`Self::dequantize`] into `out` (`len` elements), on all cores with the `cpu` feature
+    /// (each value is one product, so the result does not depend on how the work is split).
     pub fn dequantize_into(&self, out: &mut [f32]) {
         assert_eq!(out.len(), self.len, "dequantize_into: output length");
-        let code = self.kind.code();
         let scales = self.scales.values();
-        for (b, chunk) in out.chunks_mut(BLOCK).enumerate() {
+        // Chunks of whole blocks.
+        const CHUNK: usize = BLOCK * 256;
+        let run =
+            |(c, chunk): (usize, &mut [f32])| self.dequantize_range(c * CHUNK, chunk, &scales);
+        #[cfg(feature = "cpu")]
+        {
+            use rayon::prelude::*;
+            out.par_chunks_mut(CHUNK).enumerate().for_each(run);
+        }
+        #[cfg(not(feature = "cpu"))]
+        out.chunks_mut(CHUNK).enumerate().for_each(run);
+    }
+
+    /// Values `start..start + out.len()` (`start` a multiple of [`BLOCK`]).
+    fn dequantize_range(&self, start: usize, out: &mut [f32], scales: &[f32]) {
+        let code = self.kind.code();
+        for (k, chunk) in out.chunks_mut(BLOCK).enumerate() {
+            let b = start / BLOCK + k;
             let s = scales[b];
             for (j, o) in chunk.iter_mut().enumerate() {
                 let i = b * BLOCK + j;
