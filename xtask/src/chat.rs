@@ -377,11 +377,39 @@ pub fn stop_ids(dir: &std::path::Path, tok: &ChatTokenizer) -> anyhow::Result<Ve
     })
 }
 
-pub(crate) fn fallback_stop_ids(tok: &ChatTokenizer) -> Vec<u32> {
+fn fallback_stop_ids(tok: &ChatTokenizer) -> Vec<u32> {
     ["<|im_end|>", "<|endoftext|>"]
         .iter()
         .filter_map(|t| tok.tokenizer.token_to_id(t))
         .collect()
+}
+
+/// The model's generation defaults: its `generation_config.json` (HF's defaults without one),
+/// stopping at [`stop_ids`]' fallback when neither file names an end token.
+pub(crate) fn model_defaults(
+    dir: &std::path::Path,
+    config: &qwen2::Qwen2Config,
+    tok: &ChatTokenizer,
+) -> anyhow::Result<GenerationConfig> {
+    let mut cfg = GenerationConfig::for_model(dir, config)?;
+    if cfg.eos_token_id.is_empty() {
+        cfg.eos_token_id = fallback_stop_ids(tok);
+    }
+    Ok(cfg)
+}
+
+/// The ids a conversation is fed to the model as: Qwen2.5's chat template with the generation
+/// prompt (the conversation's own system message, else the template's default), tokenized. What
+/// `chat` and `serve` both generate from.
+pub(crate) fn prompt_ids(
+    tok: &tokenizers::Tokenizer,
+    messages: &[Message],
+) -> anyhow::Result<Vec<u32>> {
+    let text = Template::Qwen.render_prompt(messages, QWEN_DEFAULT_SYSTEM);
+    let enc = tok
+        .encode_fast(text.as_str(), false)
+        .map_err(|e| anyhow!("tokenizing the prompt: {e}"))?;
+    Ok(enc.get_ids().to_vec())
 }
 
 /// Defaults from the model directory, then the flags.
@@ -391,10 +419,7 @@ fn generation_config(
     config: &qwen2::Qwen2Config,
     tok: &ChatTokenizer,
 ) -> anyhow::Result<GenerationConfig> {
-    let mut cfg = GenerationConfig::for_model(dir, config)?;
-    if cfg.eos_token_id.is_empty() {
-        cfg.eos_token_id = fallback_stop_ids(tok);
-    }
+    let mut cfg = model_defaults(dir, config, tok)?;
     if let Some(v) = a.max_new_tokens {
         cfg.max_new_tokens = v;
     }
@@ -454,12 +479,7 @@ fn answer<B: Backend>(
         role: Role::User,
         content: user.to_string(),
     });
-    let text = Template::Qwen.render_prompt(history, QWEN_DEFAULT_SYSTEM);
-    let enc = tok
-        .tokenizer
-        .encode_fast(text.as_str(), false)
-        .map_err(|e| anyhow!("tokenizing the prompt: {e}"))?;
-    let prompt = enc.get_ids().to_vec();
+    let prompt = prompt_ids(&tok.tokenizer, history)?;
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = 0usize;
     let mut io_err = None;

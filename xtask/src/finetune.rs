@@ -472,15 +472,12 @@ impl FinetuneOptions {
 
     /// The 4-bit load asked for (`None` without `--load-in-4bit`).
     pub fn load4bit(&self) -> anyhow::Result<Option<qwen2::Load4bit>> {
-        let run_dtype = match self.dtype() {
-            DType::F32 => "float32",
-            _ => "bfloat16",
-        };
         crate::quant::load4bit(
             self.load_in_4bit,
             Some(&self.bnb_4bit_quant_type),
             self.bnb_4bit_use_double_quant,
-            Some(self.bnb_4bit_compute_dtype.as_deref().unwrap_or(run_dtype)),
+            self.bnb_4bit_compute_dtype.as_deref(),
+            self.dtype(),
         )
     }
 

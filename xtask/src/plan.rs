@@ -98,24 +98,30 @@ impl Plan {
     }
 }
 
-/// Trainable parameters of rank-`r` LoRA on the named projections of every layer.
-pub fn lora_params(c: &Qwen2Config, r: usize, targets: &[String]) -> u64 {
+/// A decoder layer's seven projections: `(name, fan_in, fan_out)`.
+pub fn projections(c: &Qwen2Config) -> [(&'static str, usize, usize); 7] {
     let (h, i) = (c.hidden_size, c.intermediate_size);
+    let q = c.num_attention_heads * c.head_dim();
     let kv = c.num_key_value_heads() * c.head_dim();
-    let all_linear = targets.iter().any(|t| t == "all-linear");
-    let per_layer: usize = [
-        ("q_proj", h, h),
+    [
+        ("q_proj", h, q),
         ("k_proj", h, kv),
         ("v_proj", h, kv),
-        ("o_proj", h, h),
+        ("o_proj", q, h),
         ("gate_proj", h, i),
         ("up_proj", h, i),
         ("down_proj", i, h),
     ]
-    .iter()
-    .filter(|(name, _, _)| all_linear || targets.iter().any(|t| t == name))
-    .map(|&(_, fan_in, fan_out)| r * (fan_in + fan_out))
-    .sum();
+}
+
+/// Trainable parameters of rank-`r` LoRA on the named projections of every layer.
+pub fn lora_params(c: &Qwen2Config, r: usize, targets: &[String]) -> u64 {
+    let all_linear = targets.iter().any(|t| t == "all-linear");
+    let per_layer: usize = projections(c)
+        .iter()
+        .filter(|(name, _, _)| all_linear || targets.iter().any(|t| t == name))
+        .map(|&(_, fan_in, fan_out)| r * (fan_in + fan_out))
+        .sum();
     (per_layer * c.num_hidden_layers) as u64
 }
 

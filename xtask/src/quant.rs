@@ -42,6 +42,7 @@ impl QuantArgs {
             self.bnb_4bit_quant_type.as_deref(),
             self.bnb_4bit_use_double_quant,
             self.bnb_4bit_compute_dtype.as_deref(),
+            DType::F32,
         )
     }
 
@@ -62,6 +63,7 @@ pub fn load4bit(
     quant_type: Option<&str>,
     double: bool,
     compute_dtype: Option<&str>,
+    default_dtype: DType,
 ) -> anyhow::Result<Option<Load4bit>> {
     if !on {
         return Ok(None);
@@ -71,11 +73,14 @@ pub fn load4bit(
         "fp4" => Kind::Fp4,
         other => bail!("--bnb-4bit-quant-type {other:?}: use nf4 or fp4"),
     };
-    let compute_dtype = match compute_dtype.unwrap_or("float32") {
-        "float32" | "fp32" => DType::F32,
-        "bfloat16" | "bf16" => DType::BF16,
-        "float16" | "fp16" => DType::F16,
-        other => bail!("--bnb-4bit-compute-dtype {other:?}: use float32, bfloat16 or float16"),
+    let compute_dtype = match compute_dtype {
+        None => default_dtype,
+        Some("float32" | "fp32") => DType::F32,
+        Some("bfloat16" | "bf16") => DType::BF16,
+        Some("float16" | "fp16") => DType::F16,
+        Some(other) => {
+            bail!("--bnb-4bit-compute-dtype {other:?}: use float32, bfloat16 or float16")
+        }
     };
     Ok(Some(Load4bit {
         quant_type,
@@ -117,52 +122,32 @@ pub fn load<B: Backend>(
 /// layers' projection weights in 4 bits with their scales, everything else in the compute dtype.
 /// Returns `(4-bit part, the rest)`.
 pub fn footprint(cfg: &qwen2::Qwen2Config, q: &Load4bit) -> (u64, u64) {
-    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
-    let d = cfg.head_dim() as u64;
-    let (nh, nkv) = (
-        cfg.num_attention_heads as u64,
-        cfg.num_key_value_heads() as u64,
-    );
     let layers = cfg.num_hidden_layers as u64;
-    // Per layer: q, k, v, o, gate, up, down (each quantized as one tensor).
-    let per_layer = [
-        nh * d * h,
-        nkv * d * h,
-        nkv * d * h,
-        h * nh * d,
-        i * h,
-        i * h,
-        h * i,
-    ];
+    // Each projection is quantized as one tensor.
+    let per_layer =
+        crate::plan::projections(cfg).map(|(_, fan_in, fan_out)| (fan_in * fan_out) as u64);
     let mut quantized = 0u64;
     for n in per_layer {
-        let blocks = n.div_ceil(64);
+        let blocks = n.div_ceil(kernels::quant::BLOCK as u64);
         let scales = if q.double_quant {
-            blocks + 4 * blocks.div_ceil(256) + 4
+            blocks + 4 * blocks.div_ceil(kernels::quant::BLOCK2 as u64) + 4
         } else {
             4 * blocks
         };
         quantized += n.div_ceil(2) + scales;
     }
     quantized *= layers;
-    let projections: u64 = per_layer.iter().sum::<u64>() * layers;
+    let projections = per_layer.iter().sum::<u64>() * layers;
     let rest = cfg.num_parameters() as u64 - projections;
-    let bytes = match q.compute_dtype {
-        DType::F32 => 4,
-        _ => 2,
-    };
-    (quantized, rest * bytes)
+    (quantized, rest * q.compute_dtype.size() as u64)
 }
 
 /// Parameters of one decoder layer's seven projections.
 pub fn layer_projection_params(cfg: &qwen2::Qwen2Config) -> u64 {
-    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
-    let d = cfg.head_dim() as u64;
-    let (nh, nkv) = (
-        cfg.num_attention_heads as u64,
-        cfg.num_key_value_heads() as u64,
-    );
-    2 * nh * d * h + 2 * nkv * d * h + 3 * i * h
+    crate::plan::projections(cfg)
+        .iter()
+        .map(|&(_, fan_in, fan_out)| (fan_in * fan_out) as u64)
+        .sum()
 }
 
 /// The weights' share of a QLoRA training step's peak: the 4-bit model, plus the dequantized
@@ -171,7 +156,7 @@ pub fn layer_projection_params(cfg: &qwen2::Qwen2Config) -> u64 {
 /// checkpointing, which recomputes each layer in its own backward), else every layer's.
 pub fn training_weights(cfg: &qwen2::Qwen2Config, q: &Load4bit, one_layer: bool) -> f64 {
     let (four, rest) = footprint(cfg, q);
-    let bytes = if q.compute_dtype == DType::F32 { 4 } else { 2 };
+    let bytes = q.compute_dtype.size() as u64;
     let layers = if one_layer {
         1
     } else {

@@ -251,24 +251,27 @@ impl<B: Backend> LoraLinear<B> {
     /// (every decoding step) multiplies the stored weight by the row; everything else runs
     /// [`Self::forward_reference`].
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let device = x.device();
-        let key = self.dropout_key(&device);
+        let key = self.dropout_key(&x.device());
         over_rows(x, |x| {
             if let Some(y) = self.forward_fused_4bit(&x, key) {
                 return y;
             }
-            let w = self.w();
-            if let Some(y) = self.forward_fused(&x, key, &w) {
+            self.forward_with(x, key, &self.w())
+        })
+    }
+
+    /// [`Self::forward`] for `x` `[rows, in]` with the base weight `w` at hand.
+    fn forward_with(&self, x: Tensor<B, 2>, key: Option<u64>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+        if let Some(y) = self.forward_fused(&x, key, w) {
+            return y;
+        }
+        if x.dims()[0] == 1 && !B::ad_enabled(&x.device()) {
+            if let Some(y) = self.rows_kernel(&x, w) {
                 return y;
             }
-            if x.dims()[0] == 1 && !B::ad_enabled(&device) {
-                if let Some(y) = self.rows_kernel(&x, &w) {
-                    return y;
-                }
-                return self.forward_row(x, &w);
-            }
-            self.forward_burn(x, key, &w)
-        })
+            return self.forward_row(x, w);
+        }
+        self.forward_burn(x, key, w)
     }
 
     /// Inference over a few rows at once (a step of batched decoding), `x` `[.., in]`. On the CPU
@@ -276,9 +279,17 @@ impl<B: Backend> LoraLinear<B> {
     /// [`Self::forward`] gives that row alone (`kernels::cpu::linear_rows`), so a sequence decodes
     /// the same tokens alone or in a batch; elsewhere this is [`Self::forward`].
     pub fn forward_rows<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        over_rows(x, |x| match self.rows_kernel(&x, &self.w()) {
-            Some(y) => y,
-            None => self.forward(x),
+        let key = self.dropout_key(&x.device());
+        over_rows(x, |x| {
+            if let Some(y) = self.forward_fused_4bit(&x, key) {
+                return y;
+            }
+            // One dequantization of a 4-bit base serves whichever path runs.
+            let w = self.w();
+            match self.rows_kernel(&x, &w) {
+                Some(y) => y,
+                None => self.forward_with(x, key, &w),
+            }
         })
     }
 
@@ -394,15 +405,20 @@ impl<B: Backend> LoraLinear<B> {
         key: Option<u64>,
         w: &Tensor<B, 2>,
     ) -> Option<Tensor<B, 2>> {
+        let bias = self.bias.as_ref().map(|b| b.val());
+        kernels::cpu::lora_linear(x, w, bias.as_ref(), self.fused_adapter(key).as_ref())
+    }
+
+    /// The active adapter as the fused operations take it, with this call's dropout key.
+    #[cfg(feature = "cpu-kernels")]
+    fn fused_adapter(&self, key: Option<u64>) -> Option<kernels::cpu::Adapter<B>> {
         let keep = 1.0 - self.lora_dropout.as_ref().map_or(0.0, |d| d.prob);
-        let adapter = self.active_adapter().map(|(a, b)| kernels::cpu::Adapter {
+        self.active_adapter().map(|(a, b)| kernels::cpu::Adapter {
             a,
             b,
             scaling: self.scaling,
             dropout: key.map(|k| (k, keep)),
-        });
-        let bias = self.bias.as_ref().map(|b| b.val());
-        kernels::cpu::lora_linear(x, w, bias.as_ref(), adapter.as_ref())
+        })
     }
 
     /// The fused operation over a 4-bit base (f32 compute), which keeps only the packed weight
@@ -413,20 +429,13 @@ impl<B: Backend> LoraLinear<B> {
         if q.compute_dtype != DType::F32 {
             return None;
         }
-        let keep = 1.0 - self.lora_dropout.as_ref().map_or(0.0, |d| d.prob);
-        let adapter = self.active_adapter().map(|(a, b)| kernels::cpu::Adapter {
-            a,
-            b,
-            scaling: self.scaling,
-            dropout: key.map(|k| (k, keep)),
-        });
         let bias = self.bias.as_ref().map(|b| b.val());
         kernels::cpu::lora_linear_4bit(
             x,
             &q.quantized,
             self.shape(),
             bias.as_ref(),
-            adapter.as_ref(),
+            self.fused_adapter(key).as_ref(),
         )
     }
 

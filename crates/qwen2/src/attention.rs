@@ -116,17 +116,7 @@ impl<B: Backend> Qwen2Attention<B> {
                 // [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
                 let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
                 let (k, v) = match cache {
-                    Some(cache) => {
-                        // [batch, kv_heads, cached + seq, head_dim]
-                        let (k, v) = match cache.take() {
-                            Some((pk, pv)) => {
-                                (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2))
-                            }
-                            None => (k, v),
-                        };
-                        *cache = Some((k.clone(), v.clone()));
-                        (k, v)
-                    }
+                    Some(cache) => append(cache, k, v),
                     None => (k, v),
                 };
                 attention_reference(q, k, v, bias).swap_dims(1, 2)
@@ -160,20 +150,28 @@ impl<B: Backend> Qwen2Attention<B> {
             .enumerate()
             .map(|(i, cache)| {
                 let row = |t: &Tensor<B, 4>| t.clone().narrow(0, i, 1);
-                let (k, v) = match cache.take() {
-                    Some((pk, pv)) => (
-                        Tensor::cat(vec![pk, row(&k)], 2),
-                        Tensor::cat(vec![pv, row(&v)], 2),
-                    ),
-                    None => (row(&k), row(&v)),
-                };
-                **cache = Some((k.clone(), v.clone()));
+                let (k, v) = append(cache, row(&k), row(&v));
                 attention_reference(row(&q), k, v, &AttentionBias::Full)
             })
             .collect();
         let out = Tensor::cat(outs, 0).swap_dims(1, 2);
         self.o_proj.forward_rows(out.reshape([n, s, nh * d]))
     }
+}
+
+/// `k`, `v` `[batch, kv_heads, seq, head_dim]` appended to `cache` along the positions; returns
+/// every key and value cached, the new ones included.
+fn append<B: Backend>(
+    cache: &mut LayerCache<B>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let (k, v) = match cache.take() {
+        Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+        None => (k, v),
+    };
+    *cache = Some((k.clone(), v.clone()));
+    (k, v)
 }
 
 /// Grouped-query attention with Burn ops, `[batch, heads, seq, head_dim]` queries over

@@ -260,6 +260,9 @@ pub fn load_safetensors_into<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
     load_except(module, files, dtype, ignore, |_| false).map(|(r, _)| r)
 }
 
+/// Parameters left unloaded by a load, with their checked checkpoint entries.
+type Deferred = Vec<(String, Entry)>;
+
 /// [`load_safetensors_into`], leaving the parameters `defer(key)` names unloaded (lazy) after
 /// checking their headers like the others: their entries are returned, for the caller to read.
 fn load_except<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
@@ -268,7 +271,7 @@ fn load_except<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
     dtype: DType,
     ignore: impl Fn(&str) -> bool,
     defer: impl Fn(&str) -> bool,
-) -> Result<(LoadReport, Vec<(String, Entry)>), Qwen2Error> {
+) -> Result<(LoadReport, Deferred), Qwen2Error> {
     let mut deferred = Vec::new();
     let mut report = LoadReport {
         files: files.to_vec(),
@@ -384,20 +387,36 @@ pub fn load_model<B: Backend>(
     dtype: DType,
     device: &B::Device,
 ) -> Result<LoadedModel<B>, Qwen2Error> {
+    load(path, dtype, device, |_| false).map(|(loaded, _)| loaded)
+}
+
+/// The loader of [`load_model`] and [`load_model_4bit`]: the model in `dtype`, but for the
+/// parameters `defer(key)` names, whose checked entries are returned for the caller to read.
+fn load<B: Backend>(
+    path: &Path,
+    dtype: DType,
+    device: &B::Device,
+    defer: impl Fn(&str) -> bool,
+) -> Result<(LoadedModel<B>, Deferred), Qwen2Error> {
     let dir = resolve_model_dir(path)?;
     let config = Qwen2Config::from_file(&dir.join(CONFIG))?;
     let files = weight_files(&dir)?;
     let mut model = Qwen2ForCausalLM::<B>::new(&config, device);
     let tied = config.tie_word_embeddings;
-    let report = load_safetensors_into(&mut model, &files, dtype, |key| {
-        key.ends_with("rotary_emb.inv_freq") || (tied && key == "lm_head.weight")
-    })?;
-    Ok(LoadedModel {
+    let (report, deferred) = load_except(
+        &mut model,
+        &files,
+        dtype,
+        |key| key.ends_with("rotary_emb.inv_freq") || (tied && key == "lm_head.weight"),
+        defer,
+    )?;
+    let loaded = LoadedModel {
         model,
         config,
         dir,
         report,
-    })
+    };
+    Ok((loaded, deferred))
 }
 
 /// [`load_model`] with the decoder layers' projection weights in 4 bits ([`quantized_key`]), as
@@ -410,18 +429,7 @@ pub fn load_model_4bit<B: Backend>(
     q: Load4bit,
     device: &B::Device,
 ) -> Result<LoadedModel<B>, Qwen2Error> {
-    let dir = resolve_model_dir(path)?;
-    let config = Qwen2Config::from_file(&dir.join(CONFIG))?;
-    let files = weight_files(&dir)?;
-    let mut model = Qwen2ForCausalLM::<B>::new(&config, device);
-    let tied = config.tie_word_embeddings;
-    let (mut report, deferred) = load_except(
-        &mut model,
-        &files,
-        q.compute_dtype,
-        |key| key.ends_with("rotary_emb.inv_freq") || (tied && key == "lm_head.weight"),
-        quantized_key,
-    )?;
+    let (mut loaded, deferred) = load(path, q.compute_dtype, device, quantized_key)?;
     for (key, entry) in deferred {
         let load = |reason: String| Qwen2Error::Load {
             key: key.clone(),
@@ -434,21 +442,16 @@ pub fn load_model_4bit<B: Backend>(
             .map_err(|e| load(format!("{e:?}")))?;
         let quantized = kernels::quant::Quantized::new(&values, q.quant_type, q.double_quant);
         drop(values);
-        report.quantized_tensors += 1;
-        report.quantized_bytes += quantized.bytes();
-        let linear = projection_mut(&mut model, &key)
+        loaded.report.quantized_tensors += 1;
+        loaded.report.quantized_bytes += quantized.bytes();
+        let linear = projection_mut(&mut loaded.model, &key)
             .ok_or_else(|| load("not a projection of a decoder layer".into()))?;
         linear.base_4bit = Some(std::sync::Arc::new(lora_core::Base4bit {
             quantized: std::sync::Arc::new(quantized),
             compute_dtype: q.compute_dtype,
         }));
     }
-    Ok(LoadedModel {
-        model,
-        config,
-        dir,
-        report,
-    })
+    Ok(loaded)
 }
 
 /// The projection whose weight is `model.layers.{i}.{self_attn|mlp}.{name}.weight`.
@@ -459,14 +462,9 @@ fn projection_mut<'a, B: Backend>(
     let rest = key.strip_prefix("model.layers.")?.strip_suffix(".weight")?;
     let (i, rest) = rest.split_once('.')?;
     let layer = model.model.layers.get_mut(i.parse::<usize>().ok()?)?;
-    Some(match rest {
-        "self_attn.q_proj" => &mut layer.self_attn.q_proj,
-        "self_attn.k_proj" => &mut layer.self_attn.k_proj,
-        "self_attn.v_proj" => &mut layer.self_attn.v_proj,
-        "self_attn.o_proj" => &mut layer.self_attn.o_proj,
-        "mlp.gate_proj" => &mut layer.mlp.gate_proj,
-        "mlp.up_proj" => &mut layer.mlp.up_proj,
-        "mlp.down_proj" => &mut layer.mlp.down_proj,
-        _ => return None,
-    })
+    layer
+        .projections_mut()
+        .into_iter()
+        .find(|(name, _)| *name == rest)
+        .map(|(_, p)| p)
 }

@@ -54,6 +54,21 @@ impl<B: Backend> Qwen2DecoderLayer<B> {
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 
+    /// The seven projections with their module paths within the layer (`self_attn.q_proj`, ...,
+    /// `mlp.down_proj`).
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut LoraLinear<B>); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
+
     /// One new token per sequence, each after its own cache: [`Qwen2Attention::forward_rows`] and
     /// [`Qwen2Mlp::forward_rows`] (batched decoding; rows independent of each other).
     pub fn forward_rows(
@@ -263,26 +278,18 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         }
     }
 
-    /// Logits `[batch, seq, vocab]`; arguments as in [`Self::forward_hidden`].
     /// The decoder layers' seven projections replaced by their 4-bit forms
     /// ([`lora_core::LoraLinear::quantize_base`]; what [`crate::load_model_4bit`] holds, for a
     /// model already in memory).
     pub fn quantize_4bit(&mut self, q: crate::Load4bit) {
         for l in &mut self.model.layers {
-            for p in [
-                &mut l.self_attn.q_proj,
-                &mut l.self_attn.k_proj,
-                &mut l.self_attn.v_proj,
-                &mut l.self_attn.o_proj,
-                &mut l.mlp.gate_proj,
-                &mut l.mlp.up_proj,
-                &mut l.mlp.down_proj,
-            ] {
+            for (_, p) in l.projections_mut() {
                 p.quantize_base(q.quant_type, q.double_quant, q.compute_dtype);
             }
         }
     }
 
+    /// Logits `[batch, seq, vocab]`; arguments as in [`Self::forward_hidden`].
     pub fn forward(
         &self,
         input_ids: Tensor<B, 2, Int>,

@@ -33,7 +33,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use burn::tensor::backend::Backend;
 use burn::tensor::DType;
-use lora_data::{ChatTokenizer, Message, PromptStyle, Role, Template, QWEN_DEFAULT_SYSTEM};
+use lora_data::{ChatTokenizer, Message, PromptStyle, Role};
 use qwen2::GenerationConfig;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -196,10 +196,7 @@ where
     let tok = ChatTokenizer::load(&tok_path)
         .with_context(|| format!("loading the tokenizer from {}", tok_path.display()))?;
     let loaded = a.quant.load::<B>(&dir, DType::F32, &device)?;
-    let mut defaults = GenerationConfig::for_model(&dir, &loaded.config)?;
-    if defaults.eos_token_id.is_empty() {
-        defaults.eos_token_id = crate::chat::fallback_stop_ids(&tok);
-    }
+    let defaults = crate::chat::model_defaults(&dir, &loaded.config, &tok)?;
     let context = loaded.config.max_position_embeddings;
     let base = loaded.model;
     let mut served = vec![Served {
@@ -458,14 +455,8 @@ fn prepare(app: &App, r: &ChatRequest) -> Result<(usize, Vec<u32>, GenerationCon
             },
         );
     }
-    // As `chat` renders a conversation.
-    let text = Template::Qwen.render_prompt(&messages, QWEN_DEFAULT_SYSTEM);
-    let prompt = app
-        .tokenizer
-        .encode_fast(text.as_str(), false)
-        .map_err(|e| ApiError::bad("messages", format!("tokenizing the messages: {e}")))?
-        .get_ids()
-        .to_vec();
+    let prompt = crate::chat::prompt_ids(&app.tokenizer, &messages)
+        .map_err(|e| ApiError::bad("messages", format!("{e:#}")))?;
     if prompt.len() >= app.context {
         return Err(ApiError::bad(
             "messages",
