@@ -361,15 +361,6 @@ fn bad_configs_and_adapters_are_refused_with_names() {
     let e = apply_lora(
         base::<Cpu>(),
         &LoraConfig {
-            use_dora: true,
-            ..lora_trainer::recipe::lora_config()
-        },
-    )
-    .unwrap_err();
-    assert!(e.to_string().contains("use_dora"), "{e}");
-    let e = apply_lora(
-        base::<Cpu>(),
-        &LoraConfig {
             r: 0,
             ..lora_trainer::recipe::lora_config()
         },
@@ -396,11 +387,22 @@ fn bad_configs_and_adapters_are_refused_with_names() {
         "{msg}"
     );
 
+    // A DoRA config over a plain adapter's tensors: the missing magnitude is named.
+    let text = std::fs::read_to_string(peft_dir().join("adapter_config.json"))
+        .unwrap()
+        .replace("\"use_dora\": false", "\"use_dora\": true");
+    std::fs::write(&cfgp, text).unwrap();
+    let e = load_adapter(base::<Cpu>(), tmp.path()).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, LoraError::MissingTensor { .. }) && msg.contains("lora_magnitude_vector"),
+        "{msg}"
+    );
+
     // Unsupported PEFT features in a file are named.
     let text = std::fs::read_to_string(peft_dir().join("adapter_config.json"))
         .unwrap()
-        .replace("\"use_dora\": false", "\"use_dora\": true")
-        .replace("\"lora_bias\": false", "\"lora_bias\": true")
+        .replace("\"fan_in_fan_out\": false", "\"fan_in_fan_out\": true")
         .replace(
             "\"modules_to_save\": null",
             "\"modules_to_save\": [\"lm_head\"]",
@@ -410,7 +412,7 @@ fn bad_configs_and_adapters_are_refused_with_names() {
         .unwrap_err()
         .to_string();
     assert!(
-        msg.contains("use_dora") && msg.contains("lora_bias") && msg.contains("modules_to_save"),
+        msg.contains("fan_in_fan_out") && msg.contains("modules_to_save"),
         "{msg}"
     );
     assert!(

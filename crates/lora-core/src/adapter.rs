@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::Tensor;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
@@ -48,6 +48,50 @@ fn adapter_factors<B: Backend, M: Module<B>>(
     out
 }
 
+/// The key in PEFT's `adapter_model.safetensors` of an adapter parameter at module path `path`:
+/// `base_model.model.<path>`, except DoRA's `….lora_magnitude_vector.weight`, which PEFT stores
+/// as `….lora_magnitude_vector`.
+pub fn adapter_file_key(path: &str) -> String {
+    let path = path
+        .strip_suffix(".lora_magnitude_vector.weight")
+        .map(|m| format!("{m}.lora_magnitude_vector"))
+        .unwrap_or_else(|| path.to_string());
+    format!("{PEFT_PREFIX}{path}")
+}
+
+/// Every adapter parameter of `model` (factors, `lora_B` biases, DoRA magnitudes) as
+/// `(file key, shape, values)`, in model order.
+fn adapter_entries<B: Backend, M: Module<B>>(model: &M) -> Vec<(String, Vec<usize>, Tensor<B, 1>)> {
+    let mut out = Vec::new();
+    visit_params(model, |p: ParamRef<'_, B>| {
+        if p.is_adapter() {
+            out.push((adapter_file_key(p.path), p.shape.to_vec(), p.flat()));
+        }
+    });
+    out
+}
+
+/// The tensors PEFT's file holds for the adapter of a linear `[out, in]` at `module` with rank
+/// `r`: `(key suffix, shape)`.
+fn expected_entries(
+    r: usize,
+    [out_f, in_f]: [usize; 2],
+    lora_bias: bool,
+    dora: bool,
+) -> Vec<(&'static str, Vec<usize>)> {
+    let mut e = vec![
+        ("lora_A.weight", vec![r, in_f]),
+        ("lora_B.weight", vec![out_f, r]),
+    ];
+    if lora_bias {
+        e.push(("lora_B.bias", vec![out_f]));
+    }
+    if dora {
+        e.push(("lora_magnitude_vector", vec![out_f]));
+    }
+    e
+}
+
 /// Every adapter parameter of `model` as `(parameter path, tensor)`, in model order, e.g.
 /// `model.layers.0.self_attn.q_proj.lora_A.weight`; the tensor is the parameter itself.
 pub fn adapter_tensors<B: Backend, M: Module<B>>(model: &M) -> Vec<(String, Tensor<B, 2>)> {
@@ -66,11 +110,8 @@ pub fn save_adapter<B: Backend, M: Module<B>>(
     dir: &Path,
 ) -> Result<PathBuf, LoraError> {
     std::fs::create_dir_all(dir).map_err(|e| LoraError::write(dir, e))?;
-    let tensors = adapter_factors(model);
-    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
-    for (module, factor, t) in tensors {
-        let key = adapter_key(&module, factor);
-        let shape = t.dims().to_vec();
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (key, shape, t) in adapter_entries(model) {
         let v = t
             .into_data()
             .convert::<f32>()
@@ -156,9 +197,14 @@ pub fn load_adapter<B: Backend, M: LoraModel<B>>(
         if !is_targeted(&cfg, &path, head.as_deref()) {
             continue;
         }
-        let (r, [out_f, in_f]) = (cfg.rank_for(&path), linear.shape());
-        for (factor, expected) in FACTORS.into_iter().zip([[r, in_f], [out_f, r]]) {
-            let key = adapter_key(&path, factor);
+        let entries = expected_entries(
+            cfg.rank_for(&path),
+            linear.shape(),
+            cfg.lora_bias(),
+            cfg.use_dora,
+        );
+        for (suffix, expected) in entries {
+            let key = format!("{PEFT_PREFIX}{path}.{suffix}");
             let view = found.get(&key).ok_or_else(|| LoraError::MissingTensor {
                 key: key.clone(),
                 module: path.clone(),
@@ -181,20 +227,19 @@ pub fn load_adapter<B: Backend, M: LoraModel<B>>(
         if !linear.has_adapter() {
             continue;
         }
-        for factor in FACTORS {
-            let key = adapter_key(&path, factor);
+        let entries = expected_entries(
+            cfg.rank_for(&path),
+            linear.shape(),
+            linear.lora_bias().is_some(),
+            linear.is_dora(),
+        );
+        for (suffix, expected) in entries {
+            let key = format!("{PEFT_PREFIX}{path}.{suffix}");
             let view = found.remove(&key).ok_or_else(|| LoraError::MissingTensor {
                 key: key.clone(),
                 module: path.clone(),
                 file: file.clone(),
             })?;
-            let slot = if factor == FACTORS[0] {
-                linear.lora_A.as_mut()
-            } else {
-                linear.lora_B.as_mut()
-            }
-            .expect("attached above");
-            let expected = slot.weight.shape().dims::<2>().to_vec();
             if view.shape() != expected.as_slice() {
                 return Err(LoraError::ShapeMismatch {
                     key,
@@ -211,12 +256,7 @@ pub fn load_adapter<B: Backend, M: LoraModel<B>>(
                     view.dtype()
                 ),
             })?;
-            let device = slot.weight.device();
-            let t = Tensor::<B, 2>::from_data(
-                TensorData::new(values, [expected[0], expected[1]]),
-                (&device, DType::F32),
-            );
-            slot.weight = slot.weight.clone().map(|_| t.require_grad());
+            linear.set_adapter_tensor(suffix, values);
         }
     }
     if !found.is_empty() {

@@ -2,7 +2,7 @@
 //!
 //! Field names, defaults and matching rules are PEFT's. Fields this crate does not interpret are kept
 //! in `extra` (and written back), so a config read from PEFT round-trips; features that change the
-//! math and are not implemented (DoRA, LoRA bias, `modules_to_save`, ...) are refused by
+//! math and are not implemented (`modules_to_save`, ...) are refused by
 //! [`LoraConfig::validate`] with their names, never silently ignored.
 
 use std::collections::BTreeMap;
@@ -83,7 +83,7 @@ pub struct LoraConfig {
     /// rsLoRA: scale by `lora_alpha / sqrt(r)`.
     #[serde(default)]
     pub use_rslora: bool,
-    /// DoRA (not supported: refused).
+    /// DoRA: a trained magnitude per output row (`lora_magnitude_vector`).
     #[serde(default)]
     pub use_dora: bool,
     /// Which biases train: only `"none"` is supported.
@@ -137,7 +137,6 @@ impl Default for LoraConfig {
 /// Keys of `extra` that are harmless at their PEFT default values; anything else non-default in
 /// them changes the adapter's math and is refused.
 const EXTRA_DEFAULTS: &[(&str, &str)] = &[
-    ("lora_bias", "false"),
     ("layer_replication", "null"),
     ("loftq_config", "{}"),
     ("megatron_config", "null"),
@@ -206,10 +205,19 @@ impl LoraConfig {
                 ));
             }
         }
-        let mut unsupported = Vec::new();
-        if self.use_dora {
-            unsupported.push("use_dora (DoRA)".to_string());
+        match self.extra.get("lora_bias") {
+            None | Some(serde_json::Value::Bool(_)) => {}
+            Some(v) => return bad(format!("`lora_bias` is {v}; it must be true or false")),
         }
+        if self.lora_bias() {
+            if self.use_dora {
+                return bad("`lora_bias` = true is not supported with DoRA (PEFT refuses the pair too); set one of them to false".into());
+            }
+            if matches!(self.init_lora_weights, InitLoraWeights::Named(_)) {
+                return bad(format!("`lora_bias` = true works only with `init_lora_weights` true or false (as in PEFT), not {:?}", self.init_lora_weights));
+            }
+        }
+        let mut unsupported = Vec::new();
         if self.bias != "none" {
             unsupported.push(format!("bias = {:?} (only \"none\")", self.bias));
         }
@@ -239,6 +247,21 @@ impl LoraConfig {
             });
         }
         Ok(())
+    }
+
+    /// `lora_bias` (PEFT ≥ 0.14): a trainable bias on every `lora_B`. Kept in `extra`, so a file
+    /// without the field is written back without it (older PEFT releases refuse unknown fields).
+    pub fn lora_bias(&self) -> bool {
+        self.extra
+            .get("lora_bias")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    }
+
+    /// Sets `lora_bias`.
+    pub fn set_lora_bias(&mut self, on: bool) {
+        self.extra
+            .insert("lora_bias".into(), serde_json::Value::Bool(on));
     }
 
     /// Rank for a module path (`rank_pattern` first, as PEFT).

@@ -10,11 +10,11 @@ mod params;
 mod target;
 
 pub use adapter::{
-    adapter_key, adapter_tensors, load_adapter, save_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
-    PEFT_PREFIX,
+    adapter_file_key, adapter_key, adapter_tensors, load_adapter, save_adapter, ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS, PEFT_PREFIX,
 };
 pub use config::{InitLoraWeights, LayerSelector, LoraConfig, ModuleSelector};
 pub use error::LoraError;
-pub use linear::{param_id, Base4bit, LoraLinear, LoraWeight};
+pub use linear::{param_id, Base4bit, LoraLinear, LoraMagnitude, LoraWeight};
 pub use params::{param_count, visit_params, ParamRef};
 pub use target::{apply_lora, is_targeted, merge_all, unmerge_all, LoraModel, LoraReport};

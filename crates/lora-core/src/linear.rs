@@ -21,6 +21,17 @@ use crate::error::LoraError;
 pub struct LoraWeight<B: Backend> {
     /// `lora_A`: `[r, in]`; `lora_B`: `[out, r]`.
     pub weight: Param<Tensor<B, 2>>,
+    /// `lora_B.bias` `[out]` with PEFT's `lora_bias = true` (trained, added as `scaling·bias`);
+    /// never on `lora_A`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+/// DoRA's magnitude `[out]` (PEFT's `lora_magnitude_vector`; parameter path
+/// `lora_magnitude_vector.weight`, file key `lora_magnitude_vector`).
+#[derive(Module, Debug)]
+pub struct LoraMagnitude<B: Backend> {
+    /// The magnitude of each output row of the adapted weight.
+    pub weight: Param<Tensor<B, 1>>,
 }
 
 /// A linear layer `y = x·Wᵀ + b` that can carry a LoRA adapter.
@@ -34,6 +45,8 @@ pub struct LoraLinear<B: Backend> {
     pub lora_A: Option<LoraWeight<B>>,
     /// Up projection `[out_features, r]`, present when an adapter is attached.
     pub lora_B: Option<LoraWeight<B>>,
+    /// DoRA (`use_dora`): the magnitude vector; `None` for plain LoRA.
+    pub lora_magnitude_vector: Option<LoraMagnitude<B>>,
     /// Dropout applied to the adapter's input only (PEFT `lora_dropout`); active under autodiff.
     pub lora_dropout: Option<Dropout>,
     /// `lora_alpha / r` (or `lora_alpha / sqrt(r)` with rsLoRA); unused without an adapter.
@@ -46,6 +59,10 @@ pub struct LoraLinear<B: Backend> {
     /// its backward).
     #[module(skip)]
     pub base_4bit: Option<Arc<Base4bit>>,
+    /// With a merged DoRA adapter, the row norms `‖W + s·B·A‖` of the merge (PEFT caches them
+    /// too): unmerging divides by `magnitude / norm` of the unmerged weight.
+    #[module(skip)]
+    pub merged_norm: Option<Vec<f32>>,
 }
 
 /// A base weight in bitsandbytes' 4-bit layout (`kernels::quant`), and the dtype products run in
@@ -77,10 +94,12 @@ impl<B: Backend> LoraLinear<B> {
             bias: bias.then(|| Initializer::Zeros.init([out_features], device)),
             lora_A: None,
             lora_B: None,
+            lora_magnitude_vector: None,
             lora_dropout: None,
             scaling: 1.0,
             merged: false,
             base_4bit: None,
+            merged_norm: None,
         }
     }
 
@@ -119,16 +138,106 @@ impl<B: Backend> LoraLinear<B> {
                 param_id(&format!("{module}.lora_A.weight")),
                 a.require_grad(),
             ),
+            bias: None,
         });
         self.lora_B = Some(LoraWeight {
             weight: Param::initialized(
                 param_id(&format!("{module}.lora_B.weight")),
                 b.require_grad(),
             ),
+            bias: None,
         });
+        self.lora_magnitude_vector = None;
         self.lora_dropout = (dropout > 0.0).then_some(Dropout { prob: dropout });
         self.scaling = scaling;
         self.merged = false;
+        self.merged_norm = None;
+    }
+
+    /// Gives the attached `lora_B` a trainable bias, zero at first (PEFT `lora_bias = true`).
+    pub fn add_lora_bias(&mut self, module: &str) {
+        let [out, _] = self.shape();
+        let device = self.weight.lazy_device();
+        if let Some(b) = self.lora_B.as_mut() {
+            let zeros = Tensor::<B, 1>::zeros([out], &device);
+            b.bias = Some(Param::initialized(
+                param_id(&format!("{module}.lora_B.bias")),
+                zeros.require_grad(),
+            ));
+        }
+    }
+
+    /// Turns the attached adapter into DoRA (PEFT `use_dora = true`): the magnitude starts as the
+    /// row norms of `W + s·B·A` with the current factors, so the layer's output is unchanged.
+    pub fn add_dora(&mut self, module: &str) {
+        let Some((a, b)) = self.active_adapter() else {
+            return;
+        };
+        let id = param_id(&format!("{module}.lora_magnitude_vector.weight"));
+        let weight = if self.weight.is_initialized() || self.base_4bit.is_some() {
+            // A fresh leaf: the norm computed under autodiff is the result of operations.
+            let norm = self.weight_norm(&a, &b);
+            let norm = Tensor::<B, 1>::from_data(norm.to_data(), (&norm.device(), norm.dtype()));
+            Param::initialized(id, norm.require_grad())
+        } else {
+            // A model built without weights (counting parameters, planning memory): the norms of
+            // a weight that does not exist are not computed, and nothing is allocated.
+            let [out, _] = self.shape();
+            Param::uninitialized(
+                id,
+                move |device, grad| Tensor::<B, 1>::ones([out], device).set_require_grad(grad),
+                self.weight.lazy_device(),
+                true,
+                [out].into(),
+            )
+        };
+        self.lora_magnitude_vector = Some(LoraMagnitude { weight });
+    }
+
+    /// `‖W + s·B·A‖` over each output row, in the adapter's dtype, detached (PEFT's
+    /// `get_weight_norm`, which DoRA treats as a constant).
+    fn weight_norm(&self, a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> Tensor<B, 1> {
+        let lora_weight = b.clone().detach().matmul(a.clone().detach());
+        let w = self.w().detach();
+        let w = if w.dtype() == lora_weight.dtype() {
+            w
+        } else {
+            w.cast(lora_weight.dtype())
+        };
+        let total = w + lora_weight.mul_scalar(self.scaling);
+        total.powi_scalar(2).sum_dim(1).sqrt().squeeze_dim::<1>(1)
+    }
+
+    /// Sets the adapter parameter named by its file-key suffix (`lora_A.weight`, `lora_B.weight`,
+    /// `lora_B.bias`, `lora_magnitude_vector`) to `values` (f32, trainable), keeping its id;
+    /// `values` must hold as many elements as the parameter. Returns whether the layer has it.
+    pub fn set_adapter_tensor(&mut self, suffix: &str, values: Vec<f32>) -> bool {
+        fn set<B: Backend, const D: usize>(p: &mut Param<Tensor<B, D>>, values: Vec<f32>) {
+            let (shape, device) = (p.lazy_shape(), p.lazy_device());
+            let t =
+                Tensor::<B, D>::from_data(TensorData::new(values, shape), (&device, DType::F32));
+            *p = p.clone().map(|_| t.require_grad());
+        }
+        match suffix {
+            "lora_A.weight" => self.lora_A.as_mut().map(|f| set(&mut f.weight, values)),
+            "lora_B.weight" => self.lora_B.as_mut().map(|f| set(&mut f.weight, values)),
+            "lora_B.bias" => self
+                .lora_B
+                .as_mut()
+                .and_then(|f| f.bias.as_mut())
+                .map(|b| set(b, values)),
+            "lora_magnitude_vector" => self
+                .lora_magnitude_vector
+                .as_mut()
+                .map(|m| set(&mut m.weight, values)),
+            _ => None,
+        }
+        .is_some()
+    }
+
+    /// Whether the adapter is DoRA.
+    pub fn is_dora(&self) -> bool {
+        self.lora_magnitude_vector.is_some()
     }
 
     /// Removes the adapter (unmerging it first if merged).
@@ -138,6 +247,7 @@ impl<B: Backend> LoraLinear<B> {
         }
         self.lora_A = None;
         self.lora_B = None;
+        self.lora_magnitude_vector = None;
         self.lora_dropout = None;
         Ok(())
     }
@@ -182,51 +292,113 @@ impl<B: Backend> LoraLinear<B> {
                  instead (load it without 4-bit quantization)",
             ));
         }
+        // The bias first: it is the only check that can refuse after the weight is computed.
+        let new_bias = match &self.bias {
+            Some(b) => Some(self.folded_bias(b.val(), merge, module)?),
+            None if self.lora_bias().is_some() => {
+                return Err(state(
+                    "the adapter has lora_bias = true but the base layer has no bias, so it \
+                     cannot be merged (PEFT refuses it too); use the adapter unmerged",
+                ))
+            }
+            None => None,
+        };
         let w = self.weight.val();
         let rg = w.is_require_grad();
-        let new = self.folded(w, merge, module)?;
+        let stored = if merge { None } else { self.merged_norm.take() };
+        let (new, norm) = match self.folded(w, merge, module, stored.clone()) {
+            Ok(v) => v,
+            Err(e) => {
+                self.merged_norm = stored;
+                return Err(e);
+            }
+        };
         // The base stays frozen: detach from the adapter's graph, keep the flag it had.
         self.weight = self
             .weight
             .clone()
             .map(|_| new.detach().set_require_grad(rg));
+        if let (Some(bias), Some(new)) = (self.bias.as_mut(), new_bias) {
+            let rg = bias.val().is_require_grad();
+            *bias = bias.clone().map(|_| new.detach().set_require_grad(rg));
+        }
+        self.merged_norm = if merge { norm } else { None };
         self.merged = merge;
         Ok(())
     }
 
-    /// `w + scaling·B·A` for a base weight `w` held outside the layer (a checkpoint streamed tensor
-    /// by tensor, whose layer keeps its weight lazy): exactly what [`Self::merge`] folds into
-    /// `self.weight`, with the same refusal of NaN/Inf.
+    /// What [`Self::merge`] folds into `self.weight`, for a base weight `w` held outside the layer
+    /// (a checkpoint streamed tensor by tensor, whose layer keeps its weight lazy), with the same
+    /// refusal of NaN/Inf: `w + s·B·A`, or DoRA's `m / ‖w + s·B·A‖ ⊙ (w + s·B·A)`.
     pub fn merged_weight(&self, w: Tensor<B, 2>, module: &str) -> Result<Tensor<B, 2>, LoraError> {
-        self.folded(w, true, module)
+        Ok(self.folded(w, true, module, None)?.0)
     }
 
-    /// `w ± scaling·B·A` in `w`'s dtype (the delta computed in the adapter's, as PEFT), refusing a
-    /// result with NaN/Inf.
+    /// What [`Self::merge`] makes of the base bias `b` held outside the layer: `b + s·lora_B.bias`
+    /// with `lora_bias`, else `b`.
+    pub fn merged_bias(&self, b: Tensor<B, 1>, module: &str) -> Result<Tensor<B, 1>, LoraError> {
+        self.folded_bias(b, true, module)
+    }
+
+    /// `lora_B.bias`, when the adapter has one.
+    pub fn lora_bias(&self) -> Option<Tensor<B, 1>> {
+        self.lora_B.as_ref()?.bias.as_ref().map(|b| b.val())
+    }
+
+    fn folded_bias(
+        &self,
+        b: Tensor<B, 1>,
+        merge: bool,
+        module: &str,
+    ) -> Result<Tensor<B, 1>, LoraError> {
+        let Some(lb) = self.lora_bias() else {
+            return Ok(b);
+        };
+        let delta = lb.detach().mul_scalar(self.scaling).cast(b.dtype());
+        let new = if merge { b + delta } else { b - delta };
+        check_finite(new, module)
+    }
+
+    /// `w ± s·B·A` in `w`'s dtype (the delta computed in the adapter's, as PEFT), refusing a
+    /// result with NaN/Inf. With DoRA, merging gives `m / n ⊙ (w + s·B·A)` with `n` the row norms
+    /// of `w + s·B·A` (returned, for the unmerge), and unmerging `w / (m / n) − s·B·A` with the
+    /// `n` of the merge (`norm`), all in f32 as PEFT computes them.
     fn folded(
         &self,
         w: Tensor<B, 2>,
         merge: bool,
         module: &str,
-    ) -> Result<Tensor<B, 2>, LoraError> {
+        norm: Option<Vec<f32>>,
+    ) -> Result<(Tensor<B, 2>, Option<Vec<f32>>), LoraError> {
         let delta = self.delta_weight().ok_or_else(|| LoraError::MergeState {
             module: module.to_string(),
             reason: "no adapter attached".to_string(),
         })?;
-        let delta = delta.detach().cast(w.dtype());
-        let new = if merge { w + delta } else { w - delta };
-        let finite = new.clone().is_nan().bool_or(new.clone().is_inf()).any();
-        if finite
-            .into_data()
-            .to_vec::<bool>()
-            .map(|v| v[0])
-            .unwrap_or(true)
-        {
-            return Err(LoraError::NonFiniteMerge {
+        let Some(m) = &self.lora_magnitude_vector else {
+            let delta = delta.detach().cast(w.dtype());
+            let new = if merge { w + delta } else { w - delta };
+            return Ok((check_finite(new, module)?, None));
+        };
+        let (dtype, device) = (w.dtype(), w.device());
+        let (w, delta) = (w.cast(DType::F32), delta.detach().cast(DType::F32));
+        let m = m.weight.val().detach().cast(DType::F32);
+        let (new, norm) = if merge {
+            let total = w + delta;
+            let norm = total.clone().powi_scalar(2).sum_dim(1).sqrt(); // [out, 1]
+            let factor = m.unsqueeze_dim::<2>(1) / norm.clone();
+            let norm = norm.into_data().convert::<f32>().into_vec::<f32>();
+            (factor * total, norm.ok())
+        } else {
+            let norm = norm.ok_or_else(|| LoraError::MergeState {
                 module: module.to_string(),
-            });
-        }
-        Ok(new)
+                reason: "the DoRA merge's weight norms are unknown".to_string(),
+            })?;
+            let n = norm.len();
+            let norm = Tensor::<B, 1>::from_data(TensorData::new(norm, [n]), (&device, DType::F32));
+            let factor = m.unsqueeze_dim::<2>(1) / norm.unsqueeze_dim::<2>(1);
+            (w / factor - delta, None)
+        };
+        Ok((check_finite(new.cast(dtype), module)?, norm))
     }
 
     /// `[out_features, in_features]` without materializing a lazy weight.
@@ -262,6 +434,17 @@ impl<B: Backend> LoraLinear<B> {
 
     /// [`Self::forward`] for `x` `[rows, in]` with the base weight `w` at hand.
     fn forward_with(&self, x: Tensor<B, 2>, key: Option<u64>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+        if self.has_variant() {
+            if let Some(y) = self.forward_variant_fused(&x, key, w) {
+                return y;
+            }
+            if x.dims()[0] == 1 && !B::ad_enabled(&x.device()) {
+                if let Some(y) = self.rows_kernel(&x, w) {
+                    return y;
+                }
+            }
+            return self.forward_burn(x, key, w);
+        }
         if let Some(y) = self.forward_fused(&x, key, w) {
             return y;
         }
@@ -300,13 +483,27 @@ impl<B: Backend> LoraLinear<B> {
             return None;
         }
         let bias = self.bias.as_ref().map(|b| b.val());
-        let y = kernels::cpu::linear_rows(x, w, bias.as_ref())?;
         let Some((a, b)) = self.active_adapter() else {
-            return Some(y);
+            return kernels::cpu::linear_rows(x, w, bias.as_ref());
         };
         // As `forward_burn`: the scaling multiplies the thin `[rows, r]` product.
         let low = kernels::cpu::linear_rows(x, &a, None)?.mul_scalar(self.scaling);
-        Some(y + kernels::cpu::linear_rows(&low, &b, None)?)
+        let side = kernels::cpu::linear_rows(&low, &b, None)?;
+        let side = match self.lora_bias() {
+            Some(lb) => side + lb.mul_scalar(self.scaling).unsqueeze::<2>(),
+            None => side,
+        };
+        // DoRA without dropout: `m / ‖W + s·B·A‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b` (see `forward_burn`);
+        // every operation after the products is elementwise, so rows stay independent.
+        if let Some(g) = self.dora_scale(&a, &b) {
+            let y = kernels::cpu::linear_rows(x, w, None)? + side;
+            let y = y * g.unsqueeze::<2>();
+            return Some(match bias {
+                Some(bias) => y + bias.unsqueeze::<2>(),
+                None => y,
+            });
+        }
+        Some(kernels::cpu::linear_rows(x, w, bias.as_ref())? + side)
     }
 
     #[cfg(not(feature = "cpu-kernels"))]
@@ -426,7 +623,7 @@ impl<B: Backend> LoraLinear<B> {
     #[cfg(feature = "cpu-kernels")]
     fn forward_fused_4bit(&self, x: &Tensor<B, 2>, key: Option<u64>) -> Option<Tensor<B, 2>> {
         let q = self.base_4bit.as_ref()?;
-        if q.compute_dtype != DType::F32 {
+        if q.compute_dtype != DType::F32 || self.has_variant() {
             return None;
         }
         let bias = self.bias.as_ref().map(|b| b.val());
@@ -528,28 +725,137 @@ impl<B: Backend> LoraLinear<B> {
         // Mixed precision: a bf16 base with f32 adapters computes the side path in the adapters'
         // dtype and adds it back in the base's (PEFT casts, then applies dropout, in that order).
         let (dtype, adapter_dtype) = (x.dtype(), a.dtype());
-        let xd = if dtype == adapter_dtype {
-            x.clone()
-        } else {
-            x.clone().cast(adapter_dtype)
-        };
-        let xd = match (&self.lora_dropout, key) {
-            (Some(d), Some(key)) => keyed_dropout(xd, key, 1.0 - d.prob),
-            (Some(d), None) if !keyed_masks::<B>() => dropout(xd, d.prob),
-            _ => xd,
-        };
+        let to = |t: Tensor<B, 2>, d: DType| if t.dtype() == d { t } else { t.cast(d) };
+        let xa = to(x.clone(), adapter_dtype);
+        let xd = self.dropped(xa.clone(), key);
+        let input = xd.clone().unwrap_or(xa);
         // Rank-r side path: two thin GEMMs instead of a full-size `W + s·B·A`.
         // The scaling multiplies the thin `[rows, r]` product, not the `[rows, out]` one (the same
         // value, bit for bit when the scaling is a power of two, as alpha 32 / r 8 is).
-        let low = xd.matmul(a.transpose()).mul_scalar(self.scaling); // [rows, r]
-        let side = low.matmul(b.transpose()); // [rows, out]
-        let side = if dtype == adapter_dtype {
-            side
-        } else {
-            side.cast(dtype)
+        let low = input.matmul(a.clone().transpose()).mul_scalar(self.scaling); // [rows, r]
+        let mut side = low.matmul(b.clone().transpose()); // [rows, out]
+        if let Some(lb) = self.lora_bias() {
+            // `lora_B(·)·s` with `lora_B` carrying a bias: `s·bias` on every row.
+            side = side + lb.mul_scalar(self.scaling).unsqueeze::<2>();
+        }
+        let base = self.base(x, w);
+        let Some(g) = self.dora_scale(&a, &b) else {
+            return base + to(side, dtype);
         };
-        self.base(x, w) + side
+        // DoRA (PEFT's `DoraLinearLayer.forward`): with `g = m / ‖W + s·B·A‖` (the norm a
+        // constant), `(g − 1)·base + g·s·lora`, where `base` is the base output without its bias
+        // when no dropout is active, and `dropout(x)·Wᵀ` when one is.
+        let g = g.unsqueeze::<2>();
+        let base_result = match xd {
+            None => {
+                let b0 = to(base.clone(), adapter_dtype);
+                match &self.bias {
+                    Some(bias) => b0 - to(bias.val().unsqueeze::<2>(), adapter_dtype),
+                    None => b0,
+                }
+            }
+            Some(xd) => xd.matmul(to(w.clone(), adapter_dtype).transpose()),
+        };
+        let dora = (g.clone() - 1.0) * base_result + g * side;
+        base + to(dora, dtype)
     }
+
+    /// The adapter's input after this call's dropout, or `None` when no dropout is active (no
+    /// adapter dropout, or not training).
+    fn dropped(&self, x: Tensor<B, 2>, key: Option<u64>) -> Option<Tensor<B, 2>> {
+        let d = self.lora_dropout.as_ref()?;
+        match key {
+            Some(key) => Some(keyed_dropout(x, key, 1.0 - d.prob)),
+            None if !keyed_masks::<B>() && d.prob > 0.0 && B::ad_enabled(&x.device()) => {
+                Some(dropout(x, d.prob))
+            }
+            None => None,
+        }
+    }
+
+    /// Whether the attached, unmerged adapter is DoRA or has a `lora_B` bias: the forward paths
+    /// of plain LoRA do not take those.
+    fn has_variant(&self) -> bool {
+        !self.merged && (self.is_dora() || self.lora_bias().is_some())
+    }
+
+    /// DoRA's `m / ‖W + s·B·A‖` `[out]` (the norm detached), for the factors `a`, `b`.
+    fn dora_scale(&self, a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> Option<Tensor<B, 1>> {
+        let m = self.lora_magnitude_vector.as_ref()?.weight.val();
+        Some(m / self.weight_norm(a, b))
+    }
+
+    /// The DoRA and `lora_bias` forms on the CPU's fused operation (`kernels::cpu::lora_linear`,
+    /// its backward written out), the rest in Burn ops:
+    /// * `lora_bias`: the fused layer plus `s·bias`;
+    /// * DoRA, no dropout: `g ⊙ F(x) + b` with `F(x) = x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, `g = m / ‖W + s·B·A‖`;
+    /// * DoRA with dropout (`xd = dropout(x)`): `(x − xd)·Wᵀ + b + g ⊙ F(xd)`.
+    ///
+    /// These equal [`Self::forward_burn`]'s terms rearranged, which round differently (~1e-7).
+    #[cfg(feature = "cpu-kernels")]
+    fn forward_variant_fused(
+        &self,
+        x: &Tensor<B, 2>,
+        key: Option<u64>,
+        w: &Tensor<B, 2>,
+    ) -> Option<Tensor<B, 2>> {
+        let (a, b) = self.active_adapter()?;
+        if !self.runs_fused(x.dtype()) {
+            return None;
+        }
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let Some(g) = self.dora_scale(&a, &b) else {
+            let y =
+                kernels::cpu::lora_linear(x, w, bias.as_ref(), self.fused_adapter(key).as_ref())?;
+            let lb = self.lora_bias()?;
+            return Some(y + lb.mul_scalar(self.scaling).unsqueeze::<2>());
+        };
+        let adapter = kernels::cpu::Adapter {
+            a,
+            b,
+            scaling: self.scaling,
+            dropout: None,
+        };
+        let xd = self.dropped(x.clone(), key);
+        let f = kernels::cpu::lora_linear(xd.as_ref().unwrap_or(x), w, None, Some(&adapter))?;
+        let f = f * g.unsqueeze::<2>();
+        Some(match xd {
+            None => match bias {
+                Some(bias) => f + bias.unsqueeze::<2>(),
+                None => f,
+            },
+            Some(xd) => kernels::cpu::lora_linear(&(x.clone() - xd), w, bias.as_ref(), None)? + f,
+        })
+    }
+
+    #[cfg(not(feature = "cpu-kernels"))]
+    fn forward_variant_fused(
+        &self,
+        _: &Tensor<B, 2>,
+        _: Option<u64>,
+        _: &Tensor<B, 2>,
+    ) -> Option<Tensor<B, 2>> {
+        None
+    }
+}
+
+/// `t`, or the error PEFT's safe merge gives when it holds NaN or Inf.
+fn check_finite<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    module: &str,
+) -> Result<Tensor<B, D>, LoraError> {
+    let bad = t.clone().is_nan().bool_or(t.clone().is_inf()).any();
+    if bad
+        .into_data()
+        .to_vec::<bool>()
+        .map(|v| v[0])
+        .unwrap_or(true)
+    {
+        return Err(LoraError::NonFiniteMerge {
+            module: module.to_string(),
+        });
+    }
+    Ok(t)
 }
 
 /// `f` applied to `x` `[.., in]` as one 2-D matrix `[rows, in]`, the result given back its leading
@@ -584,10 +890,12 @@ impl<B: Backend> From<burn::nn::Linear<B>> for LoraLinear<B> {
             bias: linear.bias,
             lora_A: None,
             lora_B: None,
+            lora_magnitude_vector: None,
             lora_dropout: None,
             scaling: 1.0,
             merged: false,
             base_4bit: None,
+            merged_norm: None,
         }
     }
 }

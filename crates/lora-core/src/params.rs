@@ -40,9 +40,12 @@ impl<B: Backend> ParamRef<'_, B> {
         }
     }
 
-    /// Whether it is a LoRA factor (a `lora_A` / `lora_B` module's parameter).
+    /// Whether it belongs to the adapter: a `lora_A` / `lora_B` module's parameter (the factors,
+    /// `lora_B.bias`) or DoRA's `lora_magnitude_vector`.
     pub fn is_adapter(&self) -> bool {
-        self.path.split('.').any(|s| s == "lora_A" || s == "lora_B")
+        self.path
+            .split('.')
+            .any(|s| matches!(s, "lora_A" | "lora_B" | "lora_magnitude_vector"))
     }
 }
 

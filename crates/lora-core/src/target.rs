@@ -155,6 +155,12 @@ pub fn apply_lora<B: Backend, M: LoraModel<B>>(
                 cfg.lora_dropout,
                 &cfg.init_lora_weights,
             );
+            if cfg.lora_bias() {
+                linear.add_lora_bias(&path);
+            }
+            if cfg.use_dora {
+                linear.add_dora(&path);
+            }
             targeted.push(path.clone());
         }
         available.push(path);

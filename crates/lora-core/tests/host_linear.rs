@@ -14,6 +14,27 @@ type Ad = Autodiff<Flex>;
 /// A layer with a frozen base (and non-zero frozen bias), as `apply_lora` leaves it, and an adapter
 /// with non-zero `B`.
 fn layer(i: usize, o: usize, bias: bool, r: usize, dropout: f64) -> LoraLinear<Ad> {
+    variant_layer(i, o, bias, r, dropout, Variant::Plain)
+}
+
+/// LoRA's forms the layer computes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Variant {
+    Plain,
+    /// DoRA, its magnitude moved off its initial value (which makes it a plain LoRA).
+    Dora,
+    /// A random `lora_B` bias.
+    LoraBias,
+}
+
+fn variant_layer(
+    i: usize,
+    o: usize,
+    bias: bool,
+    r: usize,
+    dropout: f64,
+    variant: Variant,
+) -> LoraLinear<Ad> {
     let device = Default::default();
     let mut layer = LoraLinear::<Ad>::new(i, o, bias, 0.2, &device);
     if let Some(b) = &layer.bias {
@@ -22,6 +43,21 @@ fn layer(i: usize, o: usize, bias: bool, r: usize, dropout: f64) -> LoraLinear<A
     }
     let mut layer = layer.no_grad();
     layer.attach_adapter("fc", r, 2.0, dropout, &InitLoraWeights::Bool(false));
+    let noise = || Tensor::<Ad, 1>::random([o], Distribution::Normal(0.0, 0.3), &device);
+    match variant {
+        Variant::Plain => {}
+        Variant::Dora => {
+            layer.add_dora("fc");
+            let m = layer.lora_magnitude_vector.as_ref().unwrap().weight.val();
+            let m = (m * (noise() + 1.0)).into_data().to_vec::<f32>().unwrap();
+            assert!(layer.set_adapter_tensor("lora_magnitude_vector", m));
+        }
+        Variant::LoraBias => {
+            layer.add_lora_bias("fc");
+            let b = noise().into_data().to_vec::<f32>().unwrap();
+            assert!(layer.set_adapter_tensor("lora_B.bias", b));
+        }
+    }
     assert!(layer.runs_fused(DType::F32));
     assert!(!layer.runs_fused(DType::BF16));
     layer
@@ -43,13 +79,14 @@ fn adapter_grads(
     (grad(&layer.lora_A), grad(&layer.lora_B))
 }
 
-/// `(y, gx, gA, gB)` of `sum(forward(x) · g)` for a fixed upstream gradient `g`.
+/// `(y, gx, gA, gB, g extra)` of `sum(forward(x) · g)` for a fixed upstream gradient `g`; the
+/// last is the gradient of the DoRA magnitude or the `lora_B` bias (`[1, out]`), or of nothing.
 fn run(
     layer: &LoraLinear<Ad>,
     x: &Tensor<Flex, 3>,
     g: &Tensor<Flex, 3>,
     reference: bool,
-) -> [Tensor<Flex, 2>; 4] {
+) -> Vec<Tensor<Flex, 2>> {
     let device = Default::default();
     Ad::seed(&device, 7);
     let x = Tensor::<Ad, 3>::from_inner(x.clone()).require_grad();
@@ -63,34 +100,64 @@ fn run(
     let gx = x.grad(&grads).unwrap();
     let i = gx.dims()[2];
     let (ga, gb) = adapter_grads(layer, &grads);
-    [
+    let mut out = vec![
         y.inner().reshape([b * s, o]),
         gx.reshape([b * s, i]),
         ga,
         gb,
-    ]
+    ];
+    let extra = match (
+        &layer.lora_magnitude_vector,
+        layer.lora_B.as_ref().unwrap().bias.as_ref(),
+    ) {
+        (Some(m), _) => Some(m.weight.val()),
+        (None, Some(b)) => Some(b.val()),
+        _ => None,
+    };
+    if let Some(p) = extra {
+        out.push(p.grad(&grads).unwrap().unsqueeze::<2>());
+    }
+    out
 }
 
 fn check(bias: bool, dropout: f64) {
+    check_variant(bias, dropout, Variant::Plain);
+}
+
+fn check_variant(bias: bool, dropout: f64, variant: Variant) {
     let device = Default::default();
     Ad::seed(&device, 1);
     let (i, o) = (48, 40);
-    let layer = layer(i, o, bias, 4, dropout);
+    let layer = variant_layer(i, o, bias, 4, dropout, variant);
     let x = Tensor::<Flex, 3>::random([2, 5, i], Distribution::Normal(0.0, 1.0), &device);
     let g = Tensor::<Flex, 3>::random([2, 5, o], Distribution::Normal(0.0, 1.0), &device);
     let host = run(&layer, &x, &g, false);
     let reference = run(&layer, &x, &g, true);
-    for (name, (h, r)) in ["y", "grad x", "grad A", "grad B"]
+    assert_eq!(host.len(), if variant == Variant::Plain { 4 } else { 5 });
+    for (name, (h, r)) in ["y", "grad x", "grad A", "grad B", "grad magnitude/bias"]
         .iter()
         .zip(host.into_iter().zip(reference))
     {
         let (err, scale) = err_and_scale(h, r);
-        println!("bias {bias}, dropout {dropout}: {name} max |host - reference| {err:.2e} (max |ref| {scale:.2})");
+        println!("{variant:?}, bias {bias}, dropout {dropout}: {name} max |host - reference| {err:.2e} (max |ref| {scale:.2})");
         assert!(
             scale > 0.1,
             "{name}: reference is (near) zero, the check is empty"
         );
         assert!(err <= 1e-5 * scale, "{name}: host path differs by {err}");
+    }
+}
+
+#[test]
+fn host_dora_and_lora_bias_match_burn_ops() {
+    // DoRA's fused form rearranges PEFT's terms (`g ⊙ F(x) + b`, and `(x − xd)·Wᵀ + b + g ⊙
+    // F(xd)` with dropout); the Burn-ops form is PEFT's own arithmetic.
+    let _rng = rng_lock();
+    for variant in [Variant::Dora, Variant::LoraBias] {
+        check_variant(true, 0.0, variant);
+        check_variant(false, 0.0, variant);
+        check_variant(true, 0.2, variant);
+        check_variant(false, 0.5, variant);
     }
 }
 

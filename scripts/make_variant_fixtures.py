@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Writes PEFT references for LoRA's variants under tests/fixtures/peft-<variant>/.
+
+Pinned environment (the versions these fixtures were generated with):
+    torch==2.15.0  transformers==5.24.0  peft==0.21.2  safetensors==0.8.0  (Python 3.11)
+
+Regenerate (from the repository root, after scripts/make_fixtures.py):
+    .venv/bin/python scripts/make_variant_fixtures.py
+
+On the base checkpoint tests/fixtures/tiny-untied-f32-sharded, one PEFT adapter per variant, r=8,
+alpha=32, dropout 0, init_lora_weights=False (A and B random), then every extra parameter moved off
+its initial value (seeded) so that it matters:
+    peft-dora       use_dora=True on q,k,v,o,gate,up,down; lora_magnitude_vector scaled by 1 + N(0, 0.1)
+    peft-lora-bias  lora_bias=True on q,k,v (the projections with a base bias, so it can be merged);
+                    every lora_B.bias ~ N(0, 0.1)
+Each directory holds PEFT's save_pretrained output and reference.safetensors:
+    input_ids, attention_mask, labels  [3, 10]  (as tests/fixtures/peft-tiny-untied)
+    logits         [3, 10, vocab]  PeftModel forward in train mode (float32, eager attention)
+    logits_merged  [3, 10, vocab]  after merge_and_unload of a fresh load of the saved adapter
+    loss           [1]             transformers' causal-LM loss
+    grad.<path>    the gradient of every trainable parameter, keyed by our module path
+and peft_reference.json the print_trainable_parameters numbers of the tiny model and of the real
+Qwen2.5-7B-Instruct config (meta device) with the tutorial's targets and this variant.
+"""
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, Qwen2ForCausalLM
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+BASE = os.path.join("tests", "fixtures", "tiny-untied-f32-sharded")
+SHARED = os.environ.get("FERROLORA_SHARED_DATA", os.path.join("..", "shared", "data"))
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = {
+    "dora": dict(target_modules=ALL, use_dora=True),
+    "lora-bias": dict(target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True),
+}
+
+
+def counts(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def perturb(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("lora_B.default.bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def main():
+    os.chdir(ROOT)
+    ref = load_file(os.path.join(BASE, "reference.safetensors"))
+    ids, mask = ref["input_ids"], ref["attention_mask"]
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[mask == 0] = -100
+    for seed, (name, kw) in enumerate(VARIANTS.items()):
+        out_dir = os.path.join("tests", "fixtures", f"peft-{name}")
+        base = Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager")
+        cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=32, lora_dropout=0.0,
+                         init_lora_weights=False, **kw)
+        torch.manual_seed(123 + seed)
+        model = get_peft_model(base, cfg)
+        perturb(model, 7 + seed)
+        model.train()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        tensors = dict(input_ids=ids, attention_mask=mask, labels=labels,
+                       logits=out.logits.detach().float(), loss=out.loss.detach().reshape(1))
+        for pname, p in model.named_parameters():
+            if p.requires_grad:
+                path = pname.replace("base_model.model.", "", 1).replace(".default", "")
+                tensors[f"grad.{path}"] = p.grad.detach().clone()
+        tiny_trainable, tiny_all = counts(model)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        model.save_pretrained(out_dir)
+        if os.path.exists(os.path.join(out_dir, "README.md")):
+            os.remove(os.path.join(out_dir, "README.md"))
+        base2 = Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager")
+        merged = PeftModel.from_pretrained(base2, out_dir).merge_and_unload().eval()
+        with torch.no_grad():
+            tensors["logits_merged"] = merged(input_ids=ids, attention_mask=mask).logits.float()
+        save_file({k: v.contiguous() for k, v in tensors.items()},
+                  os.path.join(out_dir, "reference.safetensors"))
+
+        info = {"tiny": {"trainable": tiny_trainable, "all": tiny_all}}
+        cfg7 = os.path.join(SHARED, "qwen2.5-configs", "Qwen2.5-7B-Instruct")
+        if os.path.isdir(cfg7):
+            with torch.device("meta"):
+                m7 = Qwen2ForCausalLM(AutoConfig.from_pretrained(cfg7))
+            kw7 = dict(kw, target_modules=ALL)
+            p7 = get_peft_model(m7, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=32,
+                                               lora_dropout=0.1, **kw7))
+            t, a = counts(p7)
+            info["qwen2.5-7b-tutorial"] = {
+                "trainable": t, "all": a,
+                "line": f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}"}
+        with open(os.path.join(out_dir, "peft_reference.json"), "w") as f:
+            json.dump(info, f, indent=2)
+        print(name, json.dumps(info), f"loss {out.loss.item():.6f}")
+
+
+if __name__ == "__main__":
+    main()

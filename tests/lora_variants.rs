@@ -1,0 +1,295 @@
+//! LoRA's variants on Qwen2 against PEFT (fixtures from `scripts/make_variant_fixtures.py`): DoRA
+//! (`use_dora`) and `lora_bias`. For each, an adapter PEFT wrote gives PEFT's logits, loss and the
+//! gradient of every trainable parameter; merging gives `merge_and_unload`'s logits and unmerging
+//! restores the base; saving writes PEFT's file layout back bit for bit; the trainable-parameter
+//! line equals PEFT's on the real 7B config.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn::backend::Autodiff;
+use burn::tensor::DType;
+use common::{floats, int2};
+use ferrolora::Cpu;
+use lora_core::{
+    apply_lora, load_adapter, merge_all, save_adapter, unmerge_all, visit_params, LoraConfig,
+    LoraModel, ParamRef,
+};
+use lora_trainer::causal_lm_loss;
+use qwen2::{load_model, Qwen2Config, Qwen2ForCausalLM};
+use test_support::{
+    assert_close, assert_close_scaled, fixtures, read_json, read_reference, read_safetensors,
+    shared_data_or_skip,
+};
+
+type Ad = Autodiff<Cpu>;
+
+/// Logits vs PEFT (f32): max abs error.
+const LOGITS_TOL: f32 = 1e-4;
+/// Loss vs PEFT: relative error.
+const LOSS_REL_TOL: f64 = 1e-5;
+/// Each gradient vs PEFT: max abs error relative to the reference gradient's max magnitude.
+const GRAD_REL_TOL: f32 = 1e-4;
+
+const VARIANTS: [&str; 2] = ["dora", "lora-bias"];
+
+fn dir(variant: &str) -> PathBuf {
+    fixtures().join(format!("peft-{variant}"))
+}
+
+fn base<B: burn::tensor::backend::Backend>() -> Qwen2ForCausalLM<B> {
+    load_model::<B>(
+        &fixtures().join("tiny-untied-f32-sharded"),
+        DType::F32,
+        &Default::default(),
+    )
+    .unwrap()
+    .model
+}
+
+/// Every adapter parameter (factors, biases, magnitudes) as `(path, values)`, in model order.
+fn adapter_values<B: burn::tensor::backend::Backend>(
+    model: &Qwen2ForCausalLM<B>,
+) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    visit_params(model, |p: ParamRef<'_, B>| {
+        if p.is_adapter() {
+            out.push((p.path.to_string(), floats(p.flat())));
+        }
+    });
+    out
+}
+
+#[test]
+fn peft_variant_adapters_give_peft_logits_loss_and_gradients() {
+    for variant in VARIANTS {
+        let r = read_reference(&dir(variant).join("reference.safetensors"));
+        let (model, cfg, _) = load_adapter(base::<Ad>(), &dir(variant)).unwrap();
+        assert_eq!(cfg.use_dora, variant == "dora");
+        assert_eq!(cfg.lora_bias(), variant == "lora-bias");
+        let (ids, mask, labels) = (
+            int2::<Ad>(&r["input_ids"]),
+            int2::<Ad>(&r["attention_mask"]),
+            int2::<Ad>(&r["labels"]),
+        );
+        let logits = model.forward(ids, Some(mask), None);
+        let e_logits = assert_close(
+            &format!("{variant} logits"),
+            &floats(logits.clone()),
+            &r["logits"].f32,
+            LOGITS_TOL,
+        );
+        let loss = causal_lm_loss(logits, labels);
+        let (got, want) = (floats(loss.clone())[0] as f64, r["loss"].f32[0] as f64);
+        let rel = (got - want).abs() / want.abs();
+        assert!(
+            rel <= LOSS_REL_TOL,
+            "{variant}: loss {got} vs PEFT {want}: relative error {rel:e}"
+        );
+        let grads = loss.backward();
+        let mut n = 0;
+        let mut worst = (0f32, String::new());
+        visit_params(&model, |p: ParamRef<'_, Ad>| {
+            if !p.is_adapter() {
+                return;
+            }
+            let g = match p.shape.len() {
+                1 => p.value::<1>().unwrap().grad(&grads).map(floats),
+                _ => p.value::<2>().unwrap().grad(&grads).map(floats),
+            }
+            .unwrap_or_else(|| panic!("{variant}: no gradient for {}", p.path));
+            let want = &r[&format!("grad.{}", p.path)].f32;
+            let what = format!("{variant} grad {}", p.path);
+            let e = assert_close_scaled(&what, &g, want, GRAD_REL_TOL);
+            if e > worst.0 {
+                worst = (e, p.path.to_string());
+            }
+            n += 1;
+        });
+        assert_eq!(n, r.keys().filter(|k| k.starts_with("grad.")).count());
+        println!(
+            "{variant} vs PEFT: logits {e_logits:.2e} abs, loss {rel:.2e} rel, {n} gradients, \
+             worst {:.2e} rel ({})",
+            worst.0, worst.1
+        );
+    }
+}
+
+#[test]
+fn variant_merge_equals_peft_merge_and_unmerge_restores() {
+    for variant in VARIANTS {
+        let r = read_reference(&dir(variant).join("reference.safetensors"));
+        let (mut model, _, _) = load_adapter(base::<Cpu>(), &dir(variant)).unwrap();
+        let (ids, mask) = (int2(&r["input_ids"]), int2(&r["attention_mask"]));
+        let before: Vec<(Vec<f32>, Vec<f32>)> = model
+            .lora_linears()
+            .into_iter()
+            .map(|(_, l)| {
+                let bias = l.bias.as_ref().map(|b| floats(b.val())).unwrap_or_default();
+                (floats(l.weight.val()), bias)
+            })
+            .collect();
+        let unmerged = floats(model.forward(ids.clone(), Some(mask.clone()), None));
+        assert_close(
+            &format!("{variant} inference logits"),
+            &unmerged,
+            &r["logits"].f32,
+            LOGITS_TOL,
+        );
+        let n = merge_all(&mut model).unwrap();
+        assert!(n > 0);
+        let merged = floats(model.forward(ids, Some(mask), None));
+        let e = assert_close(
+            &format!("{variant} merged vs PEFT merge_and_unload"),
+            &merged,
+            &r["logits_merged"].f32,
+            LOGITS_TOL,
+        );
+        assert_eq!(unmerge_all(&mut model).unwrap(), n);
+        let mut back = 0f32;
+        for ((_, l), (w, b)) in model.lora_linears().into_iter().zip(&before) {
+            back = back.max(assert_close(
+                "unmerge(merge(W))",
+                &floats(l.weight.val()),
+                w,
+                1e-5,
+            ));
+            if let Some(bias) = &l.bias {
+                assert_close("unmerge(merge(b))", &floats(bias.val()), b, 1e-6);
+            }
+        }
+        println!("{variant}: merged vs PEFT {e:.2e} abs; unmerge(merge(W)) vs W {back:.2e}");
+    }
+}
+
+#[test]
+fn variant_adapters_save_as_peft_does_and_reload_bitwise() {
+    for variant in VARIANTS {
+        let (model, cfg, _) = load_adapter(base::<Cpu>(), &dir(variant)).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        save_adapter(&model, &cfg, tmp.path()).unwrap();
+        // Every key, shape and value of PEFT's file, and nothing else.
+        let ours = read_safetensors(&tmp.path().join("adapter_model.safetensors"));
+        let peft = read_safetensors(&dir(variant).join("adapter_model.safetensors"));
+        let keys = |t: &BTreeMap<String, _>| t.keys().cloned().collect::<Vec<String>>();
+        assert_eq!(keys(&ours), keys(&peft), "{variant}: keys");
+        for (k, v) in &peft {
+            assert!(ours[k] == *v, "{variant}: `{k}` differs from PEFT's file");
+        }
+        let saved: serde_json::Value = read_json(&tmp.path().join("adapter_config.json"));
+        assert_eq!(saved["use_dora"], variant == "dora");
+        assert_eq!(saved["lora_bias"], variant == "lora-bias");
+        let (again, _, _) = load_adapter(base::<Cpu>(), tmp.path()).unwrap();
+        assert!(adapter_values(&model) == adapter_values(&again));
+    }
+}
+
+#[test]
+fn fresh_variants_start_as_the_base_model_or_as_plain_lora() {
+    // DoRA's magnitude starts at the row norms of W + s·B·A, so a fresh DoRA adapter computes what
+    // the plain adapter with the same factors computes; a fresh lora_B bias is zero.
+    let r = read_reference(&fixtures().join("tiny-untied-f32-sharded/reference.safetensors"));
+    let ids = int2::<Cpu>(&r["input_ids"]);
+    for dora in [false, true] {
+        let mut cfg: LoraConfig = lora_trainer::recipe::lora_config();
+        cfg.init_lora_weights = lora_core::InitLoraWeights::Bool(false);
+        cfg.lora_dropout = 0.0;
+        let (plain, _) = apply_lora(base::<Cpu>(), &cfg).unwrap();
+        if dora {
+            cfg.use_dora = true;
+        } else {
+            cfg.set_lora_bias(true);
+        }
+        // The same factors: the backend's generator is not seeded here, so copy them over.
+        let (mut variant, _) = apply_lora(base::<Cpu>(), &cfg).unwrap();
+        let mut plain = plain;
+        for ((_, p), (_, v)) in plain.lora_linears().into_iter().zip(variant.lora_linears()) {
+            if !p.has_adapter() {
+                continue;
+            }
+            for suffix in ["lora_A.weight", "lora_B.weight"] {
+                let w = if suffix.starts_with("lora_A") {
+                    p.lora_A.as_ref()
+                } else {
+                    p.lora_B.as_ref()
+                };
+                v.set_adapter_tensor(suffix, floats(w.unwrap().weight.val()));
+            }
+            if dora {
+                v.add_dora("fresh");
+            }
+        }
+        let want = floats(plain.forward(ids.clone(), None, None));
+        let got = floats(variant.forward(ids.clone(), None, None));
+        let e = assert_close_scaled(
+            if dora {
+                "fresh DoRA"
+            } else {
+                "fresh lora_bias"
+            },
+            &got,
+            &want,
+            1e-5,
+        );
+        println!("dora {dora}: fresh variant vs plain LoRA {e:.2e} rel");
+    }
+}
+
+#[test]
+fn trainable_parameter_reports_equal_peft_for_qwen25_7b() {
+    let Some(shared) = shared_data_or_skip("trainable_parameter_reports_equal_peft_for_qwen25_7b")
+    else {
+        return;
+    };
+    let cfg7 =
+        Qwen2Config::from_file(&shared.join("qwen2.5-configs/Qwen2.5-7B-Instruct/config.json"))
+            .unwrap();
+    for variant in VARIANTS {
+        let peft: serde_json::Value = read_json(&dir(variant).join("peft_reference.json"));
+        let mut cfg = lora_trainer::recipe::lora_config();
+        if variant == "dora" {
+            cfg.use_dora = true;
+        } else {
+            cfg.set_lora_bias(true);
+        }
+        // Lazy parameters: no base weight is allocated, nor (DoRA) any norm of one computed.
+        let model = Qwen2ForCausalLM::<Cpu>::new(&cfg7, &Default::default());
+        let (_, report) = apply_lora(model, &cfg).unwrap();
+        assert_eq!(
+            report.to_string(),
+            peft["qwen2.5-7b-tutorial"]["line"].as_str().unwrap(),
+            "{variant}"
+        );
+        let (_, _, tiny) = load_adapter(base::<Cpu>(), &dir(variant)).unwrap();
+        assert_eq!(
+            (tiny.trainable as u64, tiny.all as u64),
+            (
+                peft["tiny"]["trainable"].as_u64().unwrap(),
+                peft["tiny"]["all"].as_u64().unwrap()
+            ),
+            "{variant} tiny"
+        );
+        println!("{variant}: {report}");
+    }
+}
+
+#[test]
+fn invalid_variant_configs_are_refused_with_their_names() {
+    let mut cfg = lora_trainer::recipe::lora_config();
+    cfg.use_dora = true;
+    cfg.set_lora_bias(true);
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("lora_bias") && e.contains("DoRA"), "{e}");
+    let e = LoraConfig::from_json_str(r#"{"target_modules": ["q_proj"], "lora_bias": "yes"}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lora_bias"), "{e}");
+    // A lora_bias adapter on a projection without a base bias trains, but cannot be merged.
+    let mut cfg = lora_trainer::recipe::lora_config();
+    cfg.set_lora_bias(true);
+    let (mut model, _) = apply_lora(base::<Cpu>(), &cfg).unwrap();
+    let e = merge_all(&mut model).unwrap_err().to_string();
+    assert!(e.contains("o_proj") && e.contains("no bias"), "{e}");
+}
