@@ -26,10 +26,15 @@ bnb_4bit_compute_dtype=float32) (bitsandbytes' Linear4bit on the CPU: dequantize
 gradient through the dequantized weight), the same adapter on it: qlora-losses.json and
 qlora-reference.safetensors. And the same 10 steps with LoRA+ (PEFT's create_loraplus_optimizer,
 loraplus_lr_ratio 16: every lora_B at 16× the learning rate): loraplus-losses.json and
-loraplus-reference.safetensors.
+loraplus-reference.safetensors. And the same 10 steps from the DoRA and lora_bias adapters of
+scripts/make_variant_fixtures.py (tests/fixtures/peft-dora, peft-lora-bias): dora-* and
+lora-bias-* files (the final values include every lora_magnitude_vector and lora_B.bias).
+
+With arguments, only the named runs are written (e.g. `make_train_fixtures.py dora lora-bias`).
 """
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -75,24 +80,31 @@ def main():
     os.chdir(ROOT)
     os.makedirs(OUT, exist_ok=True)
     data = examples()
+    only = set(sys.argv[1:])
+    want = lambda name: not only or name in only
     with open(os.path.join(OUT, "examples.json"), "w") as f:
         json.dump(data, f)
-    base = Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager")
-    run(data, base, "")
-    from transformers import BitsAndBytesConfig
+    load = lambda: Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager")
+    if want("f32"):
+        run(data, load(), "")
+    if want("qlora"):
+        from transformers import BitsAndBytesConfig
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    base = Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager",
-                                            quantization_config=q, device_map="cpu")
-    assert type(base.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
-    run(data, base, "qlora-")
-    base = Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager")
-    run(data, base, "loraplus-", loraplus_lr_ratio=LORAPLUS)
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+        base = Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager",
+                                                quantization_config=q, device_map="cpu")
+        assert type(base.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+        run(data, base, "qlora-")
+    if want("loraplus"):
+        run(data, load(), "loraplus-", loraplus_lr_ratio=LORAPLUS)
+    for variant in ("dora", "lora-bias"):
+        if want(variant):
+            run(data, load(), f"{variant}-", adapter=os.path.join("tests", "fixtures", f"peft-{variant}"))
 
 
-def run(data, base, prefix, loraplus_lr_ratio=None):
-    model = PeftModel.from_pretrained(base, ADAPTER, is_trainable=True)
+def run(data, base, prefix, loraplus_lr_ratio=None, adapter=ADAPTER):
+    model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if loraplus_lr_ratio is None:

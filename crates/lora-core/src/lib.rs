@@ -5,6 +5,7 @@ mod adapter;
 mod config;
 mod dropout;
 mod error;
+pub mod init;
 mod linear;
 mod params;
 mod target;

@@ -9,8 +9,9 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 
-/// Moves the gradients of every parameter under a `lora_B` module out of `grads`, into the set
-/// returned.
+/// Moves the gradients of every parameter under a `lora_B` module, and of every 1-D parameter
+/// (DoRA's magnitudes, `lora_B` biases), out of `grads`, into the set returned: PEFT's `groupB`
+/// (`"lora_B" in name or param.ndim == 1`).
 pub fn take_lora_b<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     grads: &mut GradientsParams,
@@ -28,7 +29,7 @@ pub fn take_lora_b<B: AutodiffBackend, M: AutodiffModule<B>>(
             self.stack.pop();
         }
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            if self.stack.iter().any(|s| s == "lora_B") {
+            if D == 1 || self.stack.iter().any(|s| s == "lora_B") {
                 if let Some(g) = self.from.remove::<B::InnerBackend, D>(p.id) {
                     self.to.register::<B::InnerBackend, D>(p.id, g);
                 }

@@ -133,6 +133,17 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
     on_event: &mut dyn FnMut(&TrainEvent) -> bool,
 ) -> Result<(M, TrainOutcome), TrainError> {
     args.validate()?;
+    if args.weight_decay > 0.0 && lora_cfg.lora_bias() {
+        // transformers' Trainer leaves every `bias` out of weight decay; one AdamW here decays all.
+        return Err(TrainError::BadOption {
+            option: "weight_decay".into(),
+            reason: format!(
+                "is {} with lora_bias = true: transformers exempts the lora_B biases from weight \
+                 decay and this trainer does not yet; pass --weight-decay 0 or drop --lora-bias",
+                args.weight_decay
+            ),
+        });
+    }
     if examples.is_empty() {
         return Err(TrainError::NoData);
     }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use burn::tensor::DType;
-use lora_core::{adapter_tensors, apply_lora, LoraConfig};
+use lora_core::{apply_lora, LoraConfig};
 use lora_data::{Collator, Example};
 use lora_trainer::{train, TrainError, TrainEvent, TrainingArguments};
 use qwen2::Qwen2ForCausalLM;
@@ -37,11 +37,16 @@ fn args(dir: &Path) -> TrainingArguments {
     }
 }
 
+/// Every adapter parameter (factors, `lora_B` biases, DoRA magnitudes) as `(path, values)`.
 fn values(m: &Qwen2ForCausalLM<Ad>) -> Vec<(String, Vec<f32>)> {
-    adapter_tensors(m)
-        .into_iter()
-        .map(|(k, t)| (k, t.into_data().convert::<f32>().to_vec::<f32>().unwrap()))
-        .collect()
+    let mut out = Vec::new();
+    lora_core::visit_params(m, |p: lora_core::ParamRef<'_, Ad>| {
+        if p.is_adapter() {
+            let v = p.flat().into_data().convert::<f32>().to_vec::<f32>();
+            out.push((p.path.to_string(), v.unwrap()));
+        }
+    });
+    out
 }
 
 fn run(
@@ -297,6 +302,19 @@ fn impossible_options_are_refused() {
         let msg = a.validate().unwrap_err().to_string();
         assert!(msg.contains(name), "{msg}");
     }
+    // Weight decay on lora_B biases, which transformers exempts: refused before any step.
+    let mut cfg = lora_cfg(0.0);
+    cfg.set_lora_bias(true);
+    let a = TrainingArguments {
+        weight_decay: 0.01,
+        ..args(tmp.path())
+    };
+    let msg = run(&cfg, &examples(4), &a, None).unwrap_err().to_string();
+    assert!(
+        msg.contains("weight_decay") && msg.contains("lora_bias"),
+        "{msg}"
+    );
+    assert!(!tmp.path().join("checkpoint-1").exists());
 }
 
 #[test]
@@ -344,6 +362,24 @@ fn ten_loraplus_steps_match_peft() {
     ten_steps(base, "loraplus-", Some(16.0));
 }
 
+/// The same 10 steps from PEFT's DoRA adapter (`tests/fixtures/peft-dora`): every magnitude too.
+#[test]
+fn ten_dora_steps_match_peft() {
+    let base = qwen2::load_model::<Ad>(&fixture(), DType::F32, &Default::default())
+        .unwrap()
+        .model;
+    ten_steps(base, "dora-", None);
+}
+
+/// The same 10 steps from PEFT's `lora_bias` adapter (`tests/fixtures/peft-lora-bias`).
+#[test]
+fn ten_lora_bias_steps_match_peft() {
+    let base = qwen2::load_model::<Ad>(&fixture(), DType::F32, &Default::default())
+        .unwrap()
+        .model;
+    ten_steps(base, "lora-bias-", None);
+}
+
 /// The same 10 steps as QLoRA: the base's projections in NF4 with double quantization, against
 /// PEFT on transformers' bitsandbytes 4-bit load (`scripts/make_train_fixtures.py`).
 #[test]
@@ -364,7 +400,12 @@ fn ten_steps(base: Qwen2ForCausalLM<Ad>, prefix: &str, loraplus_lr_ratio: Option
     let dir = fixtures().join("train-tiny");
     let ex: Vec<Example> = read_json(&dir.join("examples.json"));
     let want: serde_json::Value = read_json(&dir.join(format!("{prefix}losses.json")));
-    let (m, cfg, _) = lora_core::load_adapter(base, &fixtures().join("peft-tiny-untied")).unwrap();
+    // The DoRA and lora_bias runs start from their own PEFT adapters; the others from the plain one.
+    let adapter = match prefix {
+        "dora-" | "lora-bias-" => format!("peft-{}", prefix.trim_end_matches('-')),
+        _ => "peft-tiny-untied".to_string(),
+    };
+    let (m, cfg, _) = lora_core::load_adapter(base, &fixtures().join(adapter)).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let a = TrainingArguments {
         output_dir: tmp.path().to_path_buf(),
@@ -429,12 +470,30 @@ fn ten_steps(base: Qwen2ForCausalLM<Ad>, prefix: &str, loraplus_lr_ratio: Option
     }
     let reference = read_reference(&dir.join(format!("{prefix}reference.safetensors")));
     let mut worst_w = 0f32;
+    let finals = reference.keys().filter(|k| k.starts_with("final.")).count();
+    assert_eq!(
+        values(&m).len(),
+        finals,
+        "every trained parameter is compared"
+    );
     for (path, v) in values(&m) {
         let err = max_rel_err(&v, &reference[&format!("final.{path}")].f32);
+        // The k_proj biases of lora_bias: RoPE nearly cancels a bias added to every key (a
+        // constant shift of a query's scores), so some of their gradient elements are ~1e-6 of the
+        // largest, float noise on both sides, and Adam's normalization turns that noise into
+        // updates of ordinary size (observed up to 3.2e-4; every other parameter of the run within 1e-5).
+        let tol = if path.ends_with("k_proj.lora_B.bias") {
+            5e-4
+        } else {
+            FINAL_WEIGHT_REL_TOL
+        };
         assert!(
-            err <= FINAL_WEIGHT_REL_TOL,
+            err <= tol,
             "{path}: final weights differ by {err:e} (relative)"
         );
+        if err > 1e-5 {
+            println!("{prefix}{path}: {err:.2e}");
+        }
         worst_w = worst_w.max(err);
     }
     println!("{prefix}10 steps vs PyTorch: worst step-loss rel error {worst_loss:.2e}, worst final-weight rel error {worst_w:.2e}");
