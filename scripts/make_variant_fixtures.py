@@ -5,7 +5,7 @@ Pinned environment (the versions these fixtures were generated with):
     torch==2.15.0  transformers==5.24.0  peft==0.21.2  safetensors==0.8.0  (Python 3.11)
 
 Regenerate (from the repository root, after scripts/make_fixtures.py):
-    .venv/bin/python scripts/make_variant_fixtures.py
+    .venv/bin/python scripts/make_variant_fixtures.py [variant ...]
 
 On the base checkpoint tests/fixtures/tiny-untied-f32-sharded, one PEFT adapter per variant, r=8,
 alpha=32, dropout 0, init_lora_weights=False (A and B random), then every extra parameter moved off
@@ -13,6 +13,8 @@ its initial value (seeded) so that it matters:
     peft-dora       use_dora=True on q,k,v,o,gate,up,down; lora_magnitude_vector scaled by 1 + N(0, 0.1)
     peft-lora-bias  lora_bias=True on q,k,v (the projections with a base bias, so it can be merged);
                     every lora_B.bias ~ N(0, 0.1)
+    peft-pissa      init_lora_weights="pissa" on all seven (the base becomes the residual), then
+    peft-olora      "olora"; every lora_A / lora_B moved by N(0, 0.02) (as training would)
 Each directory holds PEFT's save_pretrained output and reference.safetensors:
     input_ids, attention_mask, labels  [3, 10]  (as tests/fixtures/peft-tiny-untied)
     logits         [3, 10, vocab]  PeftModel forward in train mode (float32, eager attention)
@@ -25,6 +27,7 @@ Qwen2.5-7B-Instruct config (meta device) with the tutorial's targets and this va
 import json
 import os
 import shutil
+import sys
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,6 +41,8 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 VARIANTS = {
     "dora": dict(target_modules=ALL, use_dora=True),
     "lora-bias": dict(target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True),
+    "pissa": dict(target_modules=ALL, init_lora_weights="pissa"),
+    "olora": dict(target_modules=ALL, init_lora_weights="olora"),
 }
 
 
@@ -47,7 +52,7 @@ def counts(model):
     return trainable, total
 
 
-def perturb(model, seed):
+def perturb(model, seed, init):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -55,6 +60,8 @@ def perturb(model, seed):
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith("lora_B.default.bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif init and ("lora_A" in name or "lora_B" in name):
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
 
 
 def main():
@@ -64,14 +71,17 @@ def main():
     labels = ids.clone()
     labels[:, :4] = -100
     labels[mask == 0] = -100
+    only = set(sys.argv[1:])
     for seed, (name, kw) in enumerate(VARIANTS.items()):
+        if only and name not in only:
+            continue
         out_dir = os.path.join("tests", "fixtures", f"peft-{name}")
         base = Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager")
         cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=32, lora_dropout=0.0,
-                         init_lora_weights=False, **kw)
+                         **dict(dict(init_lora_weights=False), **kw))
         torch.manual_seed(123 + seed)
         model = get_peft_model(base, cfg)
-        perturb(model, 7 + seed)
+        perturb(model, 7 + seed, "init_lora_weights" in kw)
         model.train()
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
@@ -100,6 +110,7 @@ def main():
             with torch.device("meta"):
                 m7 = Qwen2ForCausalLM(AutoConfig.from_pretrained(cfg7))
             kw7 = dict(kw, target_modules=ALL)
+            kw7.pop("init_lora_weights", None)  # no SVD of meta tensors: the counts do not change
             p7 = get_peft_model(m7, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=32,
                                                lora_dropout=0.1, **kw7))
             t, a = counts(p7)

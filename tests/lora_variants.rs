@@ -1,5 +1,6 @@
 //! LoRA's variants on Qwen2 against PEFT (fixtures from `scripts/make_variant_fixtures.py`): DoRA
-//! (`use_dora`) and `lora_bias`. For each, an adapter PEFT wrote gives PEFT's logits, loss and the
+//! (`use_dora`), `lora_bias`, and the PiSSA and OLoRA initializations (loading one re-runs the
+//! init on the base, as PEFT does, then reads the trained factors). For each, an adapter PEFT wrote gives PEFT's logits, loss and the
 //! gradient of every trainable parameter; merging gives `merge_and_unload`'s logits and unmerging
 //! restores the base; saving writes PEFT's file layout back bit for bit; the trainable-parameter
 //! line equals PEFT's on the real 7B config.
@@ -33,7 +34,7 @@ const LOSS_REL_TOL: f64 = 1e-5;
 /// Each gradient vs PEFT: max abs error relative to the reference gradient's max magnitude.
 const GRAD_REL_TOL: f32 = 1e-4;
 
-const VARIANTS: [&str; 2] = ["dora", "lora-bias"];
+const VARIANTS: [&str; 4] = ["dora", "lora-bias", "pissa", "olora"];
 
 fn dir(variant: &str) -> PathBuf {
     fixtures().join(format!("peft-{variant}"))
@@ -249,12 +250,13 @@ fn trainable_parameter_reports_equal_peft_for_qwen25_7b() {
     for variant in VARIANTS {
         let peft: serde_json::Value = read_json(&dir(variant).join("peft_reference.json"));
         let mut cfg = lora_trainer::recipe::lora_config();
-        if variant == "dora" {
-            cfg.use_dora = true;
-        } else {
-            cfg.set_lora_bias(true);
+        match variant {
+            "dora" => cfg.use_dora = true,
+            "lora-bias" => cfg.set_lora_bias(true),
+            init => cfg.init_lora_weights = lora_core::InitLoraWeights::Named(init.into()),
         }
-        // Lazy parameters: no base weight is allocated, nor (DoRA) any norm of one computed.
+        // Lazy parameters: no base weight is allocated, nor any norm (DoRA) or decomposition
+        // (PiSSA, OLoRA) of one computed.
         let model = Qwen2ForCausalLM::<Cpu>::new(&cfg7, &Default::default());
         let (_, report) = apply_lora(model, &cfg).unwrap();
         assert_eq!(
@@ -292,4 +294,42 @@ fn invalid_variant_configs_are_refused_with_their_names() {
     let (mut model, _) = apply_lora(base::<Cpu>(), &cfg).unwrap();
     let e = merge_all(&mut model).unwrap_err().to_string();
     assert!(e.contains("o_proj") && e.contains("no bias"), "{e}");
+}
+
+#[test]
+fn pissa_and_olora_leave_the_model_output_unchanged() {
+    // The base becomes W − s·B·A and the adapter adds s·B·A back: the logits of a fresh adapter
+    // are the base model's, up to the rounding of the residual.
+    let r = read_reference(&fixtures().join("tiny-untied-f32-sharded/reference.safetensors"));
+    let ids = int2::<Cpu>(&r["input_ids"]);
+    let want = floats(base::<Cpu>().forward(ids.clone(), None, None));
+    for init in ["pissa", "pissa_niter_4", "olora"] {
+        let mut cfg = lora_trainer::recipe::lora_config();
+        cfg.init_lora_weights = lora_core::InitLoraWeights::Named(init.into());
+        let (mut model, _) = apply_lora(base::<Cpu>(), &cfg).unwrap();
+        let w0 = floats(base::<Cpu>().model.layers[0].mlp.up_proj.weight.val());
+        let up = &model.model.layers[0].mlp.up_proj;
+        let moved = floats(up.weight.val())
+            .iter()
+            .zip(&w0)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            moved > 1e-3,
+            "{init}: the base weight was not replaced by the residual"
+        );
+        let got = floats(model.forward(ids.clone(), None, None));
+        let e = assert_close_scaled(init, &got, &want, 1e-5);
+        assert_eq!(merge_all(&mut model).unwrap(), 14);
+        let merged = floats(model.forward(ids.clone(), None, None));
+        let m = assert_close_scaled(&format!("{init} merged"), &merged, &want, 1e-5);
+        println!("{init}: fresh adapter vs base logits {e:.2e} rel, merged {m:.2e} rel");
+    }
+    let mut cfg = lora_trainer::recipe::lora_config();
+    cfg.init_lora_weights = lora_core::InitLoraWeights::Named("pissa_niter_x".into());
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("pissa_niter_"), "{e}");
+    cfg.init_lora_weights = lora_core::InitLoraWeights::Named("loftq".into());
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("loftq") && e.contains("olora"), "{e}");
 }

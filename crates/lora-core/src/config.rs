@@ -39,7 +39,9 @@ pub enum LayerSelector {
 pub enum InitLoraWeights {
     /// `true`: A Kaiming-uniform (a = √5), B zero; `false`: both Kaiming-uniform (for tests).
     Bool(bool),
-    /// `"gaussian"`: A normal with std 1/r, B zero. Other names are refused by `validate`.
+    /// `"gaussian"`: A normal with std 1/r, B zero; `"pissa"`, `"pissa_niter_N"`, `"olora"`: from
+    /// the base weight's SVD / QR, the base becoming the residual ([`crate::init`]). Other names
+    /// are refused by `validate`.
     Named(String),
 }
 
@@ -199,9 +201,15 @@ impl LoraConfig {
             return bad("`target_modules` is missing: name the modules to adapt (e.g. [\"q_proj\", \"v_proj\"] or \"all-linear\")".into());
         }
         if let InitLoraWeights::Named(n) = &self.init_lora_weights {
-            if n != "gaussian" {
+            let niter = n.strip_prefix("pissa_niter_");
+            if niter.is_some_and(|k| k.parse::<usize>().is_err()) {
                 return bad(format!(
-                    "`init_lora_weights` {n:?} is not supported (use true, false or \"gaussian\")"
+                    "`init_lora_weights` {n:?}: the iteration count after \"pissa_niter_\" must be a whole number (e.g. \"pissa_niter_4\")"
+                ));
+            }
+            if !matches!(n.as_str(), "gaussian" | "pissa" | "olora") && niter.is_none() {
+                return bad(format!(
+                    "`init_lora_weights` {n:?} is not supported (use true, false, \"gaussian\", \"pissa\", \"pissa_niter_N\" or \"olora\")"
                 ));
             }
         }

@@ -154,6 +154,80 @@ impl<B: Backend> LoraLinear<B> {
         self.merged_norm = None;
     }
 
+    /// PEFT's PiSSA / OLoRA initializations (`init_lora_weights = "pissa"`, `"pissa_niter_N"`,
+    /// `"olora"`; [`crate::init`]): the attached factors are set from the SVD / QR of the base
+    /// weight and the base weight becomes the residual `W − s·B·A` (in its own dtype), so the
+    /// layer computes what it computed before. Other inits leave the layer as it is, and so does
+    /// a base weight that was never loaded (a model built to count parameters).
+    pub fn init_from_base(
+        &mut self,
+        module: &str,
+        init: &InitLoraWeights,
+    ) -> Result<(), LoraError> {
+        let InitLoraWeights::Named(name) = init else {
+            return Ok(());
+        };
+        let niter = name.strip_prefix("pissa_niter_");
+        if name != "pissa" && name != "olora" && niter.is_none() {
+            return Ok(());
+        }
+        let Some((a, _)) = self.active_adapter() else {
+            return Ok(());
+        };
+        if self.base_4bit.is_some() {
+            return Err(LoraError::InvalidConfig {
+                path: None,
+                reason: format!(
+                    "`init_lora_weights` {name:?} on the 4-bit base of `{module}`: initialize on \
+                     the full-precision model (as PEFT asks for PiSSA), then quantize the residual"
+                ),
+            });
+        }
+        if !self.weight.is_initialized() {
+            return Ok(());
+        }
+        let (r, [out, inp]) = (a.dims()[0], self.shape());
+        if r > out.min(inp) {
+            return Err(LoraError::InvalidConfig {
+                path: None,
+                reason: format!(
+                    "`init_lora_weights` {name:?} with rank {r} on `{module}` ([{out}, {inp}]): \
+                     the rank must not exceed {}",
+                    out.min(inp)
+                ),
+            });
+        }
+        let w = self.weight.val();
+        let (dtype, device, rg) = (w.dtype(), w.device(), w.is_require_grad());
+        let values = w
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| LoraError::InvalidConfig {
+                path: None,
+                reason: format!("reading the base weight of `{module}`: {e:?}"),
+            })?;
+        let d = if name == "olora" {
+            crate::init::olora(&values, out, inp, r, self.scaling)
+        } else {
+            let niter = niter.and_then(|n| n.parse().ok());
+            crate::init::pissa(&values, out, inp, r, self.scaling, niter)
+        };
+        self.set_adapter_tensor("lora_A.weight", d.a);
+        self.set_adapter_tensor("lora_B.weight", d.b);
+        let residual = Tensor::<B, 2>::from_data(
+            TensorData::new(d.residual, [out, inp]),
+            (&device, DType::F32),
+        );
+        let residual = if dtype == DType::F32 {
+            residual
+        } else {
+            residual.cast(dtype)
+        };
+        self.weight = self.weight.clone().map(|_| residual.set_require_grad(rg));
+        Ok(())
+    }
+
     /// Gives the attached `lora_B` a trainable bias, zero at first (PEFT `lora_bias = true`).
     pub fn add_lora_bias(&mut self, module: &str) {
         let [out, _] = self.shape();

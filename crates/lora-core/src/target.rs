@@ -155,6 +155,7 @@ pub fn apply_lora<B: Backend, M: LoraModel<B>>(
                 cfg.lora_dropout,
                 &cfg.init_lora_weights,
             );
+            linear.init_from_base(&path, &cfg.init_lora_weights)?;
             if cfg.lora_bias() {
                 linear.add_lora_bias(&path);
             }
