@@ -27,8 +27,9 @@ gradient through the dequantized weight), the same adapter on it: qlora-losses.j
 qlora-reference.safetensors. And the same 10 steps with LoRA+ (PEFT's create_loraplus_optimizer,
 loraplus_lr_ratio 16: every lora_B at 16× the learning rate): loraplus-losses.json and
 loraplus-reference.safetensors. And the same 10 steps from the DoRA and lora_bias adapters of
-scripts/make_variant_fixtures.py (tests/fixtures/peft-dora, peft-lora-bias): dora-* and
-lora-bias-* files (the final values include every lora_magnitude_vector and lora_B.bias).
+scripts/make_variant_fixtures.py (tests/fixtures/peft-dora, peft-lora-bias, peft-modules-to-save):
+dora-*, lora-bias-* and modules-to-save-* files (the final values include every
+lora_magnitude_vector, lora_B.bias, and the trained lm_head and embed_tokens).
 
 With arguments, only the named runs are written (e.g. `make_train_fixtures.py dora lora-bias`).
 """
@@ -98,7 +99,7 @@ def main():
         run(data, base, "qlora-")
     if want("loraplus"):
         run(data, load(), "loraplus-", loraplus_lr_ratio=LORAPLUS)
-    for variant in ("dora", "lora-bias"):
+    for variant in ("dora", "lora-bias", "modules-to-save"):
         if want(variant):
             run(data, load(), f"{variant}-", adapter=os.path.join("tests", "fixtures", f"peft-{variant}"))
 
@@ -137,7 +138,8 @@ def run(data, base, prefix, loraplus_lr_ratio=None, adapter=ADAPTER):
                "grad_norm": torch.tensor(norms).float()}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            path = name.replace("base_model.model.", "", 1).replace(".default", "")
+            path = (name.replace("base_model.model.", "", 1)
+                    .replace(".modules_to_save.default", "").replace(".default", ""))
             tensors[f"final.{path}"] = p.detach().clone()
     # Losses in f64 text too: the f32 tensor above rounds them.
     with open(os.path.join(OUT, f"{prefix}losses.json"), "w") as f:

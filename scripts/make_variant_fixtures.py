@@ -15,6 +15,8 @@ its initial value (seeded) so that it matters:
                     every lora_B.bias ~ N(0, 0.1)
     peft-pissa      init_lora_weights="pissa" on all seven (the base becomes the residual), then
     peft-olora      "olora"; every lora_A / lora_B moved by N(0, 0.02) (as training would)
+    peft-modules-to-save  modules_to_save=["lm_head", "embed_tokens"] on the seven; both copies moved
+                    by N(0, 0.02)
 Each directory holds PEFT's save_pretrained output and reference.safetensors:
     input_ids, attention_mask, labels  [3, 10]  (as tests/fixtures/peft-tiny-untied)
     logits         [3, 10, vocab]  PeftModel forward in train mode (float32, eager attention)
@@ -43,6 +45,7 @@ VARIANTS = {
     "lora-bias": dict(target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True),
     "pissa": dict(target_modules=ALL, init_lora_weights="pissa"),
     "olora": dict(target_modules=ALL, init_lora_weights="olora"),
+    "modules-to-save": dict(target_modules=ALL, modules_to_save=["lm_head", "embed_tokens"]),
 }
 
 
@@ -60,6 +63,8 @@ def perturb(model, seed, init):
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith("lora_B.default.bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif ".modules_to_save." in name:
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
             elif init and ("lora_A" in name or "lora_B" in name):
                 p.add_(0.02 * torch.randn(p.shape, generator=g))
 
@@ -89,7 +94,8 @@ def main():
                        logits=out.logits.detach().float(), loss=out.loss.detach().reshape(1))
         for pname, p in model.named_parameters():
             if p.requires_grad:
-                path = pname.replace("base_model.model.", "", 1).replace(".default", "")
+                path = (pname.replace("base_model.model.", "", 1)
+                        .replace(".modules_to_save.default", "").replace(".default", ""))
                 tensors[f"grad.{path}"] = p.grad.detach().clone()
         tiny_trainable, tiny_all = counts(model)
         if os.path.isdir(out_dir):

@@ -404,15 +404,15 @@ fn bad_configs_and_adapters_are_refused_with_names() {
         .unwrap()
         .replace("\"fan_in_fan_out\": false", "\"fan_in_fan_out\": true")
         .replace(
-            "\"modules_to_save\": null",
-            "\"modules_to_save\": [\"lm_head\"]",
+            "\"layer_replication\": null",
+            "\"layer_replication\": [[0, 2]]",
         );
     std::fs::write(&cfgp, text).unwrap();
     let msg = load_adapter(base::<Cpu>(), tmp.path())
         .unwrap_err()
         .to_string();
     assert!(
-        msg.contains("fan_in_fan_out") && msg.contains("modules_to_save"),
+        msg.contains("fan_in_fan_out") && msg.contains("layer_replication"),
         "{msg}"
     );
     assert!(

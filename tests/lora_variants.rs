@@ -15,8 +15,8 @@ use burn::tensor::DType;
 use common::{floats, int2};
 use ferrolora::Cpu;
 use lora_core::{
-    apply_lora, load_adapter, merge_all, save_adapter, unmerge_all, visit_params, LoraConfig,
-    LoraModel, ParamRef,
+    apply_lora, is_module_to_save, load_adapter, merge_all, save_adapter, unmerge_all,
+    visit_params, LoraConfig, LoraModel, ParamRef,
 };
 use lora_trainer::causal_lm_loss;
 use qwen2::{load_model, Qwen2Config, Qwen2ForCausalLM};
@@ -34,7 +34,13 @@ const LOSS_REL_TOL: f64 = 1e-5;
 /// Each gradient vs PEFT: max abs error relative to the reference gradient's max magnitude.
 const GRAD_REL_TOL: f32 = 1e-4;
 
-const VARIANTS: [&str; 4] = ["dora", "lora-bias", "pissa", "olora"];
+const VARIANTS: [&str; 5] = ["dora", "lora-bias", "pissa", "olora", "modules-to-save"];
+
+/// Whether a parameter trains: an adapter's, or one of a module to save.
+fn trains(p: &ParamRef<'_, impl burn::tensor::backend::Backend>, cfg: &LoraConfig) -> bool {
+    let module = p.path.rsplit_once('.').map_or("", |(m, _)| m);
+    p.is_adapter() || is_module_to_save(cfg, module)
+}
 
 fn dir(variant: &str) -> PathBuf {
     fixtures().join(format!("peft-{variant}"))
@@ -50,13 +56,14 @@ fn base<B: burn::tensor::backend::Backend>() -> Qwen2ForCausalLM<B> {
     .model
 }
 
-/// Every adapter parameter (factors, biases, magnitudes) as `(path, values)`, in model order.
+/// Every trained parameter (factors, biases, magnitudes, modules to save) as `(path, values)`.
 fn adapter_values<B: burn::tensor::backend::Backend>(
     model: &Qwen2ForCausalLM<B>,
+    cfg: &LoraConfig,
 ) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();
     visit_params(model, |p: ParamRef<'_, B>| {
-        if p.is_adapter() {
+        if trains(&p, cfg) {
             out.push((p.path.to_string(), floats(p.flat())));
         }
     });
@@ -93,7 +100,7 @@ fn peft_variant_adapters_give_peft_logits_loss_and_gradients() {
         let mut n = 0;
         let mut worst = (0f32, String::new());
         visit_params(&model, |p: ParamRef<'_, Ad>| {
-            if !p.is_adapter() {
+            if !trains(&p, &cfg) {
                 return;
             }
             let g = match p.shape.len() {
@@ -183,7 +190,7 @@ fn variant_adapters_save_as_peft_does_and_reload_bitwise() {
         assert_eq!(saved["use_dora"], variant == "dora");
         assert_eq!(saved["lora_bias"], variant == "lora-bias");
         let (again, _, _) = load_adapter(base::<Cpu>(), tmp.path()).unwrap();
-        assert!(adapter_values(&model) == adapter_values(&again));
+        assert!(adapter_values(&model, &cfg) == adapter_values(&again, &cfg));
     }
 }
 
@@ -253,6 +260,9 @@ fn trainable_parameter_reports_equal_peft_for_qwen25_7b() {
         match variant {
             "dora" => cfg.use_dora = true,
             "lora-bias" => cfg.set_lora_bias(true),
+            "modules-to-save" => {
+                cfg.modules_to_save = Some(vec!["lm_head".into(), "embed_tokens".into()])
+            }
             init => cfg.init_lora_weights = lora_core::InitLoraWeights::Named(init.into()),
         }
         // Lazy parameters: no base weight is allocated, nor any norm (DoRA) or decomposition
@@ -294,6 +304,23 @@ fn invalid_variant_configs_are_refused_with_their_names() {
     let (mut model, _) = apply_lora(base::<Cpu>(), &cfg).unwrap();
     let e = merge_all(&mut model).unwrap_err().to_string();
     assert!(e.contains("o_proj") && e.contains("no bias"), "{e}");
+
+    // modules_to_save: a name that matches nothing (here the head of a tied model), and a module
+    // that is also a LoRA target, are named.
+    let tied = load_model::<Cpu>(
+        &fixtures().join("tiny-tied-f32"),
+        DType::F32,
+        &Default::default(),
+    )
+    .unwrap()
+    .model;
+    let mut cfg = lora_trainer::recipe::lora_config();
+    cfg.modules_to_save = Some(vec!["lm_head".into()]);
+    let e = apply_lora(tied, &cfg).unwrap_err().to_string();
+    assert!(e.contains("lm_head") && e.contains("ties"), "{e}");
+    cfg.modules_to_save = Some(vec!["up_proj".into()]);
+    let e = apply_lora(base::<Cpu>(), &cfg).unwrap_err().to_string();
+    assert!(e.contains("up_proj") && e.contains("both"), "{e}");
 }
 
 #[test]

@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::LoraConfig;
 use crate::error::LoraError;
+use crate::modules::{is_module_to_save, load_saved, saved_shapes};
 use crate::params::{visit_params, ParamRef};
 use crate::target::{apply_lora, is_targeted, LoraModel, LoraReport};
 
@@ -110,7 +111,7 @@ pub fn save_adapter<B: Backend, M: Module<B>>(
     dir: &Path,
 ) -> Result<PathBuf, LoraError> {
     std::fs::create_dir_all(dir).map_err(|e| LoraError::write(dir, e))?;
-    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut data: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = Vec::new();
     for (key, shape, t) in adapter_entries(model) {
         let v = t
             .into_data()
@@ -121,14 +122,38 @@ pub fn save_adapter<B: Backend, M: Module<B>>(
                 reason: format!("reading `{key}`: {e:?}"),
             })?;
         let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        data.push((key, shape, bytes));
+        data.push((key, shape, Dtype::F32, bytes));
+    }
+    // The modules to save, whole, in their own dtype (as PEFT writes them).
+    let mut failed = None;
+    visit_params(model, |p: ParamRef<'_, B>| {
+        let module = p.path.rsplit_once('.').map_or("", |(m, _)| m);
+        if p.is_adapter() || !is_module_to_save(cfg, module) || failed.is_some() {
+            return;
+        }
+        let key = format!("{PEFT_PREFIX}{}", p.path);
+        let t = p.flat();
+        let (dtype, data_dtype) = match t.dtype() {
+            DType::BF16 => (Dtype::BF16, DType::BF16),
+            DType::F16 => (Dtype::F16, DType::F16),
+            _ => (Dtype::F32, DType::F32),
+        };
+        let values = t.into_data().convert_dtype(data_dtype);
+        data.push((key, p.shape.to_vec(), dtype, values.as_bytes().to_vec()));
+        failed = (values.dtype != data_dtype).then(|| p.path.to_string());
+    });
+    if let Some(path) = failed {
+        return Err(LoraError::BadFile {
+            file: dir.join(ADAPTER_WEIGHTS),
+            reason: format!("converting `{path}` for the file"),
+        });
     }
     let views: Vec<(String, TensorView)> = data
         .iter()
-        .map(|(k, s, b)| {
+        .map(|(k, s, d, b)| {
             (
                 k.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).expect("sizes agree"),
+                TensorView::new(*d, s.clone(), b).expect("sizes agree"),
             )
         })
         .collect();
@@ -222,7 +247,36 @@ pub fn load_adapter<B: Backend, M: LoraModel<B>>(
         }
     }
 
-    let (mut model, report) = apply_lora(model, &cfg)?;
+    let (model, report) = apply_lora(model, &cfg)?;
+    // The modules to save: every parameter from the file, with its shape.
+    let mut saved = BTreeMap::new();
+    for (path, shape) in saved_shapes(&model, &cfg) {
+        let key = format!("{PEFT_PREFIX}{path}");
+        let module = path.rsplit_once('.').map_or("", |(m, _)| m).to_string();
+        let view = found.remove(&key).ok_or_else(|| LoraError::MissingTensor {
+            key: key.clone(),
+            module: module.clone(),
+            file: file.clone(),
+        })?;
+        if view.shape() != shape.as_slice() {
+            return Err(LoraError::ShapeMismatch {
+                key,
+                module,
+                file: file.clone(),
+                expected: shape,
+                found: view.shape().to_vec(),
+            });
+        }
+        let values = to_f32(&view).ok_or_else(|| LoraError::BadFile {
+            file: file.clone(),
+            reason: format!(
+                "tensor `{key}` has dtype {:?}; expected F32, BF16 or F16",
+                view.dtype()
+            ),
+        })?;
+        saved.insert(path, values);
+    }
+    let mut model = load_saved(model, &cfg, saved);
     for (path, linear) in model.lora_linears() {
         if !linear.has_adapter() {
             continue;

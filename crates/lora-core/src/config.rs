@@ -2,7 +2,7 @@
 //!
 //! Field names, defaults and matching rules are PEFT's. Fields this crate does not interpret are kept
 //! in `extra` (and written back), so a config read from PEFT round-trips; features that change the
-//! math and are not implemented (`modules_to_save`, ...) are refused by
+//! math and are not implemented (`fan_in_fan_out`, `layer_replication`, ...) are refused by
 //! [`LoraConfig::validate`] with their names, never silently ignored.
 
 use std::collections::BTreeMap;
@@ -94,7 +94,8 @@ pub struct LoraConfig {
     /// Adapter initialization.
     #[serde(default = "d_init")]
     pub init_lora_weights: InitLoraWeights,
-    /// Modules trained and saved in full (not supported: refused when non-empty).
+    /// Modules trained and saved in full (e.g. `["lm_head", "embed_tokens"]`), matched as PEFT
+    /// matches them: the module path ends with the name.
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// Base weight stored `[in, out]` (GPT-2 Conv1D); only `false` is supported.
@@ -228,12 +229,6 @@ impl LoraConfig {
         let mut unsupported = Vec::new();
         if self.bias != "none" {
             unsupported.push(format!("bias = {:?} (only \"none\")", self.bias));
-        }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            unsupported.push(format!(
-                "modules_to_save = {:?}",
-                self.modules_to_save.as_ref().unwrap()
-            ));
         }
         if self.fan_in_fan_out {
             unsupported.push("fan_in_fan_out = true".into());

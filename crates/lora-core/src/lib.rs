@@ -7,6 +7,7 @@ mod dropout;
 mod error;
 pub mod init;
 mod linear;
+mod modules;
 mod params;
 mod target;
 
@@ -17,5 +18,6 @@ pub use adapter::{
 pub use config::{InitLoraWeights, LayerSelector, LoraConfig, ModuleSelector};
 pub use error::LoraError;
 pub use linear::{param_id, Base4bit, LoraLinear, LoraMagnitude, LoraWeight};
+pub use modules::is_module_to_save;
 pub use params::{param_count, visit_params, ParamRef};
 pub use target::{apply_lora, is_targeted, merge_all, unmerge_all, LoraModel, LoraReport};

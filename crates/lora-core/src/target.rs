@@ -10,7 +10,15 @@ use regex::Regex;
 use crate::config::{LayerSelector, LoraConfig, ModuleSelector};
 use crate::error::LoraError;
 use crate::linear::LoraLinear;
+use crate::modules::{is_module_to_save, saved_shapes, unfreeze_saved};
 use crate::params::param_count;
+
+/// Whether the parameter at `param_path` belongs to the module `modules_to_save` entry `name`.
+fn is_module_to_save_name(name: &str, param_path: &str) -> bool {
+    param_path
+        .rsplit_once('.')
+        .is_some_and(|(m, _)| m.ends_with(name))
+}
 
 /// A model whose linear layers can carry adapters. Implemented by the model crate (a few lines:
 /// list each `LoraLinear` with its module path); nothing else is needed to use this crate.
@@ -29,9 +37,11 @@ pub trait LoraModel<B: Backend>: Module<B> {
 /// PEFT's `print_trainable_parameters` numbers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraReport {
-    /// Elements of the adapter parameters (`lora_A`, `lora_B`).
+    /// Elements of the adapter parameters (`lora_A`, `lora_B`, biases, magnitudes) and of the
+    /// `modules_to_save` copies.
     pub trainable: usize,
-    /// Elements of every parameter, base and adapter.
+    /// Elements of every parameter, base and adapter (and, as PEFT counts them, the
+    /// `modules_to_save` copies beside their originals).
     pub all: usize,
     /// The adapted module paths, in model order.
     pub targeted: Vec<String>,
@@ -172,7 +182,41 @@ pub fn apply_lora<B: Backend, M: LoraModel<B>>(
             available: summarize(&available),
         });
     }
-    let report = LoraReport::of(&model, targeted);
+    if let Some(both) = targeted.iter().find(|p| is_module_to_save(cfg, p)) {
+        return Err(LoraError::InvalidConfig {
+            path: None,
+            reason: format!(
+                "`{both}` is both a LoRA target and in `modules_to_save`: train it one way, \
+                 remove it from `target_modules` or from `modules_to_save`"
+            ),
+        });
+    }
+    let model = unfreeze_saved(model, cfg);
+    let saved = saved_shapes(&model, cfg);
+    if let Some(names) = cfg.modules_to_save.as_ref().filter(|n| !n.is_empty()) {
+        for name in names {
+            if !saved.iter().any(|(p, _)| is_module_to_save_name(name, p)) {
+                let tied = if name.ends_with("lm_head") && head.is_none() {
+                    " (this model ties its output head to `embed_tokens`: it has no separate \
+                     `lm_head`; PEFT would untie it, which this crate does not)"
+                } else {
+                    ""
+                };
+                return Err(LoraError::InvalidConfig {
+                    path: None,
+                    reason: format!(
+                        "`modules_to_save` names {name:?}, which matches no module of the model{tied}; \
+                         use module names such as \"lm_head\" or \"embed_tokens\""
+                    ),
+                });
+            }
+        }
+    }
+    let mut report = LoraReport::of(&model, targeted);
+    // PEFT trains a copy of each saved module and keeps the original: both are counted.
+    let copies: usize = saved.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    report.trainable += copies;
+    report.all += copies;
     Ok((model, report))
 }
 

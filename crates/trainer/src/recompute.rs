@@ -36,7 +36,9 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
     seed: u64,
 ) -> (f64, GradientsParams) {
     let device = batch.input_ids.device();
-    let (mut x, rope, mask) = embedded(model, batch);
+    let (embeddings, rope, mask) = embedded(model, batch);
+    // A trainable embedding (`modules_to_save`): its graph waits for the first layer's gradient.
+    let mut x = embeddings.clone().detach();
 
     // Forward: keep only the layer inputs.
     let mut inputs = Vec::with_capacity(model.model.layers.len());
@@ -72,10 +74,22 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
             .expect("a layer's output depends on its input");
         acc.accumulate(model, GradientsParams::from_grads(grads, model));
     }
+    if embedding_trains(model) {
+        let surrogate = (embeddings * Tensor::<B, 3>::from_inner(g)).sum();
+        acc.accumulate(
+            model,
+            GradientsParams::from_grads(surrogate.backward(), model),
+        );
+    }
     (value, acc.grads())
 }
 
-/// What both training paths start from: the batch's embeddings (the table is frozen: no graph),
+/// Whether the embedding table takes a gradient (`modules_to_save = ["embed_tokens"]`).
+pub(crate) fn embedding_trains<B: AutodiffBackend>(model: &Qwen2ForCausalLM<B>) -> bool {
+    model.model.embed_tokens.weight.is_require_grad()
+}
+
+/// What both training paths start from: the batch's embeddings (no graph unless the table trains),
 /// with the rotary tables and attention bias of its padded rows or packed sequences.
 pub(crate) fn embedded<B: AutodiffBackend>(
     model: &Qwen2ForCausalLM<B>,
@@ -83,11 +97,12 @@ pub(crate) fn embedded<B: AutodiffBackend>(
 ) -> (Tensor<B, 3>, RopeCache<B>, AttentionBias<B>) {
     let device = batch.input_ids.device();
     let [b, s] = batch.input_ids.dims();
-    let x = model
-        .model
-        .embed_tokens
-        .forward(batch.input_ids.clone())
-        .detach();
+    let x = model.model.embed_tokens.forward(batch.input_ids.clone());
+    let x = if embedding_trains(model) {
+        x
+    } else {
+        x.detach()
+    };
     let (rope, bias) = match &batch.seq_lens {
         Some(lens) => model.packed_inputs(lens, x.dtype(), &device),
         None => model.padded_inputs(

@@ -39,9 +39,15 @@ fn args(dir: &Path) -> TrainingArguments {
 
 /// Every adapter parameter (factors, `lora_B` biases, DoRA magnitudes) as `(path, values)`.
 fn values(m: &Qwen2ForCausalLM<Ad>) -> Vec<(String, Vec<f32>)> {
+    values_for(m, &LoraConfig::default())
+}
+
+/// [`values`] and the parameters of `cfg`'s modules to save.
+fn values_for(m: &Qwen2ForCausalLM<Ad>, cfg: &LoraConfig) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();
     lora_core::visit_params(m, |p: lora_core::ParamRef<'_, Ad>| {
-        if p.is_adapter() {
+        let module = p.path.rsplit_once('.').map_or("", |(m, _)| m);
+        if p.is_adapter() || lora_core::is_module_to_save(cfg, module) {
             let v = p.flat().into_data().convert::<f32>().to_vec::<f32>();
             out.push((p.path.to_string(), v.unwrap()));
         }
@@ -371,6 +377,16 @@ fn ten_dora_steps_match_peft() {
     ten_steps(base, "dora-", None);
 }
 
+/// The same 10 steps from PEFT's adapter with `modules_to_save = ["lm_head", "embed_tokens"]`:
+/// the head and the embedding train in full.
+#[test]
+fn ten_modules_to_save_steps_match_peft() {
+    let base = qwen2::load_model::<Ad>(&fixture(), DType::F32, &Default::default())
+        .unwrap()
+        .model;
+    ten_steps(base, "modules-to-save-", None);
+}
+
 /// The same 10 steps from PEFT's `lora_bias` adapter (`tests/fixtures/peft-lora-bias`).
 #[test]
 fn ten_lora_bias_steps_match_peft() {
@@ -402,7 +418,9 @@ fn ten_steps(base: Qwen2ForCausalLM<Ad>, prefix: &str, loraplus_lr_ratio: Option
     let want: serde_json::Value = read_json(&dir.join(format!("{prefix}losses.json")));
     // The DoRA and lora_bias runs start from their own PEFT adapters; the others from the plain one.
     let adapter = match prefix {
-        "dora-" | "lora-bias-" => format!("peft-{}", prefix.trim_end_matches('-')),
+        "dora-" | "lora-bias-" | "modules-to-save-" => {
+            format!("peft-{}", prefix.trim_end_matches('-'))
+        }
         _ => "peft-tiny-untied".to_string(),
     };
     let (m, cfg, _) = lora_core::load_adapter(base, &fixtures().join(adapter)).unwrap();
@@ -472,11 +490,11 @@ fn ten_steps(base: Qwen2ForCausalLM<Ad>, prefix: &str, loraplus_lr_ratio: Option
     let mut worst_w = 0f32;
     let finals = reference.keys().filter(|k| k.starts_with("final.")).count();
     assert_eq!(
-        values(&m).len(),
+        values_for(&m, &cfg).len(),
         finals,
         "every trained parameter is compared"
     );
-    for (path, v) in values(&m) {
+    for (path, v) in values_for(&m, &cfg) {
         let err = max_rel_err(&v, &reference[&format!("final.{path}")].f32);
         // The k_proj biases of lora_bias: RoPE nearly cancels a bias added to every key (a
         // constant shift of a query's scores), so some of their gradient elements are ~1e-6 of the
@@ -855,4 +873,49 @@ fn output_directory_runs_do_not_mix() {
     assert!(tmp.path().join("checkpoint-2").is_dir());
     let log = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 1, "{log}");
+}
+
+/// With `modules_to_save` the head and the embedding train: gradient checkpointing (which carries
+/// the first layer's input gradient back into the embedding by hand) gives the run of the plain
+/// backward, and both change the two modules.
+#[test]
+fn modules_to_save_train_the_same_with_and_without_checkpointing() {
+    let _rng = rng_lock();
+    let mut cfg = lora_cfg(0.1);
+    cfg.modules_to_save = Some(vec!["lm_head".into(), "embed_tokens".into()]);
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = TrainingArguments {
+        max_steps: Some(3),
+        save_steps: 0,
+        logging_steps: 1,
+        ..args(tmp.path())
+    };
+    let ckpt = TrainingArguments {
+        gradient_checkpointing: true,
+        overwrite_output_dir: true,
+        ..plain.clone()
+    };
+    let (ma, a) = run(&cfg, &examples(8), &plain, None).unwrap();
+    let (mb, b) = run(&cfg, &examples(8), &ckpt, None).unwrap();
+    assert_eq!(a.state.step_losses, b.state.step_losses);
+    let (va, vb) = (values_for(&ma, &cfg), values_for(&mb, &cfg));
+    assert_eq!(va.len(), 28 + 2);
+    for ((path, x), (_, y)) in va.iter().zip(&vb) {
+        let err = max_rel_err(x, y);
+        assert!(err <= 1e-6, "{path}: checkpointed run differs by {err:e}");
+    }
+    let base = model(&lora_cfg(0.0));
+    let head0 = base.lm_head.as_ref().unwrap().weight.val();
+    let moved = |p: &str| va.iter().find(|(k, _)| k == p).unwrap().1.clone();
+    let e0 = base
+        .model
+        .embed_tokens
+        .weight
+        .val()
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let h0 = head0.into_data().to_vec::<f32>().unwrap();
+    assert!(max_rel_err(&moved("lm_head.weight"), &h0) > 1e-6);
+    assert!(max_rel_err(&moved("model.embed_tokens.weight"), &e0) > 1e-6);
 }
