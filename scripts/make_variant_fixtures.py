@@ -17,6 +17,10 @@ its initial value (seeded) so that it matters:
     peft-olora      "olora"; every lora_A / lora_B moved by N(0, 0.02) (as training would)
     peft-modules-to-save  modules_to_save=["lm_head", "embed_tokens"] on the seven; both copies moved
                     by N(0, 0.02)
+    peft-trainable-tokens       trainable_token_indices=[1, 5, 7, 200] on the seven, the rows moved
+                                by N(0, 0.05)
+    peft-trainable-tokens-tied  the same on tests/fixtures/tiny-tied-f32 (ids 3, 9, 250): the tied
+                                head reads the trained rows too
 Each directory holds PEFT's save_pretrained output and reference.safetensors:
     input_ids, attention_mask, labels  [3, 10]  (as tests/fixtures/peft-tiny-untied)
     logits         [3, 10, vocab]  PeftModel forward in train mode (float32, eager attention)
@@ -46,6 +50,9 @@ VARIANTS = {
     "pissa": dict(target_modules=ALL, init_lora_weights="pissa"),
     "olora": dict(target_modules=ALL, init_lora_weights="olora"),
     "modules-to-save": dict(target_modules=ALL, modules_to_save=["lm_head", "embed_tokens"]),
+    "trainable-tokens": dict(target_modules=ALL, trainable_token_indices=[1, 5, 7, 200]),
+    "trainable-tokens-tied": dict(base=os.path.join("tests", "fixtures", "tiny-tied-f32"),
+                                  target_modules=ALL, trainable_token_indices=[3, 9, 250]),
 }
 
 
@@ -63,7 +70,7 @@ def perturb(model, seed, init):
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith("lora_B.default.bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif ".modules_to_save." in name:
+            elif ".modules_to_save." in name or "trainable_tokens_delta" in name:
                 p.add_(0.02 * torch.randn(p.shape, generator=g))
             elif init and ("lora_A" in name or "lora_B" in name):
                 p.add_(0.02 * torch.randn(p.shape, generator=g))
@@ -71,17 +78,19 @@ def perturb(model, seed, init):
 
 def main():
     os.chdir(ROOT)
-    ref = load_file(os.path.join(BASE, "reference.safetensors"))
-    ids, mask = ref["input_ids"], ref["attention_mask"]
-    labels = ids.clone()
-    labels[:, :4] = -100
-    labels[mask == 0] = -100
     only = set(sys.argv[1:])
     for seed, (name, kw) in enumerate(VARIANTS.items()):
         if only and name not in only:
             continue
+        kw = dict(kw)
+        base_dir = kw.pop("base", BASE)
+        ref = load_file(os.path.join(base_dir, "reference.safetensors"))
+        ids, mask = ref["input_ids"], ref["attention_mask"]
+        labels = ids.clone()
+        labels[:, :4] = -100
+        labels[mask == 0] = -100
         out_dir = os.path.join("tests", "fixtures", f"peft-{name}")
-        base = Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager")
+        base = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
         cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=32, lora_dropout=0.0,
                          **dict(dict(init_lora_weights=False), **kw))
         torch.manual_seed(123 + seed)
@@ -103,7 +112,7 @@ def main():
         model.save_pretrained(out_dir)
         if os.path.exists(os.path.join(out_dir, "README.md")):
             os.remove(os.path.join(out_dir, "README.md"))
-        base2 = Qwen2ForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="eager")
+        base2 = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
         merged = PeftModel.from_pretrained(base2, out_dir).merge_and_unload().eval()
         with torch.no_grad():
             tensors["logits_merged"] = merged(input_ids=ids, attention_mask=mask).logits.float()

@@ -34,7 +34,27 @@ const LOSS_REL_TOL: f64 = 1e-5;
 /// Each gradient vs PEFT: max abs error relative to the reference gradient's max magnitude.
 const GRAD_REL_TOL: f32 = 1e-4;
 
-const VARIANTS: [&str; 5] = ["dora", "lora-bias", "pissa", "olora", "modules-to-save"];
+const VARIANTS: [&str; 7] = [
+    "dora",
+    "lora-bias",
+    "pissa",
+    "olora",
+    "modules-to-save",
+    "trainable-tokens",
+    "trainable-tokens-tied",
+];
+
+/// The base model of a variant's fixture: the tied tiny model for `*-tied`, else the untied one.
+fn base_for<B: burn::tensor::backend::Backend>(variant: &str) -> Qwen2ForCausalLM<B> {
+    let dir = if variant.ends_with("-tied") {
+        "tiny-tied-f32"
+    } else {
+        "tiny-untied-f32-sharded"
+    };
+    load_model::<B>(&fixtures().join(dir), DType::F32, &Default::default())
+        .unwrap()
+        .model
+}
 
 /// Whether a parameter trains: an adapter's, or one of a module to save.
 fn trains(p: &ParamRef<'_, impl burn::tensor::backend::Backend>, cfg: &LoraConfig) -> bool {
@@ -74,7 +94,7 @@ fn adapter_values<B: burn::tensor::backend::Backend>(
 fn peft_variant_adapters_give_peft_logits_loss_and_gradients() {
     for variant in VARIANTS {
         let r = read_reference(&dir(variant).join("reference.safetensors"));
-        let (model, cfg, _) = load_adapter(base::<Ad>(), &dir(variant)).unwrap();
+        let (model, cfg, _) = load_adapter(base_for::<Ad>(variant), &dir(variant)).unwrap();
         assert_eq!(cfg.use_dora, variant == "dora");
         assert_eq!(cfg.lora_bias(), variant == "lora-bias");
         let (ids, mask, labels) = (
@@ -129,7 +149,7 @@ fn peft_variant_adapters_give_peft_logits_loss_and_gradients() {
 fn variant_merge_equals_peft_merge_and_unmerge_restores() {
     for variant in VARIANTS {
         let r = read_reference(&dir(variant).join("reference.safetensors"));
-        let (mut model, _, _) = load_adapter(base::<Cpu>(), &dir(variant)).unwrap();
+        let (mut model, _, _) = load_adapter(base_for::<Cpu>(variant), &dir(variant)).unwrap();
         let (ids, mask) = (int2(&r["input_ids"]), int2(&r["attention_mask"]));
         let before: Vec<(Vec<f32>, Vec<f32>)> = model
             .lora_linears()
@@ -155,7 +175,10 @@ fn variant_merge_equals_peft_merge_and_unmerge_restores() {
             &r["logits_merged"].f32,
             LOGITS_TOL,
         );
-        assert_eq!(unmerge_all(&mut model).unwrap(), n);
+        // Trained token rows are written into the table for good (PEFT `merge_and_unload`).
+        let tokens = usize::from(variant.starts_with("trainable-tokens"));
+        assert_eq!(unmerge_all(&mut model).unwrap(), n - tokens);
+        assert!(model.model.embed_tokens.token_adapter.is_none() || tokens == 0);
         let mut back = 0f32;
         for ((_, l), (w, b)) in model.lora_linears().into_iter().zip(&before) {
             back = back.max(assert_close(
@@ -175,7 +198,7 @@ fn variant_merge_equals_peft_merge_and_unmerge_restores() {
 #[test]
 fn variant_adapters_save_as_peft_does_and_reload_bitwise() {
     for variant in VARIANTS {
-        let (model, cfg, _) = load_adapter(base::<Cpu>(), &dir(variant)).unwrap();
+        let (model, cfg, _) = load_adapter(base_for::<Cpu>(variant), &dir(variant)).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         save_adapter(&model, &cfg, tmp.path()).unwrap();
         // Every key, shape and value of PEFT's file, and nothing else.
@@ -189,7 +212,7 @@ fn variant_adapters_save_as_peft_does_and_reload_bitwise() {
         let saved: serde_json::Value = read_json(&tmp.path().join("adapter_config.json"));
         assert_eq!(saved["use_dora"], variant == "dora");
         assert_eq!(saved["lora_bias"], variant == "lora-bias");
-        let (again, _, _) = load_adapter(base::<Cpu>(), tmp.path()).unwrap();
+        let (again, _, _) = load_adapter(base_for::<Cpu>(variant), tmp.path()).unwrap();
         assert!(adapter_values(&model, &cfg) == adapter_values(&again, &cfg));
     }
 }
@@ -263,6 +286,8 @@ fn trainable_parameter_reports_equal_peft_for_qwen25_7b() {
             "modules-to-save" => {
                 cfg.modules_to_save = Some(vec!["lm_head".into(), "embed_tokens".into()])
             }
+            "trainable-tokens" => cfg.set_trainable_token_indices(Some(&[1, 5, 7, 200])),
+            "trainable-tokens-tied" => cfg.set_trainable_token_indices(Some(&[3, 9, 250])),
             init => cfg.init_lora_weights = lora_core::InitLoraWeights::Named(init.into()),
         }
         // Lazy parameters: no base weight is allocated, nor any norm (DoRA) or decomposition
@@ -274,7 +299,7 @@ fn trainable_parameter_reports_equal_peft_for_qwen25_7b() {
             peft["qwen2.5-7b-tutorial"]["line"].as_str().unwrap(),
             "{variant}"
         );
-        let (_, _, tiny) = load_adapter(base::<Cpu>(), &dir(variant)).unwrap();
+        let (_, _, tiny) = load_adapter(base_for::<Cpu>(variant), &dir(variant)).unwrap();
         assert_eq!(
             (tiny.trainable as u64, tiny.all as u64),
             (

@@ -313,6 +313,35 @@ pub fn load_adapter<B: Backend, M: LoraModel<B>>(
             linear.set_adapter_tensor(suffix, values);
         }
     }
+    for (path, emb) in model.lora_embeddings() {
+        let Some(t) = &emb.token_adapter else {
+            continue;
+        };
+        let key = format!("{PEFT_PREFIX}{path}.token_adapter.trainable_tokens_delta");
+        let expected = vec![t.token_indices.len(), emb.shape()[1]];
+        let view = found.remove(&key).ok_or_else(|| LoraError::MissingTensor {
+            key: key.clone(),
+            module: path.clone(),
+            file: file.clone(),
+        })?;
+        if view.shape() != expected.as_slice() {
+            return Err(LoraError::ShapeMismatch {
+                key,
+                module: path.clone(),
+                file: file.clone(),
+                expected,
+                found: view.shape().to_vec(),
+            });
+        }
+        let values = to_f32(&view).ok_or_else(|| LoraError::BadFile {
+            file: file.clone(),
+            reason: format!(
+                "tensor `{key}` has dtype {:?}; expected F32, BF16 or F16",
+                view.dtype()
+            ),
+        })?;
+        emb.set_trained_rows(values);
+    }
     if !found.is_empty() {
         let keys: Vec<&String> = found.keys().take(5).collect();
         return Err(LoraError::UnexpectedTensors {

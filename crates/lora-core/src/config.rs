@@ -45,6 +45,10 @@ pub enum InitLoraWeights {
     Named(String),
 }
 
+/// One entry of `trainable_token_indices`: the embedding's module name (`None`: the input
+/// embedding) and the token ids whose rows train.
+pub type TokenIndices = (Option<String>, Vec<usize>);
+
 /// PEFT's LoRA configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
@@ -143,7 +147,6 @@ const EXTRA_DEFAULTS: &[(&str, &str)] = &[
     ("layer_replication", "null"),
     ("loftq_config", "{}"),
     ("megatron_config", "null"),
-    ("trainable_token_indices", "null"),
     ("target_parameters", "null"),
     ("use_qalora", "false"),
     ("alora_invocation_tokens", "null"),
@@ -226,6 +229,7 @@ impl LoraConfig {
                 return bad(format!("`lora_bias` = true works only with `init_lora_weights` true or false (as in PEFT), not {:?}", self.init_lora_weights));
             }
         }
+        self.trainable_token_indices()?;
         let mut unsupported = Vec::new();
         if self.bias != "none" {
             unsupported.push(format!("bias = {:?} (only \"none\")", self.bias));
@@ -259,6 +263,47 @@ impl LoraConfig {
             .get("lora_bias")
             .and_then(|v| v.as_bool())
             .unwrap_or(false)
+    }
+
+    /// `trainable_token_indices` (PEFT ≥ 0.15): the token ids whose embedding rows train, as
+    /// `(embedding name, ids)`: a plain list names the input embedding (`None`), a map names
+    /// embeddings by module name. Kept in `extra`, as read.
+    pub fn trainable_token_indices(&self) -> Result<Vec<TokenIndices>, LoraError> {
+        let bad = |why: String| LoraError::InvalidConfig {
+            path: None,
+            reason: format!("`trainable_token_indices` {why}"),
+        };
+        let ids = |v: &serde_json::Value| -> Result<Vec<usize>, LoraError> {
+            v.as_array()
+                .ok_or_else(|| bad(format!("holds {v}; expected a list of token ids")))?
+                .iter()
+                .map(|i| {
+                    i.as_u64()
+                        .map(|i| i as usize)
+                        .ok_or_else(|| bad(format!("holds {i}; token ids are whole numbers ≥ 0")))
+                })
+                .collect()
+        };
+        match self.extra.get("trainable_token_indices") {
+            None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+            Some(v @ serde_json::Value::Array(_)) => Ok(vec![(None, ids(v)?)]),
+            Some(serde_json::Value::Object(m)) => m
+                .iter()
+                .map(|(name, v)| Ok((Some(name.clone()), ids(v)?)))
+                .collect(),
+            Some(v) => Err(bad(format!(
+                "is {v}; expected a list of token ids or a map from embedding name to ids"
+            ))),
+        }
+    }
+
+    /// Sets `trainable_token_indices` to a list of ids for the input embedding (`None`: unset).
+    pub fn set_trainable_token_indices(&mut self, ids: Option<&[usize]>) {
+        let v = match ids {
+            Some(ids) => serde_json::json!(ids),
+            None => serde_json::Value::Null,
+        };
+        self.extra.insert("trainable_token_indices".into(), v);
     }
 
     /// Sets `lora_bias`.

@@ -10,14 +10,16 @@ mod linear;
 mod modules;
 mod params;
 mod target;
+mod tokens;
 
 pub use adapter::{
     adapter_file_key, adapter_key, adapter_tensors, load_adapter, save_adapter, ADAPTER_CONFIG,
     ADAPTER_WEIGHTS, PEFT_PREFIX,
 };
-pub use config::{InitLoraWeights, LayerSelector, LoraConfig, ModuleSelector};
+pub use config::{InitLoraWeights, LayerSelector, LoraConfig, ModuleSelector, TokenIndices};
 pub use error::LoraError;
 pub use linear::{param_id, Base4bit, LoraLinear, LoraMagnitude, LoraWeight};
 pub use modules::is_module_to_save;
 pub use params::{param_count, visit_params, ParamRef};
 pub use target::{apply_lora, is_targeted, merge_all, unmerge_all, LoraModel, LoraReport};
+pub use tokens::{LoraEmbedding, TrainableTokens};

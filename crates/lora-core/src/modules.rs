@@ -68,9 +68,12 @@ impl<B: Backend> ModuleMapper<B> for SavedMapper<'_> {
     }
     fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let path = self.stack.join(".");
-        let is_adapter = path
-            .split('.')
-            .any(|s| matches!(s, "lora_A" | "lora_B" | "lora_magnitude_vector"));
+        let is_adapter = path.split('.').any(|s| {
+            matches!(
+                s,
+                "lora_A" | "lora_B" | "lora_magnitude_vector" | "token_adapter"
+            )
+        });
         if is_adapter || !is_module_to_save(self.cfg, module_of(&path)) {
             return p;
         }

@@ -41,11 +41,14 @@ impl<B: Backend> ParamRef<'_, B> {
     }
 
     /// Whether it belongs to the adapter: a `lora_A` / `lora_B` module's parameter (the factors,
-    /// `lora_B.bias`) or DoRA's `lora_magnitude_vector`.
+    /// `lora_B.bias`), DoRA's `lora_magnitude_vector`, or trained token rows (`token_adapter`).
     pub fn is_adapter(&self) -> bool {
-        self.path
-            .split('.')
-            .any(|s| matches!(s, "lora_A" | "lora_B" | "lora_magnitude_vector"))
+        self.path.split('.').any(|s| {
+            matches!(
+                s,
+                "lora_A" | "lora_B" | "lora_magnitude_vector" | "token_adapter"
+            )
+        })
     }
 }
 

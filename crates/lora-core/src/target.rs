@@ -12,6 +12,7 @@ use crate::error::LoraError;
 use crate::linear::LoraLinear;
 use crate::modules::{is_module_to_save, saved_shapes, unfreeze_saved};
 use crate::params::param_count;
+use crate::tokens::LoraEmbedding;
 
 /// Whether the parameter at `param_path` belongs to the module `modules_to_save` entry `name`.
 fn is_module_to_save_name(name: &str, param_path: &str) -> bool {
@@ -31,6 +32,12 @@ pub trait LoraModel<B: Backend>: Module<B> {
     /// output embeddings). `None` when the model has no separate head module.
     fn output_head(&self) -> Option<String> {
         None
+    }
+
+    /// Every token embedding that can carry trained rows ([`LoraEmbedding`]), with its module
+    /// path, the input embedding first (`trainable_token_indices`). None by default.
+    fn lora_embeddings(&mut self) -> Vec<(String, &mut LoraEmbedding<B>)> {
+        Vec::new()
     }
 }
 
@@ -191,6 +198,7 @@ pub fn apply_lora<B: Backend, M: LoraModel<B>>(
             ),
         });
     }
+    attach_tokens(&mut model, cfg)?;
     let model = unfreeze_saved(model, cfg);
     let saved = saved_shapes(&model, cfg);
     if let Some(names) = cfg.modules_to_save.as_ref().filter(|n| !n.is_empty()) {
@@ -220,6 +228,40 @@ pub fn apply_lora<B: Backend, M: LoraModel<B>>(
     Ok((model, report))
 }
 
+/// `trainable_token_indices`: trained rows on the embeddings it names (a list: the input
+/// embedding; a map: embeddings whose path ends with the name).
+fn attach_tokens<B: Backend, M: LoraModel<B>>(
+    model: &mut M,
+    cfg: &LoraConfig,
+) -> Result<(), LoraError> {
+    let wanted = cfg.trainable_token_indices()?;
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let mut embeddings = model.lora_embeddings();
+    for (name, ids) in wanted {
+        let found = embeddings
+            .iter_mut()
+            .enumerate()
+            .find(|(i, (path, _))| match &name {
+                None => *i == 0,
+                Some(n) => path.ends_with(n.as_str()),
+            });
+        let Some((_, (path, emb))) = found else {
+            return Err(LoraError::InvalidConfig {
+                path: None,
+                reason: format!(
+                    "`trainable_token_indices` names {}, which is not an embedding of the model (it has {:?})",
+                    name.as_deref().unwrap_or("the input embedding"),
+                    embeddings.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>()
+                ),
+            });
+        };
+        emb.attach_tokens(path, &ids)?;
+    }
+    Ok(())
+}
+
 /// Marks every parameter as not requiring gradients without materializing lazy ones
 /// (`Module::no_grad` maps tensor values, which would allocate every lazy parameter).
 fn freeze<B: Backend, M: Module<B>>(model: M) -> M {
@@ -247,9 +289,14 @@ fn summarize(paths: &[String]) -> String {
     format!("names {names:?} (e.g. {})", examples.join(", "))
 }
 
-/// Merges every attached adapter into its base weight (PEFT `merge_adapter`).
+/// Merges every attached adapter into its base weight (PEFT `merge_adapter`); trained token rows
+/// are written into their embedding for good (PEFT `merge_and_unload`; not undone by
+/// [`unmerge_all`]).
 pub fn merge_all<B: Backend, M: LoraModel<B>>(model: &mut M) -> Result<usize, LoraError> {
     let mut n = 0;
+    for (_, e) in model.lora_embeddings() {
+        n += usize::from(e.merge());
+    }
     for (path, l) in model.lora_linears() {
         if l.has_adapter() && !l.merged {
             l.merge(&path)?;

@@ -5,10 +5,9 @@
 //! `lm_head.weight` (absent when the embeddings are tied).
 
 use burn::module::{Initializer, Module};
-use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
-use lora_core::LoraLinear;
+use lora_core::{LoraEmbedding, LoraLinear};
 
 use crate::attention::{AttentionBias, LayerCache, Qwen2Attention};
 use crate::mlp::Qwen2Mlp;
@@ -89,8 +88,8 @@ impl<B: Backend> Qwen2DecoderLayer<B> {
 /// The decoder stack without the output head (HF `Qwen2Model`).
 #[derive(Module, Debug)]
 pub struct Qwen2Model<B: Backend> {
-    /// Token embeddings `[vocab, hidden]`.
-    pub embed_tokens: Embedding<B>,
+    /// Token embeddings `[vocab, hidden]` (trained rows with `trainable_token_indices`).
+    pub embed_tokens: LoraEmbedding<B>,
     /// Decoder layers.
     pub layers: Vec<Qwen2DecoderLayer<B>>,
     /// Final norm.
@@ -120,8 +119,9 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         let init = Initializer::Normal { mean: 0.0, std };
         Self {
             model: Qwen2Model {
-                embed_tokens: Embedding {
+                embed_tokens: LoraEmbedding {
                     weight: init.init([cfg.vocab_size, cfg.hidden_size], device),
+                    token_adapter: None,
                 },
                 layers: (0..cfg.num_hidden_layers)
                     .map(|_| Qwen2DecoderLayer::new(cfg, device))
@@ -241,6 +241,13 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
             // Tied: the head is the embedding matrix `E` `[vocab, hidden]`, as `LoraLinear`
             // multiplies its weight: `h·Eᵀ` over the rows, or `E·hᵀ` for one row at inference
             // (every decoding step), where the transposed view is ~20× slower on Flex.
+            None if self.model.embed_tokens.token_adapter.is_some() => {
+                // Trained token rows: their logits columns come from those rows.
+                let [b, s, h] = hidden.dims();
+                let logits = self.model.embed_tokens.head(hidden.reshape([b * s, h]));
+                let vocab = logits.dims()[1];
+                logits.reshape([b, s, vocab])
+            }
             None => {
                 let e = self.model.embed_tokens.weight.val();
                 let [b, s, h] = hidden.dims();
@@ -264,6 +271,9 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     pub fn logits_rows(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.lm_head {
             Some(head) => head.forward_rows(hidden),
+            None if self.model.embed_tokens.token_adapter.is_some() => {
+                self.model.embed_tokens.head(hidden)
+            }
             None => {
                 let e = self.model.embed_tokens.weight.val();
                 match kernels::cpu::linear_rows(&hidden, &e, None) {
@@ -357,5 +367,12 @@ impl<B: Backend> lora_core::LoraModel<B> for Qwen2ForCausalLM<B> {
 
     fn output_head(&self) -> Option<String> {
         self.lm_head.as_ref().map(|_| "lm_head".to_string())
+    }
+
+    fn lora_embeddings(&mut self) -> Vec<(String, &mut LoraEmbedding<B>)> {
+        vec![(
+            "model.embed_tokens".to_string(),
+            &mut self.model.embed_tokens,
+        )]
     }
 }

@@ -85,6 +85,8 @@ fn frozen_head_weight<B: AutodiffBackend>(
     model: &Qwen2ForCausalLM<B>,
 ) -> Option<Tensor<B::InnerBackend, 2>> {
     let weight = match &model.lm_head {
+        // Trained token rows replace some of the tied head's rows.
+        None if model.model.embed_tokens.token_adapter.is_some() => return None,
         None => &model.model.embed_tokens.weight,
         Some(head) if head.bias.is_none() && (!head.has_adapter() || head.merged) => &head.weight,
         Some(_) => return None,

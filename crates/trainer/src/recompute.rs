@@ -84,9 +84,11 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
     (value, acc.grads())
 }
 
-/// Whether the embedding table takes a gradient (`modules_to_save = ["embed_tokens"]`).
+/// Whether the embedding takes a gradient: the table (`modules_to_save = ["embed_tokens"]`) or
+/// trained rows of it (`trainable_token_indices`).
 pub(crate) fn embedding_trains<B: AutodiffBackend>(model: &Qwen2ForCausalLM<B>) -> bool {
-    model.model.embed_tokens.weight.is_require_grad()
+    let e = &model.model.embed_tokens;
+    e.weight.is_require_grad() || e.token_adapter.is_some()
 }
 
 /// What both training paths start from: the batch's embeddings (no graph unless the table trains),

@@ -387,6 +387,15 @@ fn ten_modules_to_save_steps_match_peft() {
     ten_steps(base, "modules-to-save-", None);
 }
 
+/// The same 10 steps from PEFT's adapter with `trainable_token_indices = [1, 5, 7, 200]`.
+#[test]
+fn ten_trainable_tokens_steps_match_peft() {
+    let base = qwen2::load_model::<Ad>(&fixture(), DType::F32, &Default::default())
+        .unwrap()
+        .model;
+    ten_steps(base, "trainable-tokens-", None);
+}
+
 /// The same 10 steps from PEFT's `lora_bias` adapter (`tests/fixtures/peft-lora-bias`).
 #[test]
 fn ten_lora_bias_steps_match_peft() {
@@ -418,7 +427,7 @@ fn ten_steps(base: Qwen2ForCausalLM<Ad>, prefix: &str, loraplus_lr_ratio: Option
     let want: serde_json::Value = read_json(&dir.join(format!("{prefix}losses.json")));
     // The DoRA and lora_bias runs start from their own PEFT adapters; the others from the plain one.
     let adapter = match prefix {
-        "dora-" | "lora-bias-" | "modules-to-save-" => {
+        "dora-" | "lora-bias-" | "modules-to-save-" | "trainable-tokens-" => {
             format!("peft-{}", prefix.trim_end_matches('-'))
         }
         _ => "peft-tiny-untied".to_string(),
@@ -875,47 +884,68 @@ fn output_directory_runs_do_not_mix() {
     assert_eq!(log.lines().count(), 1, "{log}");
 }
 
-/// With `modules_to_save` the head and the embedding train: gradient checkpointing (which carries
-/// the first layer's input gradient back into the embedding by hand) gives the run of the plain
-/// backward, and both change the two modules.
+/// With `modules_to_save` the head and the embedding train, and with `trainable_token_indices`
+/// rows of the embedding: gradient checkpointing (which carries the first layer's input gradient
+/// back into the embedding by hand) gives the run of the plain backward.
 #[test]
-fn modules_to_save_train_the_same_with_and_without_checkpointing() {
+fn trained_embeddings_train_the_same_with_and_without_checkpointing() {
     let _rng = rng_lock();
-    let mut cfg = lora_cfg(0.1);
-    cfg.modules_to_save = Some(vec!["lm_head".into(), "embed_tokens".into()]);
-    let tmp = tempfile::tempdir().unwrap();
-    let plain = TrainingArguments {
-        max_steps: Some(3),
-        save_steps: 0,
-        logging_steps: 1,
-        ..args(tmp.path())
-    };
-    let ckpt = TrainingArguments {
-        gradient_checkpointing: true,
-        overwrite_output_dir: true,
-        ..plain.clone()
-    };
-    let (ma, a) = run(&cfg, &examples(8), &plain, None).unwrap();
-    let (mb, b) = run(&cfg, &examples(8), &ckpt, None).unwrap();
-    assert_eq!(a.state.step_losses, b.state.step_losses);
-    let (va, vb) = (values_for(&ma, &cfg), values_for(&mb, &cfg));
-    assert_eq!(va.len(), 28 + 2);
-    for ((path, x), (_, y)) in va.iter().zip(&vb) {
-        let err = max_rel_err(x, y);
-        assert!(err <= 1e-6, "{path}: checkpointed run differs by {err:e}");
+    for tokens in [false, true] {
+        let mut cfg = lora_cfg(0.1);
+        // Ids the examples use (an absent token's row gets no gradient).
+        let mut ids: Vec<usize> = examples(8)[0]
+            .input_ids
+            .iter()
+            .map(|&i| i as usize)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.truncate(3);
+        if tokens {
+            cfg.set_trainable_token_indices(Some(&ids));
+        } else {
+            cfg.modules_to_save = Some(vec!["lm_head".into(), "embed_tokens".into()]);
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let plain = TrainingArguments {
+            max_steps: Some(3),
+            save_steps: 0,
+            logging_steps: 1,
+            ..args(tmp.path())
+        };
+        let ckpt = TrainingArguments {
+            gradient_checkpointing: true,
+            overwrite_output_dir: true,
+            ..plain.clone()
+        };
+        let (ma, a) = run(&cfg, &examples(8), &plain, None).unwrap();
+        let (mb, b) = run(&cfg, &examples(8), &ckpt, None).unwrap();
+        assert_eq!(a.state.step_losses, b.state.step_losses);
+        let (va, vb) = (values_for(&ma, &cfg), values_for(&mb, &cfg));
+        assert_eq!(va.len(), 28 + if tokens { 1 } else { 2 });
+        for ((path, x), (_, y)) in va.iter().zip(&vb) {
+            let err = max_rel_err(x, y);
+            assert!(err <= 1e-6, "{path}: checkpointed run differs by {err:e}");
+        }
+        // The trained modules moved from the base's values.
+        let base = model(&lora_cfg(0.0));
+        let e0 = base.model.embed_tokens.weight.val();
+        let moved = |p: &str| va.iter().find(|(k, _)| k == p).unwrap().1.clone();
+        if tokens {
+            let idx: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+            let idx = burn::tensor::Tensor::<Ad, 1, burn::tensor::Int>::from_data(
+                burn::tensor::TensorData::new(idx, [3]),
+                &Default::default(),
+            );
+            let rows = e0.select(0, idx).into_data().to_vec::<f32>().unwrap();
+            let path = "model.embed_tokens.token_adapter.trainable_tokens_delta";
+            assert!(max_rel_err(&moved(path), &rows) > 1e-6);
+        } else {
+            let h0 = base.lm_head.as_ref().unwrap().weight.val();
+            let h0 = h0.into_data().to_vec::<f32>().unwrap();
+            assert!(max_rel_err(&moved("lm_head.weight"), &h0) > 1e-6);
+            let e0 = e0.into_data().to_vec::<f32>().unwrap();
+            assert!(max_rel_err(&moved("model.embed_tokens.weight"), &e0) > 1e-6);
+        }
     }
-    let base = model(&lora_cfg(0.0));
-    let head0 = base.lm_head.as_ref().unwrap().weight.val();
-    let moved = |p: &str| va.iter().find(|(k, _)| k == p).unwrap().1.clone();
-    let e0 = base
-        .model
-        .embed_tokens
-        .weight
-        .val()
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap();
-    let h0 = head0.into_data().to_vec::<f32>().unwrap();
-    assert!(max_rel_err(&moved("lm_head.weight"), &h0) > 1e-6);
-    assert!(max_rel_err(&moved("model.embed_tokens.weight"), &e0) > 1e-6);
 }
