@@ -385,3 +385,38 @@ fn pissa_and_olora_leave_the_model_output_unchanged() {
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("loftq") && e.contains("olora"), "{e}");
 }
+
+#[test]
+fn pissa_and_olora_adapters_convert_to_plain_lora_on_the_original_base() {
+    // PEFT's path_initial_model_for_weight_conversion: the initial adapter is saved right after
+    // the init; the trained adapter (here PEFT's fixture) becomes a rank-2r LoRA that gives the
+    // trained model's logits on the ORIGINAL base, with init_lora_weights = true.
+    for variant in ["pissa", "olora"] {
+        let r = read_reference(&dir(variant).join("reference.safetensors"));
+        let peft_cfg = LoraConfig::from_file(&dir(variant).join("adapter_config.json")).unwrap();
+        let (initial, _) = apply_lora(base::<Cpu>(), &peft_cfg).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let init_dir = tmp.path().join("initial");
+        save_adapter(&initial, &peft_cfg, &init_dir).unwrap();
+        let out = tmp.path().join("converted");
+        lora_core::convert_to_lora(&dir(variant), &init_dir, &out).unwrap();
+        let (model, cfg, _) = load_adapter(base::<Cpu>(), &out).unwrap();
+        assert_eq!((cfg.r, cfg.lora_alpha), (16, 64.0));
+        assert_eq!(cfg.init_lora_weights, lora_core::InitLoraWeights::Bool(true));
+        let ids = int2(&r["input_ids"]);
+        let got = floats(model.forward(ids, Some(int2(&r["attention_mask"])), None));
+        let e = assert_close(
+            &format!("{variant} converted, on the original base"),
+            &got,
+            &r["logits"].f32,
+            LOGITS_TOL,
+        );
+        println!("{variant}: converted adapter on the original base vs PEFT {e:.2e} abs");
+    }
+    // DoRA is not a low-rank difference: refused with the file named.
+    let tmp = tempfile::tempdir().unwrap();
+    let e = lora_core::convert_to_lora(&dir("dora"), &dir("dora"), tmp.path())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("DoRA") && e.contains("adapter_config.json"), "{e}");
+}

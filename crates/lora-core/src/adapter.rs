@@ -377,3 +377,119 @@ fn to_f32(v: &TensorView) -> Option<Vec<f32>> {
         _ => return None,
     })
 }
+
+/// PEFT's `save_pretrained(out, path_initial_model_for_weight_conversion=initial)` on files: the
+/// adapter in `trained` (trained from a PiSSA / OLoRA init, so it applies to the residual base
+/// that init left) is rewritten into `out` as a plain LoRA of rank `2r` that applies to the
+/// ORIGINAL base weights, using the factors the init produced (`initial`, the adapter saved right
+/// after `apply_lora`): `A' = [A; A0]`, `B' = [B, −B0]` ([`crate::init::to_plain_lora`]), `r` and
+/// `lora_alpha` doubled (`lora_alpha·√2` with rsLoRA), `init_lora_weights = true`; every other
+/// tensor (biases, modules to save, token rows) is copied. vLLM, llama.cpp and any PEFT loader
+/// then apply it to the model as published.
+pub fn convert_to_lora(trained: &Path, initial: &Path, out: &Path) -> Result<PathBuf, LoraError> {
+    let read = |dir: &Path| -> Result<(Vec<u8>, PathBuf), LoraError> {
+        let file = dir.join(ADAPTER_WEIGHTS);
+        let bytes = std::fs::read(&file).map_err(|e| LoraError::io(&file, e))?;
+        Ok((bytes, file))
+    };
+    let cfg_path = trained.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| LoraError::io(&cfg_path, e))?;
+    let cfg = LoraConfig::from_json_str(&text).map_err(|e| e.with_path(&cfg_path))?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| LoraError::ConfigParse {
+            path: Some(cfg_path.clone()),
+            reason: e.to_string(),
+        })?;
+    let bad = |reason: String| LoraError::InvalidConfig {
+        path: Some(cfg_path.clone()),
+        reason,
+    };
+    if cfg.use_dora {
+        return Err(bad(
+            "a DoRA adapter cannot be rewritten as a plain LoRA (its magnitudes are not a \
+             low-rank difference)"
+                .into(),
+        ));
+    }
+    crate::init::to_plain_lora_config(&mut json).map_err(|e| bad(e.to_string()))?;
+    let ((tb, tfile), (ib, ifile)) = (read(trained)?, read(initial)?);
+    let (t, i) = (parse_st(&tb, &tfile)?, parse_st(&ib, &ifile)?);
+    let values =
+        |st: &SafeTensors, file: &Path, key: &str| -> Result<(Vec<f32>, Vec<usize>), LoraError> {
+            let v = st.tensor(key).map_err(|_| LoraError::MissingTensor {
+                key: key.to_string(),
+                module: key.rsplit_once(".lora_").map_or("", |(m, _)| m).to_string(),
+                file: file.to_path_buf(),
+            })?;
+            let f = to_f32(&v).ok_or_else(|| LoraError::BadFile {
+                file: file.to_path_buf(),
+                reason: format!(
+                    "tensor `{key}` has dtype {:?}; expected F32, BF16 or F16",
+                    v.dtype()
+                ),
+            })?;
+            Ok((f, v.shape().to_vec()))
+        };
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut keys: Vec<String> = t.names().into_iter().map(String::from).collect();
+    keys.sort();
+    for key in keys {
+        let (v, shape) = values(&t, &tfile, &key)?;
+        let (v0, shape0) = if key.ends_with(".lora_A.weight") || key.ends_with(".lora_B.weight") {
+            values(&i, &ifile, &key)?
+        } else {
+            data.push((key, shape, bytes(&v)));
+            continue;
+        };
+        if shape != shape0 {
+            return Err(LoraError::ShapeMismatch {
+                key,
+                module: String::new(),
+                file: ifile.clone(),
+                expected: shape,
+                found: shape0,
+            });
+        }
+        if key.ends_with(".lora_A.weight") {
+            let (r, inp) = (shape[0], shape[1]);
+            data.push((key, vec![2 * r, inp], bytes(&[v, v0].concat())));
+        } else {
+            let (outf, r) = (shape[0], shape[1]);
+            let mut b = Vec::with_capacity(outf * 2 * r);
+            for o in 0..outf {
+                b.extend_from_slice(&v[o * r..(o + 1) * r]);
+                b.extend(v0[o * r..(o + 1) * r].iter().map(|x| -x));
+            }
+            data.push((key, vec![outf, 2 * r], bytes(&b)));
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| LoraError::write(out, e))?;
+    let views: Vec<(String, TensorView)> = data
+        .iter()
+        .map(|(k, s, b)| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).expect("sizes agree"),
+            )
+        })
+        .collect();
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let weights = out.join(ADAPTER_WEIGHTS);
+    let file_bytes = safetensors::serialize(views, Some(meta)).map_err(|e| LoraError::BadFile {
+        file: weights.clone(),
+        reason: e.to_string(),
+    })?;
+    write_atomic(&weights, &file_bytes)?;
+    let json = serde_json::to_string_pretty(&json).expect("config serializes");
+    write_atomic(&out.join(ADAPTER_CONFIG), json.as_bytes())?;
+    Ok(weights)
+}
+
+/// `bytes` as a safetensors file, or the error naming `file`.
+fn parse_st<'a>(bytes: &'a [u8], file: &Path) -> Result<SafeTensors<'a>, LoraError> {
+    SafeTensors::deserialize(bytes).map_err(|e| LoraError::BadFile {
+        file: file.to_path_buf(),
+        reason: format!("not a valid safetensors file ({e}); re-download or re-save it"),
+    })
+}

@@ -13,8 +13,8 @@ mod target;
 mod tokens;
 
 pub use adapter::{
-    adapter_file_key, adapter_key, adapter_tensors, load_adapter, save_adapter, ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS, PEFT_PREFIX,
+    adapter_file_key, adapter_key, adapter_tensors, convert_to_lora, load_adapter, save_adapter,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX,
 };
 pub use config::{InitLoraWeights, LayerSelector, LoraConfig, ModuleSelector, TokenIndices};
 pub use error::LoraError;
