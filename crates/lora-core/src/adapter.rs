@@ -378,6 +378,7 @@ fn to_f32(v: &TensorView) -> Option<Vec<f32>> {
     })
 }
 
+#[cfg(feature = "decompositions")]
 /// PEFT's `save_pretrained(out, path_initial_model_for_weight_conversion=initial)` on files: the
 /// adapter in `trained` (trained from a PiSSA / OLoRA init, so it applies to the residual base
 /// that init left) is rewritten into `out` as a plain LoRA of rank `2r` that applies to the
@@ -487,6 +488,7 @@ pub fn convert_to_lora(trained: &Path, initial: &Path, out: &Path) -> Result<Pat
 }
 
 /// `bytes` as a safetensors file, or the error naming `file`.
+#[cfg(feature = "decompositions")]
 fn parse_st<'a>(bytes: &'a [u8], file: &Path) -> Result<SafeTensors<'a>, LoraError> {
     SafeTensors::deserialize(bytes).map_err(|e| LoraError::BadFile {
         file: file.to_path_buf(),

@@ -5,6 +5,7 @@ mod adapter;
 mod config;
 mod dropout;
 mod error;
+#[cfg(feature = "decompositions")]
 pub mod init;
 mod linear;
 mod modules;
@@ -12,9 +13,11 @@ mod params;
 mod target;
 mod tokens;
 
+#[cfg(feature = "decompositions")]
+pub use adapter::convert_to_lora;
 pub use adapter::{
-    adapter_file_key, adapter_key, adapter_tensors, convert_to_lora, load_adapter, save_adapter,
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX,
+    adapter_file_key, adapter_key, adapter_tensors, load_adapter, save_adapter, ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS, PEFT_PREFIX,
 };
 pub use config::{InitLoraWeights, LayerSelector, LoraConfig, ModuleSelector, TokenIndices};
 pub use error::LoraError;

@@ -65,6 +65,52 @@ pub struct LoraLinear<B: Backend> {
     pub merged_norm: Option<Vec<f32>>,
 }
 
+/// The factors and residual of the init `name` ("pissa", "pissa_niter_N", "olora") of the weight
+/// `values` `[out, in]` at rank `r`.
+#[cfg(feature = "decompositions")]
+fn decompose(
+    name: &str,
+    values: &[f32],
+    [out, inp]: [usize; 2],
+    r: usize,
+    scaling: f64,
+) -> Result<crate::init::Decomposed, LoraError> {
+    Ok(if name == "olora" {
+        crate::init::olora(values, out, inp, r, scaling)
+    } else {
+        let niter = name
+            .strip_prefix("pissa_niter_")
+            .and_then(|n| n.parse().ok());
+        crate::init::pissa(values, out, inp, r, scaling, niter)
+    })
+}
+
+/// Without SVD and QR in the build: refused.
+#[cfg(not(feature = "decompositions"))]
+fn decompose(
+    name: &str,
+    _: &[f32],
+    _: [usize; 2],
+    _: usize,
+    _: f64,
+) -> Result<Decomposed, LoraError> {
+    Err(LoraError::InvalidConfig {
+        path: None,
+        reason: format!(
+            "`init_lora_weights` {name:?} needs lora-core's `decompositions` feature (SVD / QR), \
+             which this build leaves out"
+        ),
+    })
+}
+
+/// What [`decompose`] would give, in a build without it.
+#[cfg(not(feature = "decompositions"))]
+struct Decomposed {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    residual: Vec<f32>,
+}
+
 /// A base weight in bitsandbytes' 4-bit layout (`kernels::quant`), and the dtype products run in
 /// (`bnb_4bit_compute_dtype`).
 #[derive(Debug)]
@@ -167,8 +213,8 @@ impl<B: Backend> LoraLinear<B> {
         let InitLoraWeights::Named(name) = init else {
             return Ok(());
         };
-        let niter = name.strip_prefix("pissa_niter_");
-        if name != "pissa" && name != "olora" && niter.is_none() {
+        let is_init = name.starts_with("pissa_niter_");
+        if name != "pissa" && name != "olora" && !is_init {
             return Ok(());
         }
         let Some((a, _)) = self.active_adapter() else {
@@ -207,12 +253,7 @@ impl<B: Backend> LoraLinear<B> {
                 path: None,
                 reason: format!("reading the base weight of `{module}`: {e:?}"),
             })?;
-        let d = if name == "olora" {
-            crate::init::olora(&values, out, inp, r, self.scaling)
-        } else {
-            let niter = niter.and_then(|n| n.parse().ok());
-            crate::init::pissa(&values, out, inp, r, self.scaling, niter)
-        };
+        let d = decompose(name, &values, [out, inp], r, self.scaling)?;
         self.set_adapter_tensor("lora_A.weight", d.a);
         self.set_adapter_tensor("lora_B.weight", d.b);
         let residual = Tensor::<B, 2>::from_data(
