@@ -6,7 +6,8 @@
 #
 #   python3 -m venv .venv && .venv/bin/pip install torch transformers peft
 #   cargo build --release -p xtask
-#   ROUNDS=2 bash scripts/cpu_side_by_side.sh      (CHECKPOINTING=1 adds the checkpointed random runs)
+#   ROUNDS=2 bash scripts/cpu_side_by_side.sh      (CHECKPOINTING=1 adds the checkpointed random runs;
+#                                                   DORA=1 adds DoRA random runs on both sides)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${FERROLORA_SHARED_DATA:-../shared/data}
@@ -28,6 +29,12 @@ for _ in $(seq "$ROUNDS"); do
     if [ -n "${CHECKPOINTING:-}" ]; then
         run ours-random-ckpt "$X" bench-train --size mini --steps 3 --checkpointing
         run peft-random-ckpt "$PY" "$BENCH/peft_baseline.py" --size mini --steps 3 --checkpointing
+    fi
+    if [ -n "${DORA:-}" ]; then
+        run ours-random-lora "$X" bench-train --size mini --steps 3
+        run peft-random-lora "$PY" scripts/peft_bench_real.py --size mini --steps 3
+        run ours-random-dora "$X" bench-train --size mini --steps 3 --use-dora
+        run peft-random-dora "$PY" scripts/peft_bench_real.py --size mini --steps 3 --use-dora
     fi
     run ours-real "$X" bench-train --size mini --steps 5 "${REAL[@]}"
     run ours-real-padded "$X" bench-train --size mini --steps 5 --padding-free false "${REAL[@]}"

@@ -10,6 +10,8 @@ tokens/s then counts non-padding tokens, as the Rust side does.
 Pinned: torch==2.15.0 transformers==5.24.0 peft==0.21.2 (Python 3.11).
     .venv/bin/python scripts/peft_bench_real.py --size mini --steps 3 \
         --real-data ../shared/data/huanhuan/huanhuan.json --tokenizer ../shared/data/qwen2.5-tokenizer
+    # random tokens (as peft_baseline.py), LoRA or DoRA (`cargo xtask bench-train --use-dora`):
+    .venv/bin/python scripts/peft_bench_real.py --size mini --steps 3 [--use-dora]
 """
 import argparse, json, os, resource, time
 
@@ -47,6 +49,7 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--use-dora", action="store_true", help="DoRA (use_dora=True), as bench-train --use-dora")
     p.add_argument("--real-data")
     p.add_argument("--tokenizer")
     a = p.parse_args()
@@ -59,7 +62,7 @@ def main():
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(
-        task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=32, lora_dropout=0.1,
+        task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=32, lora_dropout=0.1, use_dora=a.use_dora,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
@@ -91,7 +94,8 @@ def main():
     med = times[len(times) // 2]
     tps = tokens / total if a.real_data else a.batch * a.seq / med
     print(json.dumps(dict(impl="transformers+peft", torch=torch.__version__, size=a.size, batch=a.batch,
-                          seq=a.seq, threads=a.threads, checkpointing=a.checkpointing, real_data=bool(a.real_data),
+                          seq=a.seq, threads=a.threads, checkpointing=a.checkpointing, use_dora=a.use_dora,
+                          real_data=bool(a.real_data),
                           step_s_median=round(med, 4), tokens_per_s=round(tps, 1),
                           peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                           loss=round(out.loss.item(), 4))))

@@ -402,7 +402,10 @@ fn pissa_and_olora_adapters_convert_to_plain_lora_on_the_original_base() {
         lora_core::convert_to_lora(&dir(variant), &init_dir, &out).unwrap();
         let (model, cfg, _) = load_adapter(base::<Cpu>(), &out).unwrap();
         assert_eq!((cfg.r, cfg.lora_alpha), (16, 64.0));
-        assert_eq!(cfg.init_lora_weights, lora_core::InitLoraWeights::Bool(true));
+        assert_eq!(
+            cfg.init_lora_weights,
+            lora_core::InitLoraWeights::Bool(true)
+        );
         let ids = int2(&r["input_ids"]);
         let got = floats(model.forward(ids, Some(int2(&r["attention_mask"])), None));
         let e = assert_close(
@@ -418,5 +421,8 @@ fn pissa_and_olora_adapters_convert_to_plain_lora_on_the_original_base() {
     let e = lora_core::convert_to_lora(&dir("dora"), &dir("dora"), tmp.path())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("DoRA") && e.contains("adapter_config.json"), "{e}");
+    assert!(
+        e.contains("DoRA") && e.contains("adapter_config.json"),
+        "{e}"
+    );
 }

@@ -44,6 +44,9 @@ pub struct BenchTrainArgs {
     /// QLoRA: the projections in NF4 with double-quantized scales, computed in --dtype.
     #[arg(long)]
     load_in_4bit: bool,
+    /// DoRA (PEFT's use_dora) on the same targets (`scripts/peft_bench_real.py --use-dora`).
+    #[arg(long)]
+    use_dora: bool,
     /// Real batches instead of random tokens: this Huanhuan-style file, tokenized with the `seed`
     /// template (the tutorial's process_func, max length 384), `--batch` records a step in file order,
     /// padding-free or right-padded to the longest (`--seq` is then ignored; tokens/s counts
@@ -125,7 +128,9 @@ fn run_on<Ad: AutodiffBackend>(
             compute_dtype: dtype,
         });
     }
-    let (mut model, _) = apply_lora(base, &lora_trainer::recipe::lora_config())?;
+    let mut lora = lora_trainer::recipe::lora_config();
+    lora.use_dora = a.use_dora;
+    let (mut model, _) = apply_lora(base, &lora)?;
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
         .with_weight_decay(0.01)
@@ -266,13 +271,13 @@ fn run_on<Ad: AutodiffBackend>(
     let seq = tokens / a.batch as f64;
     let attn = 3.0 * 2.0 * seq * (cfg.hidden_size as f64) * cfg.num_hidden_layers as f64;
     let flops = tokens * (4.0 * n_matmul + attn);
-    let lora = lora_trainer::recipe::lora_config();
     let plan = crate::plan::Plan::new(&crate::plan::PlanInput {
         config: &cfg,
         lora_params: crate::plan::lora_params(
             &cfg,
             lora.r,
             &lora_trainer::recipe::TUTORIAL_TARGETS.map(String::from),
+            usize::from(a.use_dora),
         ),
         weight_bytes: if dtype == DType::F32 { 4 } else { 2 },
         tokens: plan_tokens as u64,
@@ -282,7 +287,7 @@ fn run_on<Ad: AutodiffBackend>(
         "impl": format!("ferrolora-burn-{}", Ad::name(dev)), "size": a.size, "batch": a.batch, "seq": a.seq,
         "dtype": a.dtype, "device": a.device, "flops_per_step": flops,
         "tflops_per_s": (flops / med / 1e12 * 1000.0).round() / 1000.0,
-        "threads": rayon_threads(), "checkpointing": a.checkpointing,
+        "threads": rayon_threads(), "checkpointing": a.checkpointing, "use_dora": a.use_dora,
         "step_s_median": (med * 1e4).round() / 1e4,
         "tokens_per_s": (tokens_per_s * 10.0).round() / 10.0,
         "real_data": a.real_data.is_some(),

@@ -161,7 +161,16 @@ fn export_model(
         &a.output,
         &dev,
     )
-    .with_context(|| format!("writing --output {}", a.output.display()))
+    .map_err(|e| naming_output(e, &a.output))
+}
+
+/// The library's error, naming `--output` unless it already names the file (a `Write` error
+/// reads `cannot write FILE: ...`), so that a refusal is one line.
+fn naming_output(e: qwen2::Qwen2Error, output: &Path) -> anyhow::Error {
+    match e {
+        e @ qwen2::Qwen2Error::Write { .. } => e.into(),
+        e => anyhow::Error::from(e).context(format!("writing --output {}", output.display())),
+    }
 }
 
 /// A model built lazily from `cfg` (no base weight is read or allocated) with the adapter in
@@ -179,6 +188,35 @@ fn lazy_with_adapter(
             dir.display()
         )
     })?;
+    // PiSSA/OLoRA factors apply to the base minus its initial principal part, which loading
+    // recomputes from the base weights; this model has none (it is lazy), so both exports would
+    // put the factors on the unchanged base.
+    if let lora_core::InitLoraWeights::Named(init) = &lora.init_lora_weights {
+        if init == "pissa" || init == "olora" || init.starts_with("pissa_niter_") {
+            bail!(
+                "--adapter {}: init_lora_weights {init:?} adapters apply to the residual of the \
+                 base weights, which export does not compute; write the merged model with `cargo \
+                 xtask merge` and export that directory (without --adapter)",
+                adapter.display()
+            );
+        }
+    }
+    // Modules trained in full and trained token rows replace base tensors outright; the streamed
+    // export reads those from the base checkpoint, and llama.cpp's adapter format has no place
+    // for them.
+    let saved = lora.modules_to_save.as_ref().filter(|m| !m.is_empty());
+    let tokens = lora
+        .extra
+        .get("trainable_token_indices")
+        .filter(|v| !v.is_null());
+    if saved.is_some() || tokens.is_some() {
+        bail!(
+            "--adapter {}: modules_to_save / trainable_token_indices replace whole base tensors, \
+             which export does not carry; write the merged model with `cargo xtask merge` and \
+             export that directory (without --adapter)",
+            adapter.display()
+        );
+    }
     Ok((model, lora))
 }
 
@@ -200,5 +238,5 @@ fn export_lora(
         .map(|n| format!("{name}-{}", n.to_string_lossy()))
         .unwrap_or_else(|| name.to_string());
     qwen2::export_gguf_lora(&mut model, &adapter_name, lora.lora_alpha, dtype, output)
-        .with_context(|| format!("writing --output {}", output.display()))
+        .map_err(|e| naming_output(e, output))
 }

@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::DType;
-use lora_core::{apply_lora, load_adapter, LoraConfig, ModuleSelector};
+use lora_core::{apply_lora, load_adapter, InitLoraWeights, LoraConfig, ModuleSelector};
 use lora_data::Example;
 use lora_trainer::{train, SchedulerType, TrainEvent, TrainingArguments};
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,13 @@ pub struct FinetuneOptions {
     pub target_modules: Vec<String>,
     /// rsLoRA scaling.
     pub use_rslora: bool,
+    /// DoRA (PEFT's `use_dora`): a trained magnitude per output row.
+    pub use_dora: bool,
+    /// PEFT's `lora_bias`: a trained bias on every `lora_B`.
+    pub lora_bias: bool,
+    /// PEFT's `init_lora_weights`: `true`, `false`, `"gaussian"`, `"pissa"`, `"pissa_niter_N"` or
+    /// `"olora"`.
+    pub init_lora_weights: InitLoraWeights,
     /// Start from this PEFT adapter instead of a fresh one.
     pub init_adapter: Option<PathBuf>,
     /// Evaluation data (same formats as `data`).
@@ -112,6 +119,9 @@ impl Default for FinetuneOptions {
                 .map(String::from)
                 .to_vec(),
             use_rslora: false,
+            use_dora: false,
+            lora_bias: false,
+            init_lora_weights: InitLoraWeights::Bool(true),
             init_adapter: None,
             eval_data: None,
             eval_split: None,
@@ -190,6 +200,18 @@ struct OptionFlags {
     /// rsLoRA scaling, alpha / sqrt(r) (the bare flag means true).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     use_rslora: Option<bool>,
+    /// DoRA (PEFT's use_dora): the update's direction and a trained magnitude per output row
+    /// (the bare flag means true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    use_dora: Option<bool>,
+    /// PEFT's lora_bias: a trained bias on every lora_B (needs --weight-decay 0; a merge needs a
+    /// base bias on every target) (the bare flag means true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    lora_bias: Option<bool>,
+    /// true | false | gaussian | pissa | pissa_niter_N | olora (PEFT's init_lora_weights; pissa
+    /// and olora take the adapter out of the base weight's SVD / QR) [default: true]
+    #[arg(long, value_parser = init_lora_weights, value_name = "INIT")]
+    init_lora_weights: Option<InitLoraWeights>,
     /// Start from this PEFT adapter directory instead of a fresh adapter.
     #[arg(long)]
     init_adapter: Option<PathBuf>,
@@ -336,6 +358,16 @@ fn finite(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `--init-lora-weights`: `true` / `false` as booleans, any other word as a name (checked by
+/// `LoraConfig::validate`, so that a bad one gets lora-core's message).
+fn init_lora_weights(s: &str) -> Result<InitLoraWeights, String> {
+    Ok(match s {
+        "true" => InitLoraWeights::Bool(true),
+        "false" => InitLoraWeights::Bool(false),
+        name => InitLoraWeights::Named(name.into()),
+    })
+}
+
 /// A flag's value spelled as in a config file (serde's names: `--lr-scheduler-type cosine`).
 fn serde_name<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
     serde_json::from_value(Value::String(s.into())).map_err(|e| e.to_string())
@@ -409,14 +441,35 @@ impl FinetuneOptions {
         } else {
             ModuleSelector::List(self.target_modules.clone())
         };
-        LoraConfig {
+        // A config file's `init_lora_weights = "true"` is the boolean, as the flag's.
+        let init_lora_weights = match &self.init_lora_weights {
+            InitLoraWeights::Named(n) => init_lora_weights(n).expect("infallible"),
+            b => b.clone(),
+        };
+        let mut cfg = LoraConfig {
             r: self.lora_r,
             lora_alpha: self.lora_alpha,
             lora_dropout: self.lora_dropout,
             target_modules: Some(targets),
             use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
+            init_lora_weights,
             base_model_name_or_path: self.model.as_ref().map(|p| p.display().to_string()),
             ..lora_trainer::recipe::lora_config()
+        };
+        // Only when on: a config without the field is what PEFT before 0.14 (the tutorial's
+        // 0.11.1) can read.
+        if self.lora_bias {
+            cfg.set_lora_bias(true);
+        }
+        cfg
+    }
+
+    /// `--init-lora-weights` as given (`true`, `pissa`, ...).
+    fn init_name(&self) -> String {
+        match &self.init_lora_weights {
+            InitLoraWeights::Bool(b) => b.to_string(),
+            InitLoraWeights::Named(n) => n.clone(),
         }
     }
 }
@@ -441,6 +494,28 @@ impl FinetuneOptions {
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             bail!("--lora-dropout {}: must be in [0, 1)", self.lora_dropout);
+        }
+        // lora-core's own checks and wording (a bad --init-lora-weights, --use-dora with
+        // --lora-bias, ...), ahead of loading anything.
+        self.lora_config().validate()?;
+        if self.lora_bias && self.training.weight_decay > 0.0 && self.init_adapter.is_none() {
+            // The trainer refuses it too, but only after the model has loaded.
+            bail!(
+                "--weight-decay {} with --lora-bias: transformers exempts the lora_B biases from \
+                 weight decay and this trainer does not yet; pass --weight-decay 0 or drop \
+                 --lora-bias",
+                self.training.weight_decay
+            );
+        }
+        let decomposes = matches!(&self.init_lora_weights, InitLoraWeights::Named(n)
+            if n == "pissa" || n == "olora" || n.starts_with("pissa_niter_"));
+        if decomposes && self.load_in_4bit && self.init_adapter.is_none() {
+            bail!(
+                "--init-lora-weights {} with --load-in-4bit: PiSSA and OLoRA take the adapter out \
+                 of the full-precision base weight; initialize on the full-precision model (as \
+                 PEFT asks for PiSSA), or use --init-lora-weights true",
+                self.init_name()
+            );
         }
         if let Some(r) = self.eval_split {
             if !(r > 0.0 && r < 1.0) {
@@ -785,7 +860,9 @@ fn check_memory(
 ) -> anyhow::Result<()> {
     let lengths: Vec<usize> = train.iter().map(|e| e.input_ids.len()).collect();
     let padding_free = o.padding_free.unwrap_or(o.device == "cpu");
-    let lora = crate::plan::lora_params(config, o.lora_r, &o.target_modules);
+    // DoRA's magnitude and lora_bias's bias: one `out_features` vector each per module.
+    let vectors = usize::from(o.use_dora) + usize::from(o.lora_bias);
+    let lora = crate::plan::lora_params(config, o.lora_r, &o.target_modules, vectors);
     let q4 = o.load4bit()?;
     let plan_for = |batch: usize, lengths: &[usize], checkpointing: bool| {
         let mut plan = crate::plan::Plan::new(&crate::plan::PlanInput {
@@ -975,6 +1052,16 @@ fn init_adapter_overrides(saved: &LoraConfig, o: &FinetuneOptions) -> Vec<String
     if saved.use_rslora != o.use_rslora {
         ignored.push(format!("--use-rslora {}", o.use_rslora));
     }
+    if saved.use_dora != o.use_dora {
+        ignored.push(format!("--use-dora {}", o.use_dora));
+    }
+    if saved.lora_bias() != o.lora_bias {
+        ignored.push(format!("--lora-bias {}", o.lora_bias));
+    }
+    let init = o.lora_config().init_lora_weights;
+    if init != InitLoraWeights::Bool(true) && saved.init_lora_weights != init {
+        ignored.push(format!("--init-lora-weights {}", o.init_name()));
+    }
     ignored
 }
 
@@ -1134,6 +1221,9 @@ mod tests {
             "--lora-dropout=0.2",
             "--target-modules=all-linear",
             "--use-rslora",
+            "--use-dora",
+            "--lora-bias",
+            "--init-lora-weights=pissa_niter_4",
             "--init-adapter=a",
             "--eval-data=e",
             "--eval-split=0.1",
@@ -1188,6 +1278,9 @@ mod tests {
             lora_dropout: 0.2,
             target_modules: vec!["all-linear".into()],
             use_rslora: true,
+            use_dora: true,
+            lora_bias: true,
+            init_lora_weights: InitLoraWeights::Named("pissa_niter_4".into()),
             init_adapter: Some("a".into()),
             eval_data: Some("e".into()),
             eval_split: Some(0.1),
@@ -1245,6 +1338,11 @@ mod tests {
         assert_eq!(
             (o.padding_free, o.training.output_dir),
             (Some(true), "o".into())
+        );
+        let o = resolve(&["--use-dora", "false", "--init-lora-weights", "false"]).unwrap();
+        assert_eq!(
+            (o.use_dora, o.lora_config().init_lora_weights),
+            (false, InitLoraWeights::Bool(false))
         );
     }
 
@@ -1307,6 +1405,23 @@ mod tests {
             (&["--eval-split", "0"], "--eval-split 0"),
             (&["--template", "chatml"], "--template"),
             (&["--bf16"], "--bf16 on --device cpu"),
+            (
+                &["--init-lora-weights", "pisa"],
+                "`init_lora_weights` \"pisa\"",
+            ),
+            (
+                &["--init-lora-weights", "pissa_niter_x"],
+                "`init_lora_weights` \"pissa_niter_x\"",
+            ),
+            (&["--use-dora", "--lora-bias"], "not supported with DoRA"),
+            (
+                &["--lora-bias", "--weight-decay", "0.01"],
+                "--weight-decay 0.01 with --lora-bias",
+            ),
+            (
+                &["--init-lora-weights", "olora", "--load-in-4bit"],
+                "--init-lora-weights olora with --load-in-4bit",
+            ),
         ] {
             let err = format!("{:#}", resolve(argv).unwrap().validate().unwrap_err());
             assert!(err.contains(needle), "{argv:?}: {err}");
@@ -1315,6 +1430,59 @@ mod tests {
         assert_eq!((o.validate().is_ok(), o.dtype()), (true, DType::F32));
         let o = resolve(&["--device", "cuda"]).unwrap();
         assert_eq!(o.dtype(), DType::BF16);
+        for argv in [
+            &["--use-dora"][..],
+            &["--lora-bias"],
+            &["--init-lora-weights", "gaussian"],
+            &["--init-lora-weights", "pissa_niter_16"],
+        ] {
+            let o = resolve(argv).unwrap();
+            o.validate().unwrap_or_else(|e| panic!("{argv:?}: {e:#}"));
+        }
+    }
+
+    /// The variants' options reach the adapter's config, from flags and from a config file (whose
+    /// `init_lora_weights` may be a boolean or a name, as in `adapter_config.json`); lora_bias is
+    /// written only when on, so that PEFT before 0.14 reads a plain adapter's config.
+    #[test]
+    fn variant_options_reach_the_lora_config() {
+        let cfg = resolve(&["--use-dora", "--init-lora-weights", "olora"])
+            .unwrap()
+            .lora_config();
+        assert!(cfg.use_dora && !cfg.lora_bias());
+        assert_eq!(
+            cfg.init_lora_weights,
+            InitLoraWeights::Named("olora".into())
+        );
+        let cfg = resolve(&[]).unwrap().lora_config();
+        assert!(!cfg.use_dora && !cfg.extra.contains_key("lora_bias"));
+        assert_eq!(cfg.init_lora_weights, InitLoraWeights::Bool(true));
+        let dir = tempfile::tempdir().unwrap();
+        for (text, bias, want) in [
+            (
+                "init_lora_weights = false\nlora_bias = true\n",
+                true,
+                InitLoraWeights::Bool(false),
+            ),
+            (
+                "init_lora_weights = \"false\"\n",
+                false,
+                InitLoraWeights::Bool(false),
+            ),
+            (
+                "init_lora_weights = \"pissa\"\n",
+                false,
+                InitLoraWeights::Named("pissa".into()),
+            ),
+        ] {
+            let o = resolve(&["--config", &file(&dir, "v.toml", text)]).unwrap();
+            let cfg = o.lora_config();
+            assert_eq!(
+                (cfg.lora_bias(), cfg.init_lora_weights),
+                (bias, want),
+                "{text}"
+            );
+        }
     }
 
     #[test]

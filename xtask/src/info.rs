@@ -94,8 +94,24 @@ fn adapter(arg: &std::path::Path) -> anyhow::Result<()> {
     let cfg: serde_json::Value =
         serde_json::from_str(&cfg).with_context(|| format!("{}: not JSON", cfg_path.display()))?;
     outln!("adapter dir: {}", dir.display());
+    // The variants, when on (PEFT's names and values): use_rslora true, use_dora true, lora_bias
+    // true, init_lora_weights "pissa".
+    let variants: String = [
+        ("use_rslora", serde_json::json!(true)),
+        ("use_dora", serde_json::json!(true)),
+        ("lora_bias", serde_json::json!(true)),
+    ]
+    .into_iter()
+    .filter(|(k, on)| cfg[*k] == *on)
+    .map(|(k, on)| format!(" {k} {on}"))
+    .chain(
+        Some(&cfg["init_lora_weights"])
+            .filter(|v| !v.is_null() && **v != serde_json::json!(true))
+            .map(|v| format!(" init_lora_weights {v}")),
+    )
+    .collect();
     outln!(
-        "r {} alpha {} dropout {} targets {} base {}",
+        "r {} alpha {} dropout {} targets {} base {}{variants}",
         cfg["r"],
         cfg["lora_alpha"],
         cfg["lora_dropout"],

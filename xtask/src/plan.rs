@@ -114,13 +114,15 @@ pub fn projections(c: &Qwen2Config) -> [(&'static str, usize, usize); 7] {
     ]
 }
 
-/// Trainable parameters of rank-`r` LoRA on the named projections of every layer.
-pub fn lora_params(c: &Qwen2Config, r: usize, targets: &[String]) -> u64 {
+/// Trainable parameters of rank-`r` LoRA on the named projections of every layer, with `vectors`
+/// more of length `out_features` on each targeted module: 1 for DoRA's `lora_magnitude_vector`,
+/// 1 for `lora_bias`'s `lora_B.bias` (what `apply_lora` reports, and PEFT).
+pub fn lora_params(c: &Qwen2Config, r: usize, targets: &[String], vectors: usize) -> u64 {
     let all_linear = targets.iter().any(|t| t == "all-linear");
     let per_layer: usize = projections(c)
         .iter()
         .filter(|(name, _, _)| all_linear || targets.iter().any(|t| t == name))
-        .map(|&(_, fan_in, fan_out)| r * (fan_in + fan_out))
+        .map(|&(_, fan_in, fan_out)| r * (fan_in + fan_out) + vectors * fan_out)
         .sum();
     (per_layer * c.num_hidden_layers) as u64
 }
@@ -175,6 +177,7 @@ mod tests {
                 &c,
                 8,
                 &lora_trainer::recipe::TUTORIAL_TARGETS.map(String::from),
+                0,
             ),
             weight_bytes: 4,
             tokens,
@@ -190,6 +193,32 @@ mod tests {
         assert!((p.activations - 2.0 * half.activations).abs() < 1.0);
         assert_eq!(p.weights, half.weights);
         assert!(Plan::new(&input(1536, true)).activations > p.activations);
+    }
+
+    /// The trainable parameters of the tutorial's adapter on Qwen2.5-7B-Instruct's config: what
+    /// `apply_lora` reports and PEFT prints (`tests/lora_variants.rs` checks those two), plain and
+    /// with DoRA or lora_bias (one `out_features` vector per module).
+    #[test]
+    fn lora_params_equal_peft_s_count_on_the_7b_config() {
+        let c = Qwen2Config::new(152_064, 3584, 18_944, 28, 28, 4, false);
+        let targets = lora_trainer::recipe::TUTORIAL_TARGETS.map(String::from);
+        for (fixture, vectors) in [
+            ("peft-tiny-untied", 0),
+            ("peft-dora", 1),
+            ("peft-lora-bias", 1),
+        ] {
+            let peft: serde_json::Value = test_support::read_json(
+                &test_support::fixtures()
+                    .join(fixture)
+                    .join("peft_reference.json"),
+            );
+            let want = peft["qwen2.5-7b-tutorial"]["trainable"].as_u64().unwrap();
+            assert_eq!(lora_params(&c, 8, &targets, vectors), want, "{fixture}");
+            let all = ["all-linear".to_string()];
+            assert_eq!(lora_params(&c, 8, &all, vectors), want, "{fixture}");
+        }
+        assert_eq!(lora_params(&c, 8, &targets, 0), 20_185_088);
+        assert_eq!(lora_params(&c, 8, &targets, 1), 21_575_680);
     }
 
     #[test]

@@ -102,18 +102,19 @@ fn every_bad_input_gets_a_clear_error() {
     );
     let empty = write("empty.json", "[]");
 
-    // Adapters: one for another base (the PEFT fixture: hidden 64, ours 128), one using DoRA.
+    // Adapters: one for another base (the PEFT fixture: hidden 64, ours 128), one using a PEFT
+    // feature this project does not implement (GPT-2's Conv1D layout).
     let peft = fixtures().join("peft-tiny-untied");
     let other_base = peft.to_str().unwrap().to_string();
-    let dora = t("dora");
-    copy_dir_files(&peft, &dora);
-    let c = std::fs::read_to_string(dora.join("adapter_config.json")).unwrap();
+    let unsupported = t("fan-in-fan-out");
+    copy_dir_files(&peft, &unsupported);
+    let c = std::fs::read_to_string(unsupported.join("adapter_config.json")).unwrap();
     std::fs::write(
-        dora.join("adapter_config.json"),
-        c.replace("\"use_dora\": false", "\"use_dora\": true"),
+        unsupported.join("adapter_config.json"),
+        c.replace("\"fan_in_fan_out\": false", "\"fan_in_fan_out\": true"),
     )
     .unwrap();
-    let dora = dora.to_str().unwrap().to_string();
+    let unsupported = unsupported.to_str().unwrap().to_string();
     std::fs::write(t("a_file"), "x").unwrap();
     let not_writable = t("a_file/out").to_str().unwrap().to_string();
 
@@ -219,8 +220,8 @@ fn every_bad_input_gets_a_clear_error() {
         ),
         (
             "unsupported PEFT feature",
-            run(&["--init-adapter", &dora], m, d),
-            "use_dora",
+            run(&["--init-adapter", &unsupported], m, d),
+            "fan_in_fan_out = true",
         ),
         (
             "output dir not writable",

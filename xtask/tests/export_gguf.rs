@@ -534,3 +534,111 @@ fn bf16_export_equals_merge_s_bf16_output() {
     }
     assert_eq!(compared, 1 + 2 * 7 + 1);
 }
+
+/// LoRA's variants: the merged GGUF of a `lora_bias` adapter holds merge_all's biases (and
+/// weights), bit for bit in f32, and so does a DoRA adapter's; llama.cpp's LoRA format cannot hold
+/// DoRA magnitudes or lora_B biases, so `--format gguf-lora` refuses both in one line that names
+/// them and says to export the merged model; a PiSSA/OLoRA adapter (whose factors apply to the
+/// base's residual) and one with modules_to_save (whole tensors the streamed export would take
+/// from the base) are refused by both formats, pointing to `cargo xtask merge`.
+#[test]
+fn variant_adapters_merge_into_gguf_and_are_refused_as_gguf_lora() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("tiny-untied-f32-sharded");
+    let ckpt = CheckpointReader::open::<Flex>(&base, &Default::default()).unwrap();
+    for variant in ["peft-lora-bias", "peft-dora"] {
+        let adapter = fixtures().join(variant);
+        let merged = merged_params(&base, &adapter);
+        let path = tmp.path().join(format!("{variant}.gguf"));
+        export(&base, Some(&adapter), GgufDtype::F32, &path);
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.tensors.len(), merged.len(), "{variant}");
+        let mut changed_biases = 0;
+        for (key, shape, values) in &merged {
+            let t = f
+                .tensor(&qwen2::gguf_tensor_name(key).unwrap())
+                .unwrap_or_else(|| panic!("{variant}: {key} missing"));
+            assert_eq!(&t.shape, shape, "{variant}: {key}");
+            let mut want = Vec::new();
+            gguf::quant::encode(GgmlType::F32, values, &mut want);
+            assert!(
+                f.tensor_bytes(t) == want.as_slice(),
+                "{variant}: {key} differs from merge_all's"
+            );
+            if key.ends_with(".bias") && ckpt.read_f32(key).unwrap() != *values {
+                changed_biases += 1;
+            }
+        }
+        // The fixture's lora_bias adapter targets q, k and v of both layers; DoRA leaves biases.
+        let want_changed = if variant == "peft-lora-bias" { 6 } else { 0 };
+        assert_eq!(changed_biases, want_changed, "{variant}");
+
+        let out = tmp.path().join(format!("{variant}-lora.gguf"));
+        let (status, stdout, stderr) = run(
+            XTASK,
+            [
+                "export",
+                "--model",
+                s(&base),
+                "--adapter",
+                s(&adapter),
+                "--format",
+                "gguf-lora",
+                "--output",
+                s(&out),
+            ],
+        );
+        assert_eq!(status.code(), Some(1), "{variant}: {stdout}\n{stderr}");
+        let what = if variant == "peft-dora" {
+            "DoRA magnitudes (use_dora)"
+        } else {
+            "lora_B biases (lora_bias)"
+        };
+        assert!(
+            stderr.trim().lines().count() == 1
+                && stderr.contains(what)
+                && stderr.contains("export the merged model instead"),
+            "{variant}: {stderr}"
+        );
+        assert!(!out.exists(), "{variant}: left {}", out.display());
+    }
+
+    let small = small_model(&tmp.path().join("small"));
+    for (format, fixture, needle) in [
+        ("gguf", "peft-pissa", "init_lora_weights \"pissa\""),
+        ("gguf-lora", "peft-pissa", "init_lora_weights \"pissa\""),
+        ("gguf", "peft-modules-to-save", "modules_to_save"),
+        ("gguf-lora", "peft-modules-to-save", "modules_to_save"),
+    ] {
+        let adapter = fixtures().join(fixture);
+        let out = tmp.path().join(format!("{fixture}-{format}.gguf"));
+        let (status, stdout, stderr) = run(
+            XTASK,
+            [
+                "export",
+                "--model",
+                s(&base),
+                "--tokenizer",
+                s(&small),
+                "--adapter",
+                s(&adapter),
+                "--format",
+                format,
+                "--output",
+                s(&out),
+            ],
+        );
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "{fixture} {format}: {stdout}\n{stderr}"
+        );
+        assert!(
+            stderr.trim().lines().count() == 1
+                && stderr.contains(needle)
+                && stderr.contains("cargo xtask merge"),
+            "{fixture} {format}: {stderr}"
+        );
+        assert!(!out.exists(), "{fixture} {format}: left {}", out.display());
+    }
+}

@@ -462,3 +462,84 @@ fn useless_options_are_refused_or_reported() {
         "{stderr}"
     );
 }
+
+/// PEFT's LoRA variants by their PEFT names: `--use-dora`, `--lora-bias` and
+/// `--init-lora-weights olora` train and write PEFT's config fields and tensor keys; impossible
+/// combinations and a misspelt init are refused in one line before any work, never by a panic.
+#[test]
+fn lora_variants_train_and_write_peft_s_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data, _) = demo(tmp.path());
+    for (name, flags, field, want, key) in [
+        (
+            "dora",
+            &["--use-dora"][..],
+            "use_dora",
+            serde_json::json!(true),
+            "lora_magnitude_vector",
+        ),
+        (
+            "bias",
+            &["--lora-bias"][..],
+            "lora_bias",
+            serde_json::json!(true),
+            "lora_B.bias",
+        ),
+        (
+            "olora",
+            &["--init-lora-weights", "olora"][..],
+            "init_lora_weights",
+            serde_json::json!("olora"),
+            "lora_A.weight",
+        ),
+    ] {
+        let out = tmp.path().join(name);
+        let args = finetune_args(
+            &model,
+            &data,
+            &out,
+            &[&["--max-steps", "2"][..], flags].concat(),
+        );
+        let (stdout, _) = run_ok(XTASK, &args);
+        assert!(stdout.contains("done: 2 steps"), "{name}: {stdout}");
+        let cfg: serde_json::Value = test_support::read_json(&out.join("adapter_config.json"));
+        assert_eq!(cfg[field], want, "{name}: {cfg}");
+        let st = test_support::read_safetensors(&out.join("adapter_model.safetensors"));
+        // Two layers, seven projections each.
+        let n = st.keys().filter(|k| k.ends_with(key)).count();
+        assert_eq!(n, 14, "{name}: {key}: {:?}", st.keys().collect::<Vec<_>>());
+        let (info, _) = run_ok(XTASK, ["info", "--adapter", s(&out)]);
+        assert!(info.contains(&format!(" {field} {want}")), "{name}: {info}");
+    }
+
+    let out = tmp.path().join("refused");
+    for (extra, needle) in [
+        (
+            &["--init-lora-weights", "pisa"][..],
+            "`init_lora_weights` \"pisa\" is not supported",
+        ),
+        (
+            &["--use-dora", "--lora-bias"][..],
+            "`lora_bias` = true is not supported with DoRA",
+        ),
+        (
+            &["--lora-bias", "--weight-decay", "0.01"][..],
+            "--weight-decay 0.01 with --lora-bias",
+        ),
+    ] {
+        let args = finetune_args(
+            &model,
+            &data,
+            &out,
+            &[&["--max-steps", "1"][..], extra].concat(),
+        );
+        let (status, stdout, stderr) = run(XTASK, &args);
+        assert_eq!(status.code(), Some(1), "{extra:?}:\n{stdout}\n{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{extra:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(needle),
+            "{extra:?}: lacks {needle:?}:\n{stderr}"
+        );
+        assert!(!out.exists(), "{extra:?}: wrote {}", out.display());
+    }
+}

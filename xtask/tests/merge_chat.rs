@@ -203,31 +203,48 @@ fn merge_and_chat_refuse_bad_input_with_clear_errors() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(!out.join("config.json").exists(), "nothing written");
 
-    // PEFT features that change the math are named.
-    let dora = tmp.path().join("dora");
-    std::fs::create_dir_all(&dora).unwrap();
-    std::fs::copy(
-        adapter.join("adapter_model.safetensors"),
-        dora.join("adapter_model.safetensors"),
-    )
-    .unwrap();
-    let mut cfg: serde_json::Value = read_json(&adapter.join("adapter_config.json"));
-    cfg["use_dora"] = true.into();
-    std::fs::write(dora.join("adapter_config.json"), cfg.to_string()).unwrap();
+    // PEFT features that change the math and are not implemented are named; a DoRA config whose
+    // file lacks the magnitudes names the missing tensor.
     let base = fixtures().join("tiny-untied-f32-sharded");
-    let (status, _, err) = run(
-        XTASK,
-        &[
-            "merge",
-            "--model",
-            s(&base),
-            "--adapter",
-            s(&dora),
-            "--output",
-            s(&out),
-        ],
-    );
-    assert!(!status.success() && err.contains("use_dora"), "{err}");
+    for (name, key, value, needle) in [
+        (
+            "fan-in-fan-out",
+            "fan_in_fan_out",
+            serde_json::json!(true),
+            "fan_in_fan_out = true",
+        ),
+        (
+            "dora",
+            "use_dora",
+            serde_json::json!(true),
+            "lora_magnitude_vector",
+        ),
+    ] {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(
+            adapter.join("adapter_model.safetensors"),
+            dir.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut cfg: serde_json::Value = read_json(&adapter.join("adapter_config.json"));
+        cfg[key] = value;
+        std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+        let (status, _, err) = run(
+            XTASK,
+            &[
+                "merge",
+                "--model",
+                s(&base),
+                "--adapter",
+                s(&dir),
+                "--output",
+                s(&out),
+            ],
+        );
+        assert!(!status.success() && err.contains(needle), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+    }
 
     // A used output directory is never overwritten.
     std::fs::create_dir_all(&out).unwrap();

@@ -11,7 +11,9 @@
 //!   tokenizer ([`crate::tokenizer_metadata`]).
 //!
 //! A LoRA adapter GGUF holds `<base tensor>.lora_a` (`[r, in]`) and `.lora_b` (`[out, r]`), as
-//! PEFT stores A and B; llama.cpp scales the product by `adapter.lora.alpha / r`.
+//! PEFT stores A and B; llama.cpp scales the product by `adapter.lora.alpha / r`. It has no place
+//! for DoRA's magnitudes or `lora_bias`'s biases: such adapters are refused there, and exported
+//! merged (the merged model folds both, as `merge_all` does).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -141,7 +143,8 @@ pub struct GgufExport {
 /// Writes the checkpoint `ckpt` as a GGUF model file at `path`, with the adapters attached to
 /// `adapter` (a model built lazily from the same config, then given the adapter with
 /// `lora_core::load_adapter`: its base weights are never read) merged in, by
-/// `LoraLinear::merged_weight`, the very fold `merge_all` does. Metadata: `general.*`, the
+/// `LoraLinear::merged_weight` (DoRA included) and, for `lora_bias`, `LoraLinear::merged_bias`
+/// on the base's `.bias`: the very folds `merge_all` does. Metadata: `general.*`, the
 /// hyperparameters, then `extra` (the tokenizer's). Each tensor is read from disk, merged,
 /// converted and written before the next is read, so the memory held is one tensor (and the
 /// adapter), never the model.
@@ -166,13 +169,30 @@ pub fn export_gguf<B: Backend>(
             ty: dtype.tensor_type(shape),
         });
     }
-    // Weight key → its layer with the adapter attached (base weight lazy: never materialized).
+    // Weight key (and, with lora_bias, bias key) → its layer with the adapter attached (base
+    // weight lazy: never materialized).
     let mut linears: HashMap<String, (String, &LoraLinear<B>)> = HashMap::new();
     if let Some(model) = adapter {
         for (module, linear) in model.lora_linears() {
-            if linear.has_adapter() {
-                linears.insert(format!("{module}.weight"), (module, &*linear));
+            let linear: &LoraLinear<B> = linear;
+            if !linear.has_adapter() {
+                continue;
             }
+            if linear.lora_bias().is_some() {
+                let bias = format!("{module}.bias");
+                if !ckpt.params.iter().any(|(k, _)| *k == bias) {
+                    return Err(Qwen2Error::Write {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "the adapter has lora_bias = true but `{module}` has no bias in the \
+                             base model, so it cannot be merged (PEFT refuses it too); retrain \
+                             without lora_bias on that module"
+                        ),
+                    });
+                }
+                linears.insert(bias, (module.clone(), linear));
+            }
+            linears.insert(format!("{module}.weight"), (module, linear));
         }
     }
     let mut meta = vec![
@@ -194,6 +214,13 @@ pub fn export_gguf<B: Backend>(
         let Some((module, linear)) = linears.get(keys[i]) else {
             return Ok(values);
         };
+        if info.shape.len() == 1 {
+            let b = Tensor::<B, 1>::from_data(
+                TensorData::new(values, [info.shape[0]]),
+                (device, DType::F32),
+            );
+            return to_f32(linear.merged_bias(b, module).map_err(|e| e.to_string())?);
+        }
         let w = Tensor::<B, 2>::from_data(
             TensorData::new(values, [info.shape[0], info.shape[1]]),
             (device, DType::F32),
@@ -214,7 +241,8 @@ fn to_f32<B: Backend>(t: Tensor<B, 1>) -> Result<Vec<f32>, String> {
 /// Writes the LoRA adapters attached to `model` (not merged) as a GGUF LoRA adapter at `path`,
 /// which llama.cpp applies on top of the base model's GGUF (`--lora`). `alpha` is written as
 /// `adapter.lora.alpha`; llama.cpp scales each product by `alpha / r`, so a module whose scaling
-/// differs (rsLoRA, `rank_pattern`/`alpha_pattern`) gets that ratio folded into its B.
+/// differs (rsLoRA, `rank_pattern`/`alpha_pattern`) gets that ratio folded into its B. An adapter
+/// with DoRA magnitudes or `lora_B` biases is refused: the format has no tensor for them.
 pub fn export_gguf_lora<B: Backend>(
     model: &mut Qwen2ForCausalLM<B>,
     name: &str,
@@ -245,6 +273,20 @@ pub fn export_gguf_lora<B: Backend>(
             return Err(Qwen2Error::Write {
                 path: path.to_path_buf(),
                 reason: format!("the adapter of `{module}` is merged; export it unmerged"),
+            });
+        }
+        let extra = match (linear.is_dora(), linear.lora_bias().is_some()) {
+            (true, _) => Some("DoRA magnitudes (use_dora)"),
+            (_, true) => Some("lora_B biases (lora_bias)"),
+            _ => None,
+        };
+        if let Some(what) = extra {
+            return Err(Qwen2Error::Write {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "the adapter has {what}, which llama.cpp's LoRA adapter format cannot hold \
+                     (only lora_a and lora_b): export the merged model instead (--format gguf)"
+                ),
             });
         }
         let base =
