@@ -61,6 +61,10 @@ pub struct FinetuneOptions {
     /// PEFT's `init_lora_weights`: `true`, `false`, `"gaussian"`, `"pissa"`, `"pissa_niter_N"` or
     /// `"olora"`.
     pub init_lora_weights: InitLoraWeights,
+    /// PEFT's `modules_to_save`: modules trained in full (e.g. `lm_head`, `embed_tokens`).
+    pub modules_to_save: Vec<String>,
+    /// PEFT's `trainable_token_indices`: token ids whose embedding rows train.
+    pub trainable_token_indices: Vec<usize>,
     /// Start from this PEFT adapter instead of a fresh one.
     pub init_adapter: Option<PathBuf>,
     /// Evaluation data (same formats as `data`).
@@ -122,6 +126,8 @@ impl Default for FinetuneOptions {
             use_dora: false,
             lora_bias: false,
             init_lora_weights: InitLoraWeights::Bool(true),
+            modules_to_save: Vec::new(),
+            trainable_token_indices: Vec::new(),
             init_adapter: None,
             eval_data: None,
             eval_split: None,
@@ -212,6 +218,14 @@ struct OptionFlags {
     /// and olora take the adapter out of the base weight's SVD / QR) [default: true]
     #[arg(long, value_parser = init_lora_weights, value_name = "INIT")]
     init_lora_weights: Option<InitLoraWeights>,
+    /// Comma-separated modules trained in full and saved in the adapter (PEFT's modules_to_save,
+    /// e.g. lm_head,embed_tokens; a tied model has no separate lm_head)
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    modules_to_save: Option<Vec<String>>,
+    /// Comma-separated token ids whose embedding rows train (PEFT's trainable_token_indices: new
+    /// special tokens, cheaply)
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    trainable_token_indices: Option<Vec<usize>>,
     /// Start from this PEFT adapter directory instead of a fresh adapter.
     #[arg(long)]
     init_adapter: Option<PathBuf>,
@@ -461,6 +475,12 @@ impl FinetuneOptions {
         // 0.11.1) can read.
         if self.lora_bias {
             cfg.set_lora_bias(true);
+        }
+        if !self.modules_to_save.is_empty() {
+            cfg.modules_to_save = Some(self.modules_to_save.clone());
+        }
+        if !self.trainable_token_indices.is_empty() {
+            cfg.set_trainable_token_indices(Some(&self.trainable_token_indices));
         }
         cfg
     }
@@ -721,6 +741,15 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         }
     };
     outln!("{report}");
+    // PiSSA / OLoRA: the adapter applies to the residual base the init left. The init's factors
+    // are kept (PEFT's path_initial_model_for_weight_conversion) so that the end of the run can
+    // also write the adapter as a plain LoRA for the original model.
+    let initial = (o.init_adapter.is_none() && decomposing_init(&lora_cfg))
+        .then(|| o.training.output_dir.join("initial-adapter"));
+    if let Some(dir) = &initial {
+        lora_core::save_adapter(&model, &lora_cfg, dir)
+            .with_context(|| format!("saving the initial adapter to {}", dir.display()))?;
+    }
 
     // Train. Log lines go to stdout (one JSON object each); the progress bar to stderr.
     let started = Instant::now();
@@ -830,6 +859,19 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         "adapter_sha256": crate::manifest::sha256_file(&adapter_file)?,
     });
     crate::manifest::write(&outcome.adapter_dir, &manifest)?;
+    if let Some(initial) = &initial {
+        let plain = outcome.adapter_dir.join("adapter-lora");
+        lora_core::convert_to_lora(&outcome.adapter_dir, initial, &plain)
+            .context("writing the adapter as a plain LoRA")?;
+        outln!(
+            "{} adapter: it applies to the residual base the init leaves (PEFT re-runs the init when \
+             it loads it); {} holds it as a plain LoRA of rank {} for the original model (vLLM, \
+             llama.cpp, merge)",
+            o.init_name(),
+            plain.display(),
+            2 * lora_cfg.r
+        );
+    }
     outln!(
         "done: {} in {:.1?}; adapter written to {} (adapter_model.safetensors, adapter_config.json; metrics.jsonl, loss.svg)",
         steps_done(first_step, last),
@@ -837,6 +879,12 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         outcome.adapter_dir.display()
     );
     Ok(())
+}
+
+/// Whether `cfg`'s init takes the adapter out of the base weight (PiSSA, OLoRA).
+fn decomposing_init(cfg: &LoraConfig) -> bool {
+    matches!(&cfg.init_lora_weights, InitLoraWeights::Named(n)
+        if n == "pissa" || n == "olora" || n.starts_with("pissa_niter_"))
 }
 
 /// The most tokens one micro-batch of `examples` can hold: the `batch` longest records back to back
@@ -862,7 +910,16 @@ fn check_memory(
     let padding_free = o.padding_free.unwrap_or(o.device == "cpu");
     // DoRA's magnitude and lora_bias's bias: one `out_features` vector each per module.
     let vectors = usize::from(o.use_dora) + usize::from(o.lora_bias);
-    let lora = crate::plan::lora_params(config, o.lora_r, &o.target_modules, vectors);
+    // Modules to save train in full (a table of vocab × hidden each), token rows hidden each.
+    let tables = ["lm_head", "embed_tokens"];
+    let saved = o
+        .modules_to_save
+        .iter()
+        .filter(|n| tables.iter().any(|t| t.ends_with(n.as_str())))
+        .count();
+    let lora = crate::plan::lora_params(config, o.lora_r, &o.target_modules, vectors)
+        + (saved * config.vocab_size * config.hidden_size) as u64
+        + (o.trainable_token_indices.len() * config.hidden_size) as u64;
     let q4 = o.load4bit()?;
     let plan_for = |batch: usize, lengths: &[usize], checkpointing: bool| {
         let mut plan = crate::plan::Plan::new(&crate::plan::PlanInput {

@@ -543,3 +543,68 @@ fn lora_variants_train_and_write_peft_s_files() {
         assert!(!out.exists(), "{extra:?}: wrote {}", out.display());
     }
 }
+
+#[test]
+fn embeddings_train_and_pissa_olora_runs_also_write_a_plain_lora() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data, _) = demo(tmp.path());
+    for (name, flags, key) in [
+        (
+            "saved",
+            &["--modules-to-save", "embed_tokens"][..],
+            "base_model.model.model.embed_tokens.weight",
+        ),
+        (
+            "tokens",
+            &["--trainable-token-indices", "5,9"][..],
+            "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta",
+        ),
+    ] {
+        let out = tmp.path().join(name);
+        let args = finetune_args(
+            &model,
+            &data,
+            &out,
+            &[&["--max-steps", "2"][..], flags].concat(),
+        );
+        let (stdout, _) = run_ok(XTASK, &args);
+        assert!(stdout.contains("done: 2 steps"), "{name}: {stdout}");
+        let st = test_support::read_safetensors(&out.join("adapter_model.safetensors"));
+        let (_, shape, _) = st
+            .get(key)
+            .unwrap_or_else(|| panic!("{name}: no {key}: {:?}", st.keys().collect::<Vec<_>>()));
+        if name == "tokens" {
+            assert_eq!(shape[0], 2, "{name}: {shape:?}");
+        }
+    }
+
+    // OLoRA: the adapter for the residual base, the init's factors, and the plain LoRA of rank 2r.
+    let out = tmp.path().join("olora");
+    let args = finetune_args(
+        &model,
+        &data,
+        &out,
+        &[
+            "--max-steps",
+            "2",
+            "--init-lora-weights",
+            "olora",
+            "--lora-r",
+            "4",
+        ],
+    );
+    let (stdout, _) = run_ok(XTASK, &args);
+    assert!(stdout.contains("adapter-lora"), "{stdout}");
+    let plain: serde_json::Value =
+        test_support::read_json(&out.join("adapter-lora/adapter_config.json"));
+    assert_eq!(
+        (plain["r"].clone(), plain["init_lora_weights"].clone()),
+        (serde_json::json!(8), serde_json::json!(true))
+    );
+    assert!(out
+        .join("initial-adapter/adapter_model.safetensors")
+        .is_file());
+    let st = test_support::read_safetensors(&out.join("adapter-lora/adapter_model.safetensors"));
+    let (_, shape, _) = &st["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"];
+    assert_eq!(shape[0], 8);
+}
