@@ -15,6 +15,8 @@ tests/fixtures/tiny-untied-f32-sharded and writes it with our logits to DIR/<var
     lora-bias  lora_bias on the seven (o, gate, up, down have no base bias: fine unmerged)
     pissa      init_lora_weights="pissa": PEFT re-runs the SVD on the base when loading
     olora      init_lora_weights="olora": likewise with the QR
+    modules-to-save   modules_to_save=["lm_head", "embed_tokens"]: both tables trained in full
+    trainable-tokens  trainable_token_indices=[1, 5, 7, 200]: those embedding rows trained
 Step 2 loads each with PeftModel.from_pretrained on the same base (float32, eager attention) and
 compares the logits. Prints the max abs difference per variant; exits non-zero when one exceeds 1e-4.
 --no-write skips step 1 (DIR must hold a previous run's output). DIR defaults to a temporary
@@ -34,7 +36,7 @@ from safetensors.torch import load_file
 from transformers import Qwen2ForCausalLM
 
 TOL = 1e-4
-VARIANTS = ["dora", "lora-bias", "pissa", "olora"]
+VARIANTS = ["dora", "lora-bias", "pissa", "olora", "modules-to-save", "trainable-tokens"]
 BASE = "tests/fixtures/tiny-untied-f32-sharded"
 
 

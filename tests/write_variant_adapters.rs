@@ -1,4 +1,5 @@
-//! Writes, for each LoRA variant (DoRA, `lora_bias`, PiSSA, OLoRA), an adapter trained by this
+//! Writes, for each LoRA variant (DoRA, `lora_bias`, PiSSA, OLoRA, `modules_to_save`,
+//! `trainable_token_indices`), an adapter trained by this
 //! project's trainer on the tiny fixture base, and the logits our model gives with it, for
 //! `scripts/check_peft_loads_variants.py` to load in PEFT and compare. Ignored: it needs a
 //! directory to write to, given by `FERROLORA_VARIANT_ADAPTERS`:
@@ -57,6 +58,10 @@ fn config(variant: &str) -> LoraConfig {
         }
         "lora-bias" => cfg.set_lora_bias(true),
         "pissa" | "olora" => cfg.init_lora_weights = InitLoraWeights::Named(variant.into()),
+        "modules-to-save" => {
+            cfg.modules_to_save = Some(vec!["lm_head".into(), "embed_tokens".into()])
+        }
+        "trainable-tokens" => cfg.set_trainable_token_indices(Some(&[1, 5, 7, 200])),
         v => panic!("unknown variant {v}"),
     }
     cfg
@@ -98,7 +103,14 @@ fn write_variant_adapters() {
     };
     let base_dir = fixtures().join("tiny-untied-f32-sharded");
     let r = read_reference(&base_dir.join("reference.safetensors"));
-    for variant in ["dora", "lora-bias", "pissa", "olora"] {
+    for variant in [
+        "dora",
+        "lora-bias",
+        "pissa",
+        "olora",
+        "modules-to-save",
+        "trainable-tokens",
+    ] {
         let cfg = config(variant);
         Ad::seed(&Default::default(), 7);
         let base = qwen2::load_model::<Ad>(&base_dir, DType::F32, &Default::default())
