@@ -310,10 +310,16 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// `‖W + s·B·A‖` over each output row, in the adapter's dtype, detached (PEFT's
-    /// `get_weight_norm`, which DoRA treats as a constant).
+    /// `get_weight_norm`, which DoRA treats as a constant). On the host in f32, one pass over `W`
+    /// on all cores (`kernels::cpu::dora_row_norms`); elsewhere Burn ops.
     fn weight_norm(&self, a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> Tensor<B, 1> {
+        let w = self.w();
+        #[cfg(feature = "cpu-kernels")]
+        if let Some(norm) = kernels::cpu::dora_row_norms(&w, a, b, self.scaling) {
+            return norm;
+        }
         let lora_weight = b.clone().detach().matmul(a.clone().detach());
-        let w = self.w().detach();
+        let w = w.detach();
         let w = if w.dtype() == lora_weight.dtype() {
             w
         } else {

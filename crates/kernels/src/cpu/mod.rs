@@ -24,6 +24,7 @@ use burn_flex::FlexTensor;
 
 mod attention;
 mod cross_entropy;
+mod dora;
 mod dropout;
 pub mod gemm;
 mod lora_linear;
@@ -34,6 +35,7 @@ mod swiglu;
 
 pub use attention::{attention, AttentionMask};
 pub use cross_entropy::{fused_linear_cross_entropy, linear_cross_entropy};
+pub use dora::dora_row_norms;
 pub use dropout::keep_mask;
 pub use lora_linear::{lora_linear, lora_linear_4bit, lora_linear_applies, Adapter};
 pub use norm::rms_norm;
