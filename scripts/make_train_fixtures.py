@@ -27,8 +27,9 @@ gradient through the dequantized weight), the same adapter on it: qlora-losses.j
 qlora-reference.safetensors. And the same 10 steps with LoRA+ (PEFT's create_loraplus_optimizer,
 loraplus_lr_ratio 16: every lora_B at 16× the learning rate): loraplus-losses.json and
 loraplus-reference.safetensors. And the same 10 steps from the DoRA and lora_bias adapters of
-scripts/make_variant_fixtures.py (tests/fixtures/peft-dora, peft-lora-bias, peft-modules-to-save, peft-trainable-tokens):
-dora-*, lora-bias-*, modules-to-save-* and trainable-tokens-* files (the final values include every
+scripts/make_variant_fixtures.py (tests/fixtures/peft-dora, peft-lora-bias, peft-modules-to-save, peft-trainable-tokens,
+peft-pissa, peft-olora; loading the last two re-runs their init on the base):
+dora-*, lora-bias-*, modules-to-save-*, trainable-tokens-*, pissa-* and olora-* files (the final values include every
 lora_magnitude_vector, lora_B.bias, the trained lm_head and embed_tokens, and the trained token rows).
 
 With arguments, only the named runs are written (e.g. `make_train_fixtures.py dora lora-bias`).
@@ -99,7 +100,7 @@ def main():
         run(data, base, "qlora-")
     if want("loraplus"):
         run(data, load(), "loraplus-", loraplus_lr_ratio=LORAPLUS)
-    for variant in ("dora", "lora-bias", "modules-to-save", "trainable-tokens"):
+    for variant in ("dora", "lora-bias", "modules-to-save", "trainable-tokens", "pissa", "olora"):
         if want(variant):
             run(data, load(), f"{variant}-", adapter=os.path.join("tests", "fixtures", f"peft-{variant}"))
 

@@ -25,6 +25,7 @@ Each directory holds PEFT's save_pretrained output and reference.safetensors:
     input_ids, attention_mask, labels  [3, 10]  (as tests/fixtures/peft-tiny-untied)
     logits         [3, 10, vocab]  PeftModel forward in train mode (float32, eager attention)
     logits_merged  [3, 10, vocab]  after merge_and_unload of a fresh load of the saved adapter
+    merged.<key>   a few weights of that merged model (MERGED_KEYS)
     loss           [1]             transformers' causal-LM loss
     grad.<path>    the gradient of every trainable parameter, keyed by our module path
 and peft_reference.json the print_trainable_parameters numbers of the tiny model and of the real
@@ -43,6 +44,9 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 BASE = os.path.join("tests", "fixtures", "tiny-untied-f32-sharded")
 SHARED = os.environ.get("FERROLORA_SHARED_DATA", os.path.join("..", "shared", "data"))
+# Weights of the merged model stored for comparison (merge_and_unload's own values).
+MERGED_KEYS = ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+               "model.layers.0.self_attn.q_proj.bias", "model.embed_tokens.weight", "lm_head.weight"]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {
     "dora": dict(target_modules=ALL, use_dora=True),
@@ -116,6 +120,10 @@ def main():
         merged = PeftModel.from_pretrained(base2, out_dir).merge_and_unload().eval()
         with torch.no_grad():
             tensors["logits_merged"] = merged(input_ids=ids, attention_mask=mask).logits.float()
+        state = merged.state_dict()
+        for key in MERGED_KEYS:
+            if key in state:
+                tensors[f"merged.{key}"] = state[key].detach().clone()
         save_file({k: v.contiguous() for k, v in tensors.items()},
                   os.path.join(out_dir, "reference.safetensors"))
 

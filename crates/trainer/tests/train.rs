@@ -396,6 +396,18 @@ fn ten_trainable_tokens_steps_match_peft() {
     ten_steps(base, "trainable-tokens-", None);
 }
 
+/// The same 10 steps from PEFT's PiSSA and OLoRA adapters: loading re-runs the init on the base
+/// (the residual), on both sides.
+#[test]
+fn ten_pissa_and_olora_steps_match_peft() {
+    for prefix in ["pissa-", "olora-"] {
+        let base = qwen2::load_model::<Ad>(&fixture(), DType::F32, &Default::default())
+            .unwrap()
+            .model;
+        ten_steps(base, prefix, None);
+    }
+}
+
 /// The same 10 steps from PEFT's `lora_bias` adapter (`tests/fixtures/peft-lora-bias`).
 #[test]
 fn ten_lora_bias_steps_match_peft() {
@@ -427,7 +439,7 @@ fn ten_steps(base: Qwen2ForCausalLM<Ad>, prefix: &str, loraplus_lr_ratio: Option
     let want: serde_json::Value = read_json(&dir.join(format!("{prefix}losses.json")));
     // The DoRA and lora_bias runs start from their own PEFT adapters; the others from the plain one.
     let adapter = match prefix {
-        "dora-" | "lora-bias-" | "modules-to-save-" | "trainable-tokens-" => {
+        "dora-" | "lora-bias-" | "modules-to-save-" | "trainable-tokens-" | "pissa-" | "olora-" => {
             format!("peft-{}", prefix.trim_end_matches('-'))
         }
         _ => "peft-tiny-untied".to_string(),
