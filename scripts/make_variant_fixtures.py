@@ -26,6 +26,8 @@ Each directory holds PEFT's save_pretrained output and reference.safetensors:
     logits         [3, 10, vocab]  PeftModel forward in train mode (float32, eager attention)
     logits_merged  [3, 10, vocab]  after merge_and_unload of a fresh load of the saved adapter
     merged.<key>   a few weights of that merged model (MERGED_KEYS)
+    logits_4bit    (DoRA only) the adapter on transformers' bitsandbytes NF4 load of the base
+                   (double quantization, float32 compute; bitsandbytes==0.50.2)
     loss           [1]             transformers' causal-LM loss
     grad.<path>    the gradient of every trainable parameter, keyed by our module path
 and peft_reference.json the print_trainable_parameters numbers of the tiny model and of the real
@@ -120,6 +122,17 @@ def main():
         merged = PeftModel.from_pretrained(base2, out_dir).merge_and_unload().eval()
         with torch.no_grad():
             tensors["logits_merged"] = merged(input_ids=ids, attention_mask=mask).logits.float()
+        if name == "dora":
+            # QLoRA + DoRA: the same adapter on transformers' bitsandbytes NF4 load (double
+            # quantization, float32 compute), as tests/qlora.rs loads the base.
+            from transformers import BitsAndBytesConfig
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+            base4 = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager",
+                                                     quantization_config=q, device_map="cpu")
+            m4 = PeftModel.from_pretrained(base4, out_dir).eval()
+            with torch.no_grad():
+                tensors["logits_4bit"] = m4(input_ids=ids, attention_mask=mask).logits.float()
         state = merged.state_dict()
         for key in MERGED_KEYS:
             if key in state:
