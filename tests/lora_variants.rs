@@ -505,3 +505,21 @@ fn dora_on_a_4bit_base_equals_dora_on_its_dequantized_weights() {
     }
     println!("DoRA on NF4 vs on its dequantized weights: logits {e:.2e} rel, 42 gradients");
 }
+
+#[test]
+fn cached_dora_scales_give_the_same_logits_and_drop_on_change() {
+    let r = read_reference(&dir("dora").join("reference.safetensors"));
+    let (mut model, _, _) = load_adapter(base::<Cpu>(), &dir("dora")).unwrap();
+    let ids = int2::<Cpu>(&r["input_ids"]);
+    let before = floats(model.forward(ids.clone(), None, None));
+    assert_eq!(lora_core::cache_dora_scales(&mut model), 14);
+    let cached = floats(model.forward(ids.clone(), None, None));
+    assert!(before == cached, "cached DoRA scales changed the logits");
+    // A changed magnitude drops the layer's cache: the forward follows the new value.
+    let l = &mut model.model.layers[0].mlp.up_proj;
+    let m = floats(l.lora_magnitude_vector.as_ref().unwrap().weight.val());
+    l.set_adapter_tensor("lora_magnitude_vector", m.iter().map(|v| v * 2.0).collect());
+    assert!(l.dora_scale_cache.is_none());
+    let changed = floats(model.forward(ids, None, None));
+    assert!(changed != cached);
+}

@@ -161,6 +161,9 @@ fn run_on<B: Backend>(a: &ChatArgs, device: &B::Device) -> anyhow::Result<()> {
         if a.merge {
             lora_core::merge_all(&mut model).context("merging the adapter")?;
             how = "merged";
+        } else {
+            // DoRA's scales, once (the adapter does not change while chatting).
+            lora_core::cache_dora_scales(&mut model);
         }
         eprintln!(
             "adapter {} (r {}, alpha {}), {how}",

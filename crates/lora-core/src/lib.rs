@@ -24,5 +24,7 @@ pub use error::LoraError;
 pub use linear::{param_id, Base4bit, LoraLinear, LoraMagnitude, LoraWeight};
 pub use modules::is_module_to_save;
 pub use params::{param_count, visit_params, ParamRef};
-pub use target::{apply_lora, is_targeted, merge_all, unmerge_all, LoraModel, LoraReport};
+pub use target::{
+    apply_lora, cache_dora_scales, is_targeted, merge_all, unmerge_all, LoraModel, LoraReport,
+};
 pub use tokens::{LoraEmbedding, TrainableTokens};

@@ -63,6 +63,10 @@ pub struct LoraLinear<B: Backend> {
     /// too): unmerging divides by `magnitude / norm` of the unmerged weight.
     #[module(skip)]
     pub merged_norm: Option<Vec<f32>>,
+    /// DoRA's `m / ‖W + s·B·A‖`, computed once for inference ([`Self::cache_dora_scale`]); any
+    /// change of the adapter through this type's methods drops it. Never set while training.
+    #[module(skip)]
+    pub dora_scale_cache: Option<Arc<Vec<f32>>>,
 }
 
 /// The factors and residual of the init `name` ("pissa", "pissa_niter_N", "olora") of the weight
@@ -146,6 +150,7 @@ impl<B: Backend> LoraLinear<B> {
             merged: false,
             base_4bit: None,
             merged_norm: None,
+            dora_scale_cache: None,
         }
     }
 
@@ -198,6 +203,7 @@ impl<B: Backend> LoraLinear<B> {
         self.scaling = scaling;
         self.merged = false;
         self.merged_norm = None;
+        self.dora_scale_cache = None;
     }
 
     /// PEFT's PiSSA / OLoRA initializations (`init_lora_weights = "pissa"`, `"pissa_niter_N"`,
@@ -266,6 +272,7 @@ impl<B: Backend> LoraLinear<B> {
             residual.cast(dtype)
         };
         self.weight = self.weight.clone().map(|_| residual.set_require_grad(rg));
+        self.dora_scale_cache = None;
         Ok(())
     }
 
@@ -285,6 +292,7 @@ impl<B: Backend> LoraLinear<B> {
     /// Turns the attached adapter into DoRA (PEFT `use_dora = true`): the magnitude starts as the
     /// row norms of `W + s·B·A` with the current factors, so the layer's output is unchanged.
     pub fn add_dora(&mut self, module: &str) {
+        self.dora_scale_cache = None;
         let Some((a, b)) = self.active_adapter() else {
             return;
         };
@@ -333,6 +341,7 @@ impl<B: Backend> LoraLinear<B> {
     /// `lora_B.bias`, `lora_magnitude_vector`) to `values` (f32, trainable), keeping its id;
     /// `values` must hold as many elements as the parameter. Returns whether the layer has it.
     pub fn set_adapter_tensor(&mut self, suffix: &str, values: Vec<f32>) -> bool {
+        self.dora_scale_cache = None;
         fn set<B: Backend, const D: usize>(p: &mut Param<Tensor<B, D>>, values: Vec<f32>) {
             let (shape, device) = (p.lazy_shape(), p.lazy_device());
             let t =
@@ -369,6 +378,7 @@ impl<B: Backend> LoraLinear<B> {
         self.lora_A = None;
         self.lora_B = None;
         self.lora_magnitude_vector = None;
+        self.dora_scale_cache = None;
         self.lora_dropout = None;
         Ok(())
     }
@@ -396,6 +406,7 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     fn fold(&mut self, module: &str, merge: bool) -> Result<(), LoraError> {
+        self.dora_scale_cache = None;
         let state = |reason: &str| LoraError::MergeState {
             module: module.to_string(),
             reason: reason.to_string(),
@@ -676,6 +687,7 @@ impl<B: Backend> LoraLinear<B> {
             .into_vec::<f32>()
             .expect("f32 after convert");
         let quantized = kernels::quant::Quantized::new(&values, quant_type, double_quant);
+        self.dora_scale_cache = None;
         self.weight = Initializer::Zeros.init([out, d_in], &device);
         self.base_4bit = Some(Arc::new(Base4bit {
             quantized: Arc::new(quantized),
@@ -900,10 +912,32 @@ impl<B: Backend> LoraLinear<B> {
         !self.merged && (self.is_dora() || self.lora_bias().is_some())
     }
 
-    /// DoRA's `m / ‖W + s·B·A‖` `[out]` (the norm detached), for the factors `a`, `b`.
+    /// DoRA's `m / ‖W + s·B·A‖` `[out]` (the norm detached), for the factors `a`, `b`: the cached
+    /// values at inference when [`Self::cache_dora_scale`] stored them.
     fn dora_scale(&self, a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> Option<Tensor<B, 1>> {
         let m = self.lora_magnitude_vector.as_ref()?.weight.val();
+        if let Some(g) = &self.dora_scale_cache {
+            if !B::ad_enabled(&m.device()) {
+                let data = TensorData::new(g.as_ref().clone(), [g.len()]);
+                return Some(Tensor::from_data(data, (&m.device(), m.dtype())));
+            }
+        }
         Some(m / self.weight_norm(a, b))
+    }
+
+    /// For inference with a DoRA adapter that no longer changes (chat, serve): computes
+    /// `m / ‖W + s·B·A‖` once, so that a forward does not recompute the norms (PEFT's
+    /// `ENABLE_DORA_CACHING`). Changing the adapter through this type's methods drops the cache;
+    /// a model that trains must not call this.
+    pub fn cache_dora_scale(&mut self) {
+        self.dora_scale_cache = None;
+        let Some((a, b)) = self.active_adapter() else {
+            return;
+        };
+        if let Some(g) = self.dora_scale(&a, &b) {
+            let v = g.into_data().convert::<f32>().into_vec::<f32>();
+            self.dora_scale_cache = v.ok().map(Arc::new);
+        }
     }
 
     /// The DoRA and `lora_bias` forms on the CPU's fused operation (`kernels::cpu::lora_linear`,
@@ -1017,6 +1051,7 @@ impl<B: Backend> From<burn::nn::Linear<B>> for LoraLinear<B> {
             merged: false,
             base_4bit: None,
             merged_norm: None,
+            dora_scale_cache: None,
         }
     }
 }

@@ -306,6 +306,19 @@ pub fn merge_all<B: Backend, M: LoraModel<B>>(model: &mut M) -> Result<usize, Lo
     Ok(n)
 }
 
+/// For inference only (chat, serving): every DoRA layer computes its `m / ‖W + s·B·A‖` once
+/// ([`LoraLinear::cache_dora_scale`]) instead of on every forward. Returns the layers cached.
+pub fn cache_dora_scales<B: Backend, M: LoraModel<B>>(model: &mut M) -> usize {
+    let mut n = 0;
+    for (_, l) in model.lora_linears() {
+        if l.is_dora() && !l.merged {
+            l.cache_dora_scale();
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Unmerges every merged adapter (PEFT `unmerge_adapter`).
 pub fn unmerge_all<B: Backend, M: LoraModel<B>>(model: &mut M) -> Result<usize, LoraError> {
     let mut n = 0;

@@ -209,8 +209,10 @@ where
     for (name, path) in &adapters {
         let path = crate::hub::adapter(path)?;
         // The base's tensors are shared (a clone of a module clones handles, not weights).
-        let (m, lora, _) = lora_core::load_adapter(base.clone(), &path)
+        let (mut m, lora, _) = lora_core::load_adapter(base.clone(), &path)
             .with_context(|| format!("--adapter {name}={}: loading", path.display()))?;
+        // DoRA's scales, once (served adapters do not change).
+        lora_core::cache_dora_scales(&mut m);
         let trained =
             crate::manifest::read(&path)?.and_then(|m| m["system"].as_str().map(str::to_string));
         let system = match trained {
