@@ -201,22 +201,6 @@ fn lazy_with_adapter(
             );
         }
     }
-    // Modules trained in full and trained token rows replace base tensors outright; the streamed
-    // export reads those from the base checkpoint, and llama.cpp's adapter format has no place
-    // for them.
-    let saved = lora.modules_to_save.as_ref().filter(|m| !m.is_empty());
-    let tokens = lora
-        .extra
-        .get("trainable_token_indices")
-        .filter(|v| !v.is_null());
-    if saved.is_some() || tokens.is_some() {
-        bail!(
-            "--adapter {}: modules_to_save / trainable_token_indices replace whole base tensors, \
-             which export does not carry; write the merged model with `cargo xtask merge` and \
-             export that directory (without --adapter)",
-            adapter.display()
-        );
-    }
     Ok((model, lora))
 }
 
@@ -233,6 +217,21 @@ fn export_lora(
     };
     let cfg = qwen2::Qwen2Config::from_file(&dir.join("config.json"))?;
     let (mut model, lora) = lazy_with_adapter(&cfg, dir, adapter)?;
+    // Modules trained in full and trained token rows replace base tensors outright: the merged
+    // export writes them, but llama.cpp's adapter format has no place for them.
+    let saved = lora.modules_to_save.as_ref().filter(|m| !m.is_empty());
+    let tokens = lora
+        .extra
+        .get("trainable_token_indices")
+        .filter(|v| !v.is_null());
+    if saved.is_some() || tokens.is_some() {
+        bail!(
+            "--adapter {}: modules_to_save / trainable_token_indices replace whole base tensors, \
+             which a GGUF LoRA adapter cannot carry; export the merged model instead (--format \
+             gguf, the default)",
+            adapter.display()
+        );
+    }
     let adapter_name = adapter
         .file_name()
         .map(|n| format!("{name}-{}", n.to_string_lossy()))

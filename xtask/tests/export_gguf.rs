@@ -538,15 +538,21 @@ fn bf16_export_equals_merge_s_bf16_output() {
 /// LoRA's variants: the merged GGUF of a `lora_bias` adapter holds merge_all's biases (and
 /// weights), bit for bit in f32, and so does a DoRA adapter's; llama.cpp's LoRA format cannot hold
 /// DoRA magnitudes or lora_B biases, so `--format gguf-lora` refuses both in one line that names
-/// them and says to export the merged model; a PiSSA/OLoRA adapter (whose factors apply to the
-/// base's residual) and one with modules_to_save (whole tensors the streamed export would take
-/// from the base) are refused by both formats, pointing to `cargo xtask merge`.
+/// them and says to export the merged model; so does it for modules_to_save and trained token
+/// rows (whole tensors), which the merged export writes (equal to merge_all's). A PiSSA/OLoRA
+/// adapter (whose factors apply to the base's residual) is refused by both formats, pointing to
+/// `cargo xtask merge`.
 #[test]
 fn variant_adapters_merge_into_gguf_and_are_refused_as_gguf_lora() {
     let tmp = tempfile::tempdir().unwrap();
     let base = fixtures().join("tiny-untied-f32-sharded");
     let ckpt = CheckpointReader::open::<Flex>(&base, &Default::default()).unwrap();
-    for variant in ["peft-lora-bias", "peft-dora"] {
+    for variant in [
+        "peft-lora-bias",
+        "peft-dora",
+        "peft-modules-to-save",
+        "peft-trainable-tokens",
+    ] {
         let adapter = fixtures().join(variant);
         let merged = merged_params(&base, &adapter);
         let path = tmp.path().join(format!("{variant}.gguf"));
@@ -572,6 +578,19 @@ fn variant_adapters_merge_into_gguf_and_are_refused_as_gguf_lora() {
         // The fixture's lora_bias adapter targets q, k and v of both layers; DoRA leaves biases.
         let want_changed = if variant == "peft-lora-bias" { 6 } else { 0 };
         assert_eq!(changed_biases, want_changed, "{variant}");
+        if variant == "peft-modules-to-save" || variant == "peft-trainable-tokens" {
+            // The trained table (or rows) replaced the base's in the file (equal to merge_all's
+            // above, and not the base's).
+            let key = "model.embed_tokens.weight";
+            let t = f.tensor(&qwen2::gguf_tensor_name(key).unwrap()).unwrap();
+            let mut base_bytes = Vec::new();
+            gguf::quant::encode(GgmlType::F32, &ckpt.read_f32(key).unwrap(), &mut base_bytes);
+            assert!(
+                f.tensor_bytes(t) != base_bytes.as_slice(),
+                "{variant}: embedding unchanged"
+            );
+            continue; // their gguf-lora refusal is checked below
+        }
 
         let out = tmp.path().join(format!("{variant}-lora.gguf"));
         let (status, stdout, stderr) = run(
@@ -607,8 +626,12 @@ fn variant_adapters_merge_into_gguf_and_are_refused_as_gguf_lora() {
     for (format, fixture, needle) in [
         ("gguf", "peft-pissa", "init_lora_weights \"pissa\""),
         ("gguf-lora", "peft-pissa", "init_lora_weights \"pissa\""),
-        ("gguf", "peft-modules-to-save", "modules_to_save"),
         ("gguf-lora", "peft-modules-to-save", "modules_to_save"),
+        (
+            "gguf-lora",
+            "peft-trainable-tokens",
+            "trainable_token_indices",
+        ),
     ] {
         let adapter = fixtures().join(fixture);
         let out = tmp.path().join(format!("{fixture}-{format}.gguf"));
@@ -633,10 +656,13 @@ fn variant_adapters_merge_into_gguf_and_are_refused_as_gguf_lora() {
             Some(1),
             "{fixture} {format}: {stdout}\n{stderr}"
         );
+        let hint = if fixture == "peft-pissa" {
+            "cargo xtask merge"
+        } else {
+            "export the merged model instead"
+        };
         assert!(
-            stderr.trim().lines().count() == 1
-                && stderr.contains(needle)
-                && stderr.contains("cargo xtask merge"),
+            stderr.trim().lines().count() == 1 && stderr.contains(needle) && stderr.contains(hint),
             "{fixture} {format}: {stderr}"
         );
         assert!(!out.exists(), "{fixture} {format}: left {}", out.display());

@@ -13,6 +13,8 @@ pub struct ParamRef<'a, B: Backend> {
     pub path: &'a str,
     /// Its shape, read without materializing a lazy parameter.
     pub shape: &'a [usize],
+    /// Whether it holds values (false for a lazy parameter nothing has used or loaded yet).
+    pub loaded: bool,
     value: &'a dyn Fn() -> TensorPrimitive<B>,
 }
 
@@ -72,6 +74,7 @@ pub fn visit_params<B: Backend, M: Module<B>>(module: &M, mut f: impl FnMut(Para
             (self.f)(ParamRef {
                 path: &path,
                 shape: &shape,
+                loaded: p.is_initialized(),
                 value: &value,
             });
         }

@@ -169,6 +169,21 @@ pub fn export_gguf<B: Backend>(
             ty: dtype.tensor_type(shape),
         });
     }
+    // Whole tensors the adapter replaces: the modules it trained in full (`modules_to_save`: the
+    // only base parameters a lazy model with an adapter holds), and the embedding with trained
+    // token rows written in.
+    let mut replaced: HashMap<String, Tensor<B, 1>> = HashMap::new();
+    let mut embedding = None;
+    if let Some(model) = adapter.as_deref() {
+        lora_core::visit_params(model, |p: lora_core::ParamRef<'_, B>| {
+            if p.loaded && !p.is_adapter() {
+                replaced.insert(p.path.to_string(), p.flat().detach());
+            }
+        });
+        if model.model.embed_tokens.token_adapter.is_some() {
+            embedding = Some(model.model.embed_tokens.clone());
+        }
+    }
     // Weight key (and, with lora_bias, bias key) → its layer with the adapter attached (base
     // weight lazy: never materialized).
     let mut linears: HashMap<String, (String, &LoraLinear<B>)> = HashMap::new();
@@ -210,7 +225,17 @@ pub fn export_gguf<B: Backend>(
     meta.extend(extra);
     let keys: Vec<&str> = ckpt.params.iter().map(|(k, _)| k.as_str()).collect();
     write(path, &meta, infos, |i, info| {
+        if let Some(t) = replaced.get(keys[i]) {
+            return to_f32(t.clone());
+        }
         let values = ckpt.read_f32(keys[i]).map_err(|e| e.to_string())?;
+        if let (Some(e), "model.embed_tokens.weight") = (&embedding, keys[i]) {
+            let w = Tensor::<B, 2>::from_data(
+                TensorData::new(values, [info.shape[0], info.shape[1]]),
+                (device, DType::F32),
+            );
+            return to_f32(e.merged_weight(w).reshape([-1]));
+        }
         let Some((module, linear)) = linears.get(keys[i]) else {
             return Ok(values);
         };
