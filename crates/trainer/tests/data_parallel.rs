@@ -57,7 +57,18 @@ fn values(m: &Qwen2ForCausalLM<Ad>) -> Vec<(String, Vec<f32>)> {
 }
 
 fn single(ex: &[Example], a: &TrainingArguments) -> (Qwen2ForCausalLM<Ad>, TrainOutcome) {
+    run(ex, a, None).unwrap()
+}
+
+/// [`train`] (`a.world_size` workers on the CPU device), stopped by worker 0's callback after
+/// `stop_after` steps when given.
+fn run(
+    ex: &[Example],
+    a: &TrainingArguments,
+    stop_after: Option<usize>,
+) -> Result<(Qwen2ForCausalLM<Ad>, TrainOutcome), TrainError> {
     let cfg = lora_cfg();
+    let mut cb = |e: &TrainEvent| !matches!((e, stop_after), (TrainEvent::Step { step, .. }, Some(s)) if *step >= s);
     train(
         model(&cfg),
         &cfg,
@@ -66,9 +77,8 @@ fn single(ex: &[Example], a: &TrainingArguments) -> (Qwen2ForCausalLM<Ad>, Train
         Collator::new(0),
         a,
         &Default::default(),
-        &mut |_: &TrainEvent| true,
+        &mut cb,
     )
-    .unwrap()
 }
 
 /// Per-step losses and final adapters of a data-parallel run against a single-worker run: returns
@@ -189,4 +199,41 @@ fn world_size_zero_is_refused_by_name() {
     );
     assert!(!msg.contains('\n'), "one line: {msg}");
     println!("{msg}");
+}
+
+/// Worker 0 stops the run (its callback) after step 2 of 4, which also saved a checkpoint: the
+/// other worker is released, and resuming with the same world size finishes exactly as the
+/// uninterrupted run (bit for bit); resuming with another world size is refused.
+#[test]
+fn a_stopped_data_parallel_run_resumes_bitwise() {
+    let _rng = rng_lock();
+    let ex = examples(12);
+    let (t1, t2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = |dir: &Path| TrainingArguments {
+        max_steps: Some(4),
+        save_steps: 2,
+        ..args(dir, 2, 1)
+    };
+    let whole = run(&ex, &a(t1.path()), None).unwrap();
+    let (_, stopped) = run(&ex, &a(t2.path()), Some(2)).unwrap();
+    assert!(stopped.stopped);
+    assert_eq!(stopped.state.global_step, 2);
+    let other_world = TrainingArguments {
+        resume_from_checkpoint: Some("latest".into()),
+        world_size: 1,
+        ..a(t2.path())
+    };
+    let err = run(&ex, &other_world, None).expect_err("another world size must be refused");
+    assert!(err.to_string().contains("world_size"), "{err}");
+    let resumed = run(
+        &ex,
+        &TrainingArguments {
+            resume_from_checkpoint: Some("latest".into()),
+            ..a(t2.path())
+        },
+        None,
+    )
+    .unwrap();
+    assert_eq!(resumed.1.state.step_losses, whole.1.state.step_losses);
+    assert_eq!(values(&resumed.0), values(&whole.0), "resumed adapter");
 }
