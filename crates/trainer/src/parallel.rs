@@ -15,6 +15,10 @@
 //! The per-micro-batch losses travel exactly (each f64 split into three f32 parts, every other
 //! worker adding zeros), so the logged step loss is the single-device one bit for bit; the
 //! gradients differ from the single-device sum only in summation order (worker sums first).
+//!
+//! Not burn-optim's `GradientsParams::all_reduce` (its `collective` feature): it reduces the
+//! gradients a worker holds, so an idle worker (no micro-batch, no gradients) would leave the
+//! others waiting; here the parameters come from the model, the same list on every worker.
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -23,7 +27,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_collective::{
-    all_reduce, finish_collective, register, CollectiveConfig, PeerId, ReduceOperation,
+    all_reduce, finish_collective, register, reset_collective, CollectiveConfig, PeerId,
+    ReduceOperation,
 };
 
 use crate::error::TrainError;
@@ -32,10 +37,13 @@ use crate::error::TrainError;
 /// once: data-parallel runs in one process (tests run in parallel) take turns.
 static RUNS: Mutex<()> = Mutex::new(());
 
-/// Holds the process's collective engine for one data-parallel run.
-pub(crate) fn exclusive() -> MutexGuard<'static, ()> {
-    // A run that panicked leaves nothing registered that matters to the next one's fresh ids.
-    RUNS.lock().unwrap_or_else(|e| e.into_inner())
+/// Holds the process's collective engine for one data-parallel run on backend `B`, cleared of
+/// whatever an earlier run that failed midway (a panic) left registered.
+pub(crate) fn exclusive<B: AutodiffBackend>() -> MutexGuard<'static, ()> {
+    let turn = RUNS.lock().unwrap_or_else(|e| e.into_inner());
+    // Queued before any of this run's registrations, on the same channel to the server.
+    reset_collective::<B::InnerBackend>();
+    turn
 }
 
 fn collective_error(what: &str, e: burn_collective::CollectiveError) -> TrainError {

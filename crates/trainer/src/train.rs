@@ -493,7 +493,7 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
     // evaluation, checkpoints and logging are not training throughput.
     let mut window_time = Duration::ZERO;
     // Workers 1.. run beside this loop (worker 0's) from copies of its model, optimizer and sampler.
-    let _turn = (world > 1).then(parallel::exclusive);
+    let _turn = (world > 1).then(parallel::exclusive::<B>);
     let collator = &collator;
     let (looped, model, followers) = std::thread::scope(|s| {
         let followers: Vec<_> = devices
