@@ -361,6 +361,11 @@ struct TrainingFlags {
     /// metrics.jsonl are removed); without it such a directory is refused (the bare flag means true).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     overwrite_output_dir: Option<bool>,
+    /// Data-parallel workers: threads of this process, each with a copy of the model on the
+    /// device, the gradients summed with Burn's collective engine (DDP's WORLD_SIZE; the
+    /// per-device batch is per worker, so a step takes world-size × accumulation micro-batches).
+    #[arg(long)]
+    world_size: Option<usize>,
 }
 
 /// A float flag's value; NaN and the infinities are refused, as JSON (the layers' format) has none.
@@ -1321,6 +1326,7 @@ mod tests {
             "--gradient-checkpointing",
             "--resume-from-checkpoint=latest",
             "--overwrite-output-dir",
+            "--world-size=2",
         ])
         .unwrap();
         let want = FinetuneOptions {
@@ -1381,6 +1387,7 @@ mod tests {
                 gradient_checkpointing: true,
                 resume_from_checkpoint: Some("latest".into()),
                 overwrite_output_dir: true,
+                world_size: 2,
             },
         };
         assert_eq!(o, want);

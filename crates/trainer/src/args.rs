@@ -76,6 +76,12 @@ pub struct TrainingArguments {
     /// them (its `checkpoint-*` directories, `metrics.jsonl` and `loss.svg`); without it such a
     /// directory is refused, so two runs never mix.
     pub overwrite_output_dir: bool,
+    /// Data-parallel workers (threads of this process, each with its own copy of the model, the
+    /// gradients summed with Burn's collective engine): torch's `WORLD_SIZE` under DDP. A step
+    /// consumes `world_size × gradient_accumulation_steps` micro-batches of
+    /// `per_device_train_batch_size` examples; see `lora_trainer::train_data_parallel`. 1: one
+    /// worker, the plain loop.
+    pub world_size: usize,
 }
 
 impl Default for TrainingArguments {
@@ -105,6 +111,7 @@ impl Default for TrainingArguments {
             gradient_checkpointing: false,
             resume_from_checkpoint: None,
             overwrite_output_dir: false,
+            world_size: 1,
         }
     }
 }
@@ -143,6 +150,12 @@ impl TrainingArguments {
             return bad(
                 "gradient_accumulation_steps",
                 "is 0; it must be at least 1".into(),
+            );
+        }
+        if self.world_size == 0 {
+            return bad(
+                "world_size",
+                "is 0; it must be at least 1 (the number of data-parallel workers)".into(),
             );
         }
         // Every float: finite and in its range, named on its own (a NaN fails every comparison,
@@ -230,14 +243,20 @@ impl TrainingArguments {
 
     /// Optimizer steps for `batches_per_epoch` micro-batches per epoch. The last step of an epoch
     /// takes what is left (fewer micro-batches), as transformers does.
+    /// With `world_size` workers a step takes `world_size × gradient_accumulation_steps` of them.
     pub fn total_steps(&self, batches_per_epoch: usize) -> usize {
         if let Some(m) = self.max_steps {
             return m;
         }
         let per_epoch = batches_per_epoch
-            .div_ceil(self.gradient_accumulation_steps)
+            .div_ceil(self.micro_batches_per_step())
             .max(1);
         (self.num_train_epochs * per_epoch as f64).ceil() as usize
+    }
+
+    /// Micro-batches one optimizer step consumes over all workers.
+    pub fn micro_batches_per_step(&self) -> usize {
+        self.gradient_accumulation_steps * self.world_size.max(1)
     }
 
     /// Warmup steps: `warmup_steps` if set, else `ceil(warmup_ratio · total)`.

@@ -78,6 +78,9 @@ pub struct TrainerState {
     /// Micro-batches per optimizer step; absent in older checkpoints.
     #[serde(default)]
     pub gradient_accumulation_steps: Option<usize>,
+    /// Data-parallel workers; absent for one worker (and in older checkpoints, all of one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
 }
 
 /// A fingerprint of the training examples (their token ids and labels, in order): a resumed run

@@ -74,6 +74,12 @@ pub enum TrainError {
     /// A data error (sampler state).
     #[error(transparent)]
     Data(#[from] lora_data::DataError),
+    /// Burn's collective engine failed (data-parallel training).
+    #[error("data-parallel training: {reason}")]
+    Collective {
+        /// What failed.
+        reason: String,
+    },
     /// A Burn recorder error (optimizer state).
     #[error("{path}: optimizer state: {reason}")]
     Record {

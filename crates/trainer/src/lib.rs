@@ -9,6 +9,7 @@ mod eval;
 mod lm;
 mod loraplus;
 mod loss;
+mod parallel;
 mod plot;
 pub mod recipe;
 mod recompute;
@@ -27,4 +28,4 @@ pub use loss::{
 };
 pub use plot::write_loss_svg;
 pub use recompute::checkpointed_loss_and_grads;
-pub use train::{train, TrainEvent, TrainOutcome};
+pub use train::{train, train_data_parallel, TrainEvent, TrainOutcome};

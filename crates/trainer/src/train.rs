@@ -7,11 +7,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use burn::optim::{AdamWConfig, GradientsAccumulator, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use lora_core::{load_adapter, save_adapter, LoraConfig};
 use lora_data::{Collator, Example, Sampler, SamplerState, IGNORE_INDEX};
+
+use crate::parallel::{self, Peer};
 
 use crate::args::TrainingArguments;
 use crate::checkpoint::{self, save_checkpoint, EvalEntry, LogEntry, TrainerState, OPTIMIZER_FILE};
@@ -97,6 +99,9 @@ fn step_seed(seed: u64, step: usize) -> u64 {
 /// Stops with [`TrainError::NonFinite`] (the step, loss or gradient norm) before a non-finite
 /// update reaches the weights, and with [`TrainError::NoSpace`] when the device fills up while
 /// writing; either way the complete checkpoints already written stay as they were.
+///
+/// With `args.world_size > 1`, trains data-parallel with that many workers on `device`
+/// ([`train_data_parallel`]) and returns worker 0's model.
 #[allow(clippy::too_many_arguments)] // each is a distinct input of a run; a bundle would only rename them
 pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
     model: M,
@@ -108,6 +113,62 @@ pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
     device: &B::Device,
     on_event: &mut dyn FnMut(&TrainEvent) -> bool,
 ) -> Result<(M, TrainOutcome), TrainError> {
+    let devices = vec![device.clone(); args.world_size.max(1)];
+    let (mut models, outcome) = run(
+        model,
+        lora_cfg,
+        examples,
+        eval_examples,
+        collator,
+        args,
+        &devices,
+        on_event,
+    )
+    .map_err(|e| e.on_full_disk(&args.output_dir))?;
+    Ok((models.swap_remove(0), outcome))
+}
+
+/// [`train`] with `args.world_size` data-parallel workers, worker `w` on `devices[w]` (one device
+/// for all, or one each); returns every worker's final model (equal to one another), worker 0's
+/// first. `model` is worker 0's, on `devices[0]`; the others start as copies of it (after a
+/// resume, too).
+///
+/// transformers' `Trainer` under DDP: `per_device_train_batch_size` is per worker, and one optimizer
+/// step consumes `world_size × gradient_accumulation_steps` micro-batches in the single-device
+/// sampler's order, micro-batch `k` of the step going to worker `k mod world_size`. A step thus
+/// trains on the examples of a single-device step with `gradient_accumulation_steps × world_size`,
+/// and its loss and update are that step's (the loss bit for bit; the gradients up to summation
+/// order, each worker summing its own micro-batches first). Each worker divides its token-loss sums
+/// by the supervised tokens of the whole step; the gradients are summed over the workers with
+/// Burn's collective engine (`burn-collective`, in this process); every worker clips the sum and
+/// steps its own AdamW, so the copies stay equal. A worker with no micro-batch in a step (the last
+/// step of an epoch can have fewer than `world_size`) contributes zeros. Only worker 0 logs,
+/// evaluates and writes checkpoints and the adapter. Resuming needs the same `world_size`.
+///
+/// Dropout draws from the backend's RNG, which on one shared CPU device is one for all workers:
+/// with `lora_dropout > 0` there a run is not reproducible draw for draw.
+#[allow(clippy::too_many_arguments)] // `train`'s arguments
+pub fn train_data_parallel<B: AutodiffBackend, M: TrainableLm<B>>(
+    model: M,
+    lora_cfg: &LoraConfig,
+    examples: &[Example],
+    eval_examples: &[Example],
+    collator: Collator,
+    args: &TrainingArguments,
+    devices: &[B::Device],
+    on_event: &mut dyn FnMut(&TrainEvent) -> bool,
+) -> Result<(Vec<M>, TrainOutcome), TrainError> {
+    args.validate()?;
+    if devices.len() != args.world_size {
+        return Err(TrainError::BadOption {
+            option: "world_size".into(),
+            reason: format!(
+                "is {} but {} devices were given (one per worker)",
+                args.world_size,
+                devices.len()
+            ),
+        });
+    }
     run(
         model,
         lora_cfg,
@@ -115,10 +176,134 @@ pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
         eval_examples,
         collator,
         args,
-        device,
+        devices,
         on_event,
     )
     .map_err(|e| e.on_full_disk(&args.output_dir))
+}
+
+/// A step's micro-batches (all workers'): `per_step` of them, fewer when the epoch ends first, as
+/// transformers does.
+fn draw_step(sampler: &mut Sampler, batch_size: usize, per_step: usize) -> Vec<Vec<usize>> {
+    let mut micro: Vec<Vec<usize>> = Vec::with_capacity(per_step);
+    for _ in 0..per_step {
+        let epoch = sampler.state().epoch;
+        micro.push(sampler.next_batch(batch_size));
+        if sampler.state().epoch != epoch {
+            break;
+        }
+    }
+    micro
+}
+
+/// The divisor of every micro-batch's token-loss sum: the supervised tokens of the whole step.
+fn step_norm(micro: &[Vec<usize>], examples: &[Example]) -> f64 {
+    let n_sup: usize = micro
+        .iter()
+        .flatten()
+        .map(|&i| supervised(&examples[i]))
+        .sum();
+    n_sup.max(1) as f64
+}
+
+/// The step's loss, gradient sum and tokens: of all `micro` batches with one worker (`peer` is
+/// `None`); with several, of this worker's share (micro-batch `k` is worker `k mod W`'s), summed
+/// over the workers.
+#[allow(clippy::too_many_arguments)] // the step's inputs
+fn step_grads<B: AutodiffBackend, M: TrainableLm<B>>(
+    model: &M,
+    micro: &[Vec<usize>],
+    examples: &[Example],
+    collator: &Collator,
+    norm: f64,
+    seed: u64,
+    checkpointing: bool,
+    device: &B::Device,
+    peer: Option<&Peer<B>>,
+) -> Result<(f64, GradientsParams, usize), TrainError> {
+    B::seed(device, seed);
+    let mut acc = GradientsAccumulator::<M>::new();
+    let mut step_loss = 0.0f64;
+    let mut tokens = 0usize;
+    let mut values = Vec::new();
+    for (k, idx) in micro.iter().enumerate() {
+        if peer.is_some_and(|p| !p.owns(k)) {
+            continue;
+        }
+        let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
+        let batch = collator.collate::<B>(&refs, device);
+        tokens += batch.input_ids.dims().iter().product::<usize>();
+        let micro_seed = step_seed(seed, k);
+        let (value, grads) = model.loss_and_grads(&batch, norm, checkpointing, micro_seed);
+        step_loss += value;
+        values.push((k, value));
+        acc.accumulate(model, grads);
+    }
+    let grads = acc.grads();
+    match peer {
+        None => Ok((step_loss, grads, tokens)),
+        Some(p) => p.all_reduce_step(model, micro.len(), &values, tokens, grads),
+    }
+}
+
+/// The optimizer step (LoRA+: the `lora_B` group first, at `ratio` × `lr`).
+fn optimizer_step<B: AutodiffBackend, M: TrainableLm<B>, O: Optimizer<M, B>>(
+    optim: &mut O,
+    mut model: M,
+    mut grads: GradientsParams,
+    lr: f64,
+    loraplus_ratio: Option<f64>,
+) -> M {
+    if let Some(ratio) = loraplus_ratio {
+        let b = crate::loraplus::take_lora_b(&model, &mut grads);
+        model = optim.step(lr * ratio, model, b);
+    }
+    optim.step(lr, model, grads)
+}
+
+/// A worker other than 0: the same steps on its share, no output; goes on while worker 0 says so.
+#[allow(clippy::too_many_arguments)] // the run's inputs
+fn follow<B: AutodiffBackend, M: TrainableLm<B>, O: Optimizer<M, B>>(
+    id: usize,
+    world: usize,
+    mut model: M,
+    mut optim: O,
+    mut sampler: Sampler,
+    mut step: usize,
+    total: usize,
+    examples: &[Example],
+    collator: &Collator,
+    args: &TrainingArguments,
+    device: &B::Device,
+) -> Result<M, TrainError> {
+    let peer = Peer::<B>::register(id, world, device)?;
+    while peer.agree(true)? {
+        let micro = draw_step(
+            &mut sampler,
+            args.per_device_train_batch_size,
+            args.micro_batches_per_step(),
+        );
+        let norm = step_norm(&micro, examples);
+        let seed = step_seed(args.seed, step);
+        let (_, mut grads, _) = step_grads(
+            &model,
+            &micro,
+            examples,
+            collator,
+            norm,
+            seed,
+            args.gradient_checkpointing,
+            device,
+            Some(&peer),
+        )?;
+        // Worker 0 checks the loss and norm (the same values) and stops everyone if not finite.
+        clip_global_norm(&model, &mut grads, args.max_grad_norm);
+        let lr = args.lr_at(step, total);
+        model = optimizer_step(&mut optim, model, grads, lr, args.loraplus_lr_ratio);
+        step += 1;
+    }
+    peer.finish()?;
+    Ok(model)
 }
 
 #[allow(clippy::too_many_arguments)] // `train`'s arguments
@@ -129,10 +314,12 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
     eval_examples: &[Example],
     collator: Collator,
     args: &TrainingArguments,
-    device: &B::Device,
+    devices: &[B::Device],
     on_event: &mut dyn FnMut(&TrainEvent) -> bool,
-) -> Result<(M, TrainOutcome), TrainError> {
+) -> Result<(Vec<M>, TrainOutcome), TrainError> {
     args.validate()?;
+    let device = &devices[0];
+    let world = devices.len();
     if args.weight_decay > 0.0 && lora_cfg.lora_bias() {
         // transformers' Trainer leaves every `bias` out of weight decay; one AdamW here decays all.
         return Err(TrainError::BadOption {
@@ -202,6 +389,7 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
         data_fingerprint: Some(checkpoint::data_fingerprint(examples)),
         train_batch_size: Some(bs),
         gradient_accumulation_steps: Some(args.gradient_accumulation_steps),
+        world_size: (world > 1).then_some(world),
     };
     if let Some(arg) = &args.resume_from_checkpoint {
         let dir = checkpoint::resolve_resume(arg, out)?;
@@ -247,6 +435,12 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
                 &text(saved.gradient_accumulation_steps),
                 &text(state.gradient_accumulation_steps),
             ),
+            // Checkpoints without it are of one worker.
+            differs(
+                "world_size",
+                &text(Some(saved.world_size.unwrap_or(1))),
+                &text(Some(world)),
+            ),
         ]
         .into_iter()
         .flatten()
@@ -274,6 +468,7 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
             data_fingerprint: fingerprint,
             train_batch_size: Some(bs),
             gradient_accumulation_steps: Some(args.gradient_accumulation_steps),
+            world_size: (world > 1).then_some(world),
             ..saved
         };
     }
@@ -297,129 +492,178 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
     // Time spent in the window's training steps only (batches, forward, backward, optimizer):
     // evaluation, checkpoints and logging are not training throughput.
     let mut window_time = Duration::ZERO;
-    while go_on && state.global_step < total {
-        let step_start = Instant::now();
-        // The step's micro-batches; an epoch boundary ends the step early, as transformers does.
-        let mut micro: Vec<Vec<usize>> = Vec::with_capacity(args.gradient_accumulation_steps);
-        for _ in 0..args.gradient_accumulation_steps {
-            let epoch = sampler.state().epoch;
-            micro.push(sampler.next_batch(bs));
-            if sampler.state().epoch != epoch {
-                break;
+    // Workers 1.. run beside this loop (worker 0's) from copies of its model, optimizer and sampler.
+    let _turn = (world > 1).then(parallel::exclusive::<B>);
+    let collator = &collator;
+    let (looped, model, followers) = std::thread::scope(|s| {
+        let followers: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(id, dev)| {
+                let (m, o, smp) = (model.clone().fork(dev), optim.clone(), sampler.clone());
+                let step = state.global_step;
+                s.spawn(move || {
+                    follow(
+                        id, world, m, o, smp, step, total, examples, collator, args, dev,
+                    )
+                })
+            })
+            .collect();
+        let peer = match (world > 1).then(|| Peer::<B>::register(0, world, device)) {
+            Some(Err(e)) => return (Err(e), model, Vec::new()),
+            Some(Ok(p)) => Some(p),
+            None => None,
+        };
+        // Every error of a step breaks out with it, so that the other workers can be released.
+        macro_rules! attempt {
+            ($steps:lifetime, $e:expr) => {
+                match $e {
+                    Ok(v) => v,
+                    Err(e) => break $steps Err(e),
+                }
+            };
+        }
+        let looped: Result<(), TrainError> = 'steps: {
+            loop {
+                let more = go_on && state.global_step < total;
+                if let Some(p) = &peer {
+                    if !attempt!('steps, p.agree(more)) {
+                        break 'steps Ok(());
+                    }
+                }
+                if !more {
+                    break 'steps Ok(());
+                }
+                let step_start = Instant::now();
+                let micro = draw_step(&mut sampler, bs, args.micro_batches_per_step());
+                let norm = step_norm(&micro, examples);
+                let seed = step_seed(args.seed, state.global_step);
+                let (step_loss, mut grads, tokens) = attempt!('steps, step_grads(
+                    &model,
+                    &micro,
+                    examples,
+                    collator,
+                    norm,
+                    seed,
+                    args.gradient_checkpointing,
+                    device,
+                    peer.as_ref(),
+                ));
+                window_tokens += tokens;
+                let grad_norm = clip_global_norm(&model, &mut grads, args.max_grad_norm);
+                let step = state.global_step + 1;
+                // Checked before the optimizer step, so no non-finite value reaches the weights
+                // (or a checkpoint). The norm is computed whether or not clipping is on
+                // (max_grad_norm = 0).
+                let last_ckpt = || checkpoint::last_checkpoint(out);
+                if !step_loss.is_finite() {
+                    break 'steps Err(TrainError::NonFinite {
+                        step,
+                        what: "loss".into(),
+                        value: step_loss,
+                        last_checkpoint: last_ckpt(),
+                    });
+                }
+                if !grad_norm.is_finite() {
+                    break 'steps Err(TrainError::NonFinite {
+                        step,
+                        what: "gradient norm".into(),
+                        value: grad_norm,
+                        last_checkpoint: last_ckpt(),
+                    });
+                }
+                let lr = args.lr_at(state.global_step, total);
+                model = optimizer_step(&mut optim, model, grads, lr, args.loraplus_lr_ratio);
+                window_time += step_start.elapsed();
+
+                state.global_step = step;
+                state.sampler = sampler.state();
+                state.epoch =
+                    state.sampler.epoch as f64 + state.sampler.index as f64 / examples.len() as f64;
+                state.step_losses.push(step_loss);
+                window_loss += step_loss;
+                window_steps += 1;
+                go_on &= on_event(&TrainEvent::Step {
+                    step,
+                    total,
+                    loss: step_loss,
+                    lr,
+                });
+
+                if step.is_multiple_of(args.logging_steps.max(1)) || step == total {
+                    let secs = window_time.as_secs_f64().max(1e-9);
+                    let entry = LogEntry {
+                        step,
+                        epoch: state.epoch,
+                        loss: window_loss / window_steps as f64,
+                        grad_norm,
+                        learning_rate: lr,
+                        tokens_per_s: window_tokens as f64 / secs,
+                    };
+                    let line = serde_json::to_string(&entry).expect("log entry serializes");
+                    attempt!('steps, append_line(&mut metrics, &metrics_path, &line));
+                    state.log_history.push(entry.clone());
+                    go_on &= on_event(&TrainEvent::Log(entry));
+                    (window_loss, window_steps, window_tokens) = (0.0, 0, 0);
+                    window_time = Duration::ZERO;
+                }
+                let eval_due = args
+                    .eval_steps
+                    .is_some_and(|n| n > 0 && step.is_multiple_of(n))
+                    || step == total;
+                if !eval_examples.is_empty() && eval_due {
+                    let inner = model.valid();
+                    let r = evaluate(
+                        |b| M::inner_loss_sum(&inner, b),
+                        eval_examples,
+                        collator,
+                        bs,
+                        device,
+                    );
+                    let entry = EvalEntry {
+                        step,
+                        epoch: state.epoch,
+                        eval_loss: r.loss,
+                        eval_perplexity: r.perplexity,
+                    };
+                    let line = serde_json::to_string(&entry).expect("eval entry serializes");
+                    attempt!('steps, append_line(&mut metrics, &metrics_path, &line));
+                    state.eval_history.push(entry.clone());
+                    go_on &= on_event(&TrainEvent::Eval(entry));
+                }
+                if args.save_steps > 0 && step.is_multiple_of(args.save_steps) {
+                    let dir =
+                        attempt!('steps, save_checkpoint(&model, lora_cfg, &optim, &state, out));
+                    attempt!('steps, checkpoint::prune(out, args.save_total_limit));
+                    go_on &= on_event(&TrainEvent::Saved(dir));
+                }
+            }
+        };
+        if let Some(p) = peer {
+            // A failure of worker 0's own (not of the collective) releases the others, which wait
+            // for its word on the next step.
+            let released = match &looped {
+                Err(TrainError::Collective { .. }) => Ok(()),
+                Err(_) => p.agree(false).map(drop),
+                Ok(()) => Ok(()),
+            };
+            let finished = released.and_then(|()| p.finish());
+            if let (Ok(()), Err(e)) = (&looped, finished) {
+                return (Err(e), model, Vec::new());
             }
         }
-        let n_sup: usize = micro
-            .iter()
-            .flatten()
-            .map(|&i| supervised(&examples[i]))
-            .sum();
-        let norm = n_sup.max(1) as f64;
-
-        let seed = step_seed(args.seed, state.global_step);
-        B::seed(device, seed);
-        let mut acc = GradientsAccumulator::<M>::new();
-        let mut step_loss = 0.0f64;
-        for (k, idx) in micro.iter().enumerate() {
-            let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
-            let batch = collator.collate::<B>(&refs, device);
-            window_tokens += batch.input_ids.dims().iter().product::<usize>();
-            let micro_seed = step_seed(seed, k);
-            let (value, grads) =
-                model.loss_and_grads(&batch, norm, args.gradient_checkpointing, micro_seed);
-            step_loss += value;
-            acc.accumulate(&model, grads);
-        }
-        let mut grads = acc.grads();
-        let grad_norm = clip_global_norm(&model, &mut grads, args.max_grad_norm);
-        let step = state.global_step + 1;
-        // Checked before the optimizer step, so no non-finite value reaches the weights (or a
-        // checkpoint). The norm is computed whether or not clipping is on (max_grad_norm = 0).
-        let last_ckpt = || checkpoint::last_checkpoint(out);
-        if !step_loss.is_finite() {
-            return Err(TrainError::NonFinite {
-                step,
-                what: "loss".into(),
-                value: step_loss,
-                last_checkpoint: last_ckpt(),
-            });
-        }
-        if !grad_norm.is_finite() {
-            return Err(TrainError::NonFinite {
-                step,
-                what: "gradient norm".into(),
-                value: grad_norm,
-                last_checkpoint: last_ckpt(),
-            });
-        }
-        let lr = args.lr_at(state.global_step, total);
-        if let Some(ratio) = args.loraplus_lr_ratio {
-            let b = crate::loraplus::take_lora_b(&model, &mut grads);
-            model = optim.step(lr * ratio, model, b);
-        }
-        model = optim.step(lr, model, grads);
-        window_time += step_start.elapsed();
-
-        state.global_step = step;
-        state.sampler = sampler.state();
-        state.epoch =
-            state.sampler.epoch as f64 + state.sampler.index as f64 / examples.len() as f64;
-        state.step_losses.push(step_loss);
-        window_loss += step_loss;
-        window_steps += 1;
-        go_on &= on_event(&TrainEvent::Step {
-            step,
-            total,
-            loss: step_loss,
-            lr,
-        });
-
-        if step.is_multiple_of(args.logging_steps.max(1)) || step == total {
-            let secs = window_time.as_secs_f64().max(1e-9);
-            let entry = LogEntry {
-                step,
-                epoch: state.epoch,
-                loss: window_loss / window_steps as f64,
-                grad_norm,
-                learning_rate: lr,
-                tokens_per_s: window_tokens as f64 / secs,
-            };
-            let line = serde_json::to_string(&entry).expect("log entry serializes");
-            append_line(&mut metrics, &metrics_path, &line)?;
-            state.log_history.push(entry.clone());
-            go_on &= on_event(&TrainEvent::Log(entry));
-            (window_loss, window_steps, window_tokens) = (0.0, 0, 0);
-            window_time = Duration::ZERO;
-        }
-        let eval_due = args
-            .eval_steps
-            .is_some_and(|n| n > 0 && step.is_multiple_of(n))
-            || step == total;
-        if !eval_examples.is_empty() && eval_due {
-            let inner = model.valid();
-            let r = evaluate(
-                |b| M::inner_loss_sum(&inner, b),
-                eval_examples,
-                &collator,
-                bs,
-                device,
-            );
-            let entry = EvalEntry {
-                step,
-                epoch: state.epoch,
-                eval_loss: r.loss,
-                eval_perplexity: r.perplexity,
-            };
-            let line = serde_json::to_string(&entry).expect("eval entry serializes");
-            append_line(&mut metrics, &metrics_path, &line)?;
-            state.eval_history.push(entry.clone());
-            go_on &= on_event(&TrainEvent::Eval(entry));
-        }
-        if args.save_steps > 0 && step.is_multiple_of(args.save_steps) {
-            let dir = save_checkpoint(&model, lora_cfg, &optim, &state, out)?;
-            checkpoint::prune(out, args.save_total_limit)?;
-            go_on &= on_event(&TrainEvent::Saved(dir));
-        }
-    }
+        let followers: Vec<Result<M, TrainError>> = followers
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect();
+        (looped, model, followers)
+    });
+    looped?;
+    let followers = followers.into_iter().collect::<Result<Vec<M>, _>>()?;
     let stopped = state.global_step < total;
     if !stopped {
         save_adapter(&model, lora_cfg, out)?;
@@ -434,7 +678,7 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
     let plot = out.join("loss.svg");
     write_loss_svg(&plot, &train_pts, &eval_pts).map_err(|e| TrainError::io(&plot, e))?;
     Ok((
-        model,
+        std::iter::once(model).chain(followers).collect(),
         TrainOutcome {
             state,
             adapter_dir: out.clone(),

@@ -1,0 +1,230 @@
+//! Data parallelism in one process: W worker threads, each with its own copy of the model (on one
+//! shared device, or one device each), gradients summed with Burn's collective engine
+//! (`burn-collective`, its local server: threads of one process).
+//!
+//! The semantics are transformers' `Trainer` under DDP. `per_device_train_batch_size` is per worker,
+//! and one optimizer step consumes `W × gradient_accumulation_steps` micro-batches in the order the
+//! single-device sampler hands them out; micro-batch `k` of the step goes to worker `k mod W`. So a
+//! step trains on exactly the examples of a single-device step with `gradient_accumulation_steps × W`
+//! (and an epoch's short last step is short in the same way). Every worker divides by the supervised
+//! tokens of the whole step (the trainer's normalization), the per-worker gradient sums are
+//! all-reduced (`Sum`), and every worker clips and steps its own AdamW on the same reduced gradient,
+//! so the copies stay bitwise equal. A worker with no micro-batch in a step (an epoch's last step
+//! can have fewer than W) contributes zeros and still joins the all-reduce.
+//!
+//! The per-micro-batch losses travel exactly (each f64 split into three f32 parts, every other
+//! worker adding zeros), so the logged step loss is the single-device one bit for bit; the
+//! gradients differ from the single-device sum only in summation order (worker sums first).
+//!
+//! Not burn-optim's `GradientsParams::all_reduce` (its `collective` feature): it reduces the
+//! gradients a worker holds, so an idle worker (no micro-batch, no gradients) would leave the
+//! others waiting; here the parameters come from the model, the same list on every worker.
+
+use std::sync::{Mutex, MutexGuard};
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn_collective::{
+    all_reduce, finish_collective, register, reset_collective, CollectiveConfig, PeerId,
+    ReduceOperation,
+};
+
+use crate::error::TrainError;
+
+/// Burn's local collective server is one per backend type and process, and a peer id registers
+/// once: data-parallel runs in one process (tests run in parallel) take turns.
+static RUNS: Mutex<()> = Mutex::new(());
+
+/// Holds the process's collective engine for one data-parallel run on backend `B`, cleared of
+/// whatever an earlier run that failed midway (a panic) left registered.
+pub(crate) fn exclusive<B: AutodiffBackend>() -> MutexGuard<'static, ()> {
+    let turn = RUNS.lock().unwrap_or_else(|e| e.into_inner());
+    // Queued before any of this run's registrations, on the same channel to the server.
+    reset_collective::<B::InnerBackend>();
+    turn
+}
+
+fn collective_error(what: &str, e: burn_collective::CollectiveError) -> TrainError {
+    TrainError::Collective {
+        reason: format!("{what}: {e:?}"),
+    }
+}
+
+/// One worker of a data-parallel run, registered with the collective engine.
+pub(crate) struct Peer<B: AutodiffBackend> {
+    /// This worker (0 leads: logs, checkpoints, the adapter).
+    pub id: usize,
+    /// Workers in all.
+    pub world: usize,
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend> Peer<B> {
+    /// Registers worker `id` of `world` on `device`; returns once all `world` have registered.
+    pub fn register(id: usize, world: usize, device: &B::Device) -> Result<Self, TrainError> {
+        let config = CollectiveConfig::default().with_num_devices(world);
+        register::<B::InnerBackend>(PeerId::from(id), device.clone(), config)
+            .map_err(|e| collective_error("registering a data-parallel worker", e))?;
+        Ok(Self {
+            id,
+            world,
+            device: device.clone(),
+        })
+    }
+
+    /// Whether micro-batch `k` of a step is this worker's.
+    pub fn owns(&self, k: usize) -> bool {
+        k % self.world == self.id
+    }
+
+    fn reduce<const D: usize>(
+        &self,
+        t: Tensor<B::InnerBackend, D>,
+    ) -> Result<Tensor<B::InnerBackend, D>, TrainError> {
+        let p = all_reduce::<B::InnerBackend>(
+            PeerId::from(self.id),
+            t.into_primitive().tensor(),
+            ReduceOperation::Sum,
+        )
+        .map_err(|e| collective_error("all-reduce", e))?;
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(p)))
+    }
+
+    /// Whether every worker goes on with another step: the leader says `go_on`, the others `true`.
+    /// Before each step, so a leader that stops (or fails) releases the others.
+    pub fn agree(&self, go_on: bool) -> Result<bool, TrainError> {
+        let t = Tensor::<B::InnerBackend, 1>::from_data(
+            TensorData::from([if go_on { 1.0f32 } else { 0.0 }]),
+            &self.device,
+        );
+        let sum = self
+            .reduce(t)?
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap_or_default();
+        Ok(sum.first().copied() == Some(self.world as f32))
+    }
+
+    /// Sums the step over the workers: `values` are this worker's `(k, loss)` of the step's `n_micro`
+    /// micro-batches, `tokens` the tokens it trained on, `grads` its gradient sum. Returns the step
+    /// loss (summed in micro-batch order, as one device sums it), all workers' tokens, and the
+    /// reduced gradients of every trainable parameter of `model` (in model order; a worker without
+    /// a gradient for one adds zeros; one that no worker has a gradient for stays absent, as it
+    /// would on one device).
+    pub fn all_reduce_step<M: AutodiffModule<B>>(
+        &self,
+        model: &M,
+        n_micro: usize,
+        values: &[(usize, f64)],
+        tokens: usize,
+        mut grads: GradientsParams,
+    ) -> Result<(f64, GradientsParams, usize), TrainError> {
+        // Which trainable parameters this worker has a gradient for, in model order.
+        let mut present = Present::<B> {
+            grads: &grads,
+            flags: Vec::new(),
+            _b: std::marker::PhantomData,
+        };
+        model.visit(&mut present);
+        let flags = present.flags;
+        // One small reduce for everything that is not a gradient: each loss as three f32 parts
+        // (exact: hi + mid + lo == the f64), the token count, the presence flags.
+        let mut meta = vec![0f32; 3 * n_micro + 1 + flags.len()];
+        for &(k, v) in values {
+            let hi = v as f32;
+            let r = v - f64::from(hi);
+            let mid = r as f32;
+            meta[3 * k] = hi;
+            meta[3 * k + 1] = mid;
+            meta[3 * k + 2] = (r - f64::from(mid)) as f32;
+        }
+        meta[3 * n_micro] = tokens as f32;
+        for (i, &f) in flags.iter().enumerate() {
+            meta[3 * n_micro + 1 + i] = f32::from(u8::from(f));
+        }
+        let n = meta.len();
+        let meta = self
+            .reduce(Tensor::<B::InnerBackend, 1>::from_data(
+                TensorData::new(meta, [n]),
+                &self.device,
+            ))?
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| TrainError::Collective {
+                reason: format!("reading the reduced step: {e:?}"),
+            })?;
+        let loss = (0..n_micro).fold(0.0f64, |acc, k| {
+            let part = |j: usize| f64::from(meta[3 * k + j]);
+            acc + ((part(0) + part(1)) + part(2))
+        });
+        let tokens = meta[3 * n_micro] as usize;
+        let anywhere: Vec<bool> = meta[3 * n_micro + 1..].iter().map(|&c| c > 0.0).collect();
+        let mut sum = Sum::<B> {
+            peer: self,
+            grads: &mut grads,
+            anywhere: &anywhere,
+            next: 0,
+            error: None,
+        };
+        model.visit(&mut sum);
+        if let Some(e) = sum.error {
+            return Err(e);
+        }
+        Ok((loss, grads, tokens))
+    }
+
+    /// Leaves the collective engine.
+    pub fn finish(self) -> Result<(), TrainError> {
+        finish_collective::<B::InnerBackend>(PeerId::from(self.id))
+            .map_err(|e| collective_error("finishing a data-parallel worker", e))
+    }
+}
+
+/// Lists, per trainable parameter in model order, whether `grads` holds its gradient.
+struct Present<'a, B> {
+    grads: &'a GradientsParams,
+    flags: Vec<bool>,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Present<'_, B> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        if p.val().is_require_grad() {
+            let has = self.grads.get::<B::InnerBackend, D>(p.id).is_some();
+            self.flags.push(has);
+        }
+    }
+}
+
+/// All-reduces, in model order, the gradient of every trainable parameter some worker has one
+/// for (zeros where this worker has none).
+struct Sum<'a, B: AutodiffBackend> {
+    peer: &'a Peer<B>,
+    grads: &'a mut GradientsParams,
+    anywhere: &'a [bool],
+    next: usize,
+    error: Option<TrainError>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Sum<'_, B> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        if !p.val().is_require_grad() {
+            return;
+        }
+        let i = self.next;
+        self.next += 1;
+        if !self.anywhere[i] || self.error.is_some() {
+            return;
+        }
+        let g = self
+            .grads
+            .remove::<B::InnerBackend, D>(p.id)
+            .unwrap_or_else(|| p.val().inner().zeros_like());
+        match self.peer.reduce(g) {
+            Ok(g) => self.grads.register::<B::InnerBackend, D>(p.id, g),
+            Err(e) => self.error = Some(e),
+        }
+    }
+}
