@@ -191,7 +191,8 @@ struct Present<'a, B> {
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Present<'_, B> {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-        if p.val().is_require_grad() {
+        // A parameter never loaded (a 4-bit base's placeholder) is frozen: not materialized.
+        if p.is_initialized() && p.val().is_require_grad() {
             let has = self.grads.get::<B::InnerBackend, D>(p.id).is_some();
             self.flags.push(has);
         }
@@ -210,7 +211,7 @@ struct Sum<'a, B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Sum<'_, B> {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-        if !p.val().is_require_grad() {
+        if !(p.is_initialized() && p.val().is_require_grad()) {
             return;
         }
         let i = self.next;
