@@ -5,7 +5,7 @@
 //! directory to write to, given by `FERROLORA_VARIANT_ADAPTERS`:
 //!
 //! ```sh
-//! FERROLORA_VARIANT_ADAPTERS=/tmp/variants cargo test --release --test write_variant_adapters \
+//! FERROLORA_VARIANT_ADAPTERS=target/variants cargo test --release --test write_variant_adapters \
 //!     -- --ignored
 //! ```
 //!

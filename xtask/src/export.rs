@@ -192,7 +192,7 @@ fn lazy_with_adapter(
     // recomputes from the base weights; this model has none (it is lazy), so both exports would
     // put the factors on the unchanged base.
     if let lora_core::InitLoraWeights::Named(init) = &lora.init_lora_weights {
-        if init == "pissa" || init == "olora" || init.starts_with("pissa_niter_") {
+        if lora.init_lora_weights.decomposes() {
             bail!(
                 "--adapter {}: init_lora_weights {init:?} adapters apply to the residual of the \
                  base weights, which export does not compute; write the merged model with `cargo \

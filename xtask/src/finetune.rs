@@ -532,9 +532,7 @@ impl FinetuneOptions {
                 self.training.weight_decay
             );
         }
-        let decomposes = matches!(&self.init_lora_weights, InitLoraWeights::Named(n)
-            if n == "pissa" || n == "olora" || n.starts_with("pissa_niter_"));
-        if decomposes && self.load_in_4bit && self.init_adapter.is_none() {
+        if self.init_lora_weights.decomposes() && self.load_in_4bit && self.init_adapter.is_none() {
             bail!(
                 "--init-lora-weights {} with --load-in-4bit: PiSSA and OLoRA take the adapter out \
                  of the full-precision base weight; initialize on the full-precision model (as \
@@ -749,7 +747,7 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
     // PiSSA / OLoRA: the adapter applies to the residual base the init left. The init's factors
     // are kept (PEFT's path_initial_model_for_weight_conversion) so that the end of the run can
     // also write the adapter as a plain LoRA for the original model.
-    let initial = (o.init_adapter.is_none() && decomposing_init(&lora_cfg))
+    let initial = (o.init_adapter.is_none() && lora_cfg.init_lora_weights.decomposes())
         .then(|| o.training.output_dir.join("initial-adapter"));
     if let Some(dir) = &initial {
         lora_core::save_adapter(&model, &lora_cfg, dir)
@@ -884,12 +882,6 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         outcome.adapter_dir.display()
     );
     Ok(())
-}
-
-/// Whether `cfg`'s init takes the adapter out of the base weight (PiSSA, OLoRA).
-fn decomposing_init(cfg: &LoraConfig) -> bool {
-    matches!(&cfg.init_lora_weights, InitLoraWeights::Named(n)
-        if n == "pissa" || n == "olora" || n.starts_with("pissa_niter_"))
 }
 
 /// The most tokens one micro-batch of `examples` can hold: the `batch` longest records back to back

@@ -13,7 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::config::LoraConfig;
 use crate::error::LoraError;
 use crate::modules::{is_module_to_save, load_saved, saved_shapes};
-use crate::params::{visit_params, ParamRef};
+use crate::params::{module_of, visit_params, ParamRef};
 use crate::target::{apply_lora, is_targeted, LoraModel, LoraReport};
 
 /// PEFT's weights file name.
@@ -127,8 +127,7 @@ pub fn save_adapter<B: Backend, M: Module<B>>(
     // The modules to save, whole, in their own dtype (as PEFT writes them).
     let mut failed = None;
     visit_params(model, |p: ParamRef<'_, B>| {
-        let module = p.path.rsplit_once('.').map_or("", |(m, _)| m);
-        if p.is_adapter() || !is_module_to_save(cfg, module) || failed.is_some() {
+        if p.is_adapter() || !is_module_to_save(cfg, p.module()) || failed.is_some() {
             return;
         }
         let key = format!("{PEFT_PREFIX}{}", p.path);
@@ -230,20 +229,7 @@ pub fn load_adapter<B: Backend, M: LoraModel<B>>(
         );
         for (suffix, expected) in entries {
             let key = format!("{PEFT_PREFIX}{path}.{suffix}");
-            let view = found.get(&key).ok_or_else(|| LoraError::MissingTensor {
-                key: key.clone(),
-                module: path.clone(),
-                file: file.clone(),
-            })?;
-            if view.shape() != expected {
-                return Err(LoraError::ShapeMismatch {
-                    key,
-                    module: path.clone(),
-                    file: file.clone(),
-                    expected: expected.to_vec(),
-                    found: view.shape().to_vec(),
-                });
-            }
+            checked_view(&found, &key, &path, &expected, &file)?;
         }
     }
 
@@ -252,28 +238,7 @@ pub fn load_adapter<B: Backend, M: LoraModel<B>>(
     let mut saved = BTreeMap::new();
     for (path, shape) in saved_shapes(&model, &cfg) {
         let key = format!("{PEFT_PREFIX}{path}");
-        let module = path.rsplit_once('.').map_or("", |(m, _)| m).to_string();
-        let view = found.remove(&key).ok_or_else(|| LoraError::MissingTensor {
-            key: key.clone(),
-            module: module.clone(),
-            file: file.clone(),
-        })?;
-        if view.shape() != shape.as_slice() {
-            return Err(LoraError::ShapeMismatch {
-                key,
-                module,
-                file: file.clone(),
-                expected: shape,
-                found: view.shape().to_vec(),
-            });
-        }
-        let values = to_f32(&view).ok_or_else(|| LoraError::BadFile {
-            file: file.clone(),
-            reason: format!(
-                "tensor `{key}` has dtype {:?}; expected F32, BF16 or F16",
-                view.dtype()
-            ),
-        })?;
+        let values = take_f32(&mut found, &key, module_of(&path), &shape, &file)?;
         saved.insert(path, values);
     }
     let mut model = load_saved(model, &cfg, saved);
@@ -289,27 +254,7 @@ pub fn load_adapter<B: Backend, M: LoraModel<B>>(
         );
         for (suffix, expected) in entries {
             let key = format!("{PEFT_PREFIX}{path}.{suffix}");
-            let view = found.remove(&key).ok_or_else(|| LoraError::MissingTensor {
-                key: key.clone(),
-                module: path.clone(),
-                file: file.clone(),
-            })?;
-            if view.shape() != expected.as_slice() {
-                return Err(LoraError::ShapeMismatch {
-                    key,
-                    module: path.clone(),
-                    file: file.clone(),
-                    expected,
-                    found: view.shape().to_vec(),
-                });
-            }
-            let values = to_f32(&view).ok_or_else(|| LoraError::BadFile {
-                file: file.clone(),
-                reason: format!(
-                    "tensor `{key}` has dtype {:?}; expected F32, BF16 or F16",
-                    view.dtype()
-                ),
-            })?;
+            let values = take_f32(&mut found, &key, &path, &expected, &file)?;
             linear.set_adapter_tensor(suffix, values);
         }
     }
@@ -319,27 +264,7 @@ pub fn load_adapter<B: Backend, M: LoraModel<B>>(
         };
         let key = format!("{PEFT_PREFIX}{path}.token_adapter.trainable_tokens_delta");
         let expected = vec![t.token_indices.len(), emb.shape()[1]];
-        let view = found.remove(&key).ok_or_else(|| LoraError::MissingTensor {
-            key: key.clone(),
-            module: path.clone(),
-            file: file.clone(),
-        })?;
-        if view.shape() != expected.as_slice() {
-            return Err(LoraError::ShapeMismatch {
-                key,
-                module: path.clone(),
-                file: file.clone(),
-                expected,
-                found: view.shape().to_vec(),
-            });
-        }
-        let values = to_f32(&view).ok_or_else(|| LoraError::BadFile {
-            file: file.clone(),
-            reason: format!(
-                "tensor `{key}` has dtype {:?}; expected F32, BF16 or F16",
-                view.dtype()
-            ),
-        })?;
+        let values = take_f32(&mut found, &key, &path, &expected, &file)?;
         emb.set_trained_rows(values);
     }
     if !found.is_empty() {
@@ -357,6 +282,57 @@ pub fn load_adapter<B: Backend, M: LoraModel<B>>(
         });
     }
     Ok((model, cfg, report))
+}
+
+/// The tensor `key` of the adapter file `file`, checked to have shape `expected`; errors name the
+/// key, the module and the file.
+fn checked_view<'a, 'd>(
+    found: &'a BTreeMap<String, TensorView<'d>>,
+    key: &str,
+    module: &str,
+    expected: &[usize],
+    file: &Path,
+) -> Result<&'a TensorView<'d>, LoraError> {
+    let view = found.get(key).ok_or_else(|| LoraError::MissingTensor {
+        key: key.to_string(),
+        module: module.to_string(),
+        file: file.to_path_buf(),
+    })?;
+    if view.shape() != expected {
+        return Err(LoraError::ShapeMismatch {
+            key: key.to_string(),
+            module: module.to_string(),
+            file: file.to_path_buf(),
+            expected: expected.to_vec(),
+            found: view.shape().to_vec(),
+        });
+    }
+    Ok(view)
+}
+
+/// [`checked_view`]'s tensor as f32 values, taken out of `found` (what remains at the end is
+/// unexpected).
+fn take_f32(
+    found: &mut BTreeMap<String, TensorView<'_>>,
+    key: &str,
+    module: &str,
+    expected: &[usize],
+    file: &Path,
+) -> Result<Vec<f32>, LoraError> {
+    let values = view_f32(checked_view(found, key, module, expected, file)?, key, file)?;
+    found.remove(key);
+    Ok(values)
+}
+
+/// A tensor's values as f32, or the error naming its dtype, key and file.
+fn view_f32(view: &TensorView, key: &str, file: &Path) -> Result<Vec<f32>, LoraError> {
+    to_f32(view).ok_or_else(|| LoraError::BadFile {
+        file: file.to_path_buf(),
+        reason: format!(
+            "tensor `{key}` has dtype {:?}; expected F32, BF16 or F16",
+            view.dtype()
+        ),
+    })
 }
 
 fn to_f32(v: &TensorView) -> Option<Vec<f32>> {
@@ -422,13 +398,7 @@ pub fn convert_to_lora(trained: &Path, initial: &Path, out: &Path) -> Result<Pat
                 module: key.rsplit_once(".lora_").map_or("", |(m, _)| m).to_string(),
                 file: file.to_path_buf(),
             })?;
-            let f = to_f32(&v).ok_or_else(|| LoraError::BadFile {
-                file: file.to_path_buf(),
-                reason: format!(
-                    "tensor `{key}` has dtype {:?}; expected F32, BF16 or F16",
-                    v.dtype()
-                ),
-            })?;
+            let f = view_f32(&v, key, file)?;
             Ok((f, v.shape().to_vec()))
         };
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -457,11 +427,7 @@ pub fn convert_to_lora(trained: &Path, initial: &Path, out: &Path) -> Result<Pat
             data.push((key, vec![2 * r, inp], bytes(&[v, v0].concat())));
         } else {
             let (outf, r) = (shape[0], shape[1]);
-            let mut b = Vec::with_capacity(outf * 2 * r);
-            for o in 0..outf {
-                b.extend_from_slice(&v[o * r..(o + 1) * r]);
-                b.extend(v0[o * r..(o + 1) * r].iter().map(|x| -x));
-            }
+            let b = crate::init::to_plain_b(&v, &v0, outf, r);
             data.push((key, vec![outf, 2 * r], bytes(&b)));
         }
     }

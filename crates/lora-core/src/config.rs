@@ -135,6 +135,15 @@ fn d_init() -> InitLoraWeights {
     InitLoraWeights::Bool(true)
 }
 
+impl InitLoraWeights {
+    /// Whether this init takes the adapter out of the base weight, which then becomes the residual:
+    /// PiSSA (`"pissa"`, `"pissa_niter_N"`) or OLoRA (`"olora"`).
+    pub fn decomposes(&self) -> bool {
+        matches!(self, Self::Named(n)
+            if n == "pissa" || n == "olora" || n.starts_with("pissa_niter_"))
+    }
+}
+
 impl Default for LoraConfig {
     fn default() -> Self {
         serde_json::from_str("{}").expect("all fields have defaults")

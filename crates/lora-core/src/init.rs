@@ -201,13 +201,17 @@ pub fn to_plain_lora(
         b.len() == out * r && b0.len() == out * r,
         "B and B0 must be [out={out}, r={r}]"
     );
-    let a_plain = [a, a0].concat();
+    ([a, a0].concat(), to_plain_b(b, b0, out, r))
+}
+
+/// [`to_plain_lora`]'s `B' = cat([B, −B0], dim=1)` alone, `[out, 2r]`.
+pub fn to_plain_b(b: &[f32], b0: &[f32], out: usize, r: usize) -> Vec<f32> {
     let mut b_plain = Vec::with_capacity(out * 2 * r);
     for o in 0..out {
         b_plain.extend_from_slice(&b[o * r..(o + 1) * r]);
         b_plain.extend(b0[o * r..(o + 1) * r].iter().map(|x| -x));
     }
-    (a_plain, b_plain)
+    b_plain
 }
 
 /// The rank and `lora_alpha` PEFT writes for the converted adapter of [`to_plain_lora`]:

@@ -219,8 +219,7 @@ impl<B: Backend> LoraLinear<B> {
         let InitLoraWeights::Named(name) = init else {
             return Ok(());
         };
-        let is_init = name.starts_with("pissa_niter_");
-        if name != "pissa" && name != "olora" && !is_init {
+        if !init.decomposes() {
             return Ok(());
         }
         let Some((a, _)) = self.active_adapter() else {

@@ -15,7 +15,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::config::LoraConfig;
 use crate::linear::param_id;
-use crate::params::{visit_params, ParamRef};
+use crate::params::{is_adapter_path, module_of, visit_params, ParamRef};
 
 /// Whether `modules_to_save` names the module at `path` (PEFT: `path.endswith(name)`).
 pub fn is_module_to_save(cfg: &LoraConfig, path: &str) -> bool {
@@ -25,11 +25,6 @@ pub fn is_module_to_save(cfg: &LoraConfig, path: &str) -> bool {
         .any(|name| path.ends_with(name.as_str()))
 }
 
-/// The module path of a parameter path (`lm_head.weight` → `lm_head`).
-fn module_of(param_path: &str) -> &str {
-    param_path.rsplit_once('.').map_or("", |(m, _)| m)
-}
-
 /// `(parameter path, shape)` of every parameter of the modules `modules_to_save` names.
 pub(crate) fn saved_shapes<B: Backend, M: Module<B>>(
     model: &M,
@@ -37,7 +32,7 @@ pub(crate) fn saved_shapes<B: Backend, M: Module<B>>(
 ) -> Vec<(String, Vec<usize>)> {
     let mut out = Vec::new();
     visit_params(model, |p: ParamRef<'_, B>| {
-        if !p.is_adapter() && is_module_to_save(cfg, module_of(p.path)) {
+        if !p.is_adapter() && is_module_to_save(cfg, p.module()) {
             out.push((p.path.to_string(), p.shape.to_vec()));
         }
     });
@@ -68,13 +63,7 @@ impl<B: Backend> ModuleMapper<B> for SavedMapper<'_> {
     }
     fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let path = self.stack.join(".");
-        let is_adapter = path.split('.').any(|s| {
-            matches!(
-                s,
-                "lora_A" | "lora_B" | "lora_magnitude_vector" | "token_adapter"
-            )
-        });
-        if is_adapter || !is_module_to_save(self.cfg, module_of(&path)) {
+        if is_adapter_path(&path) || !is_module_to_save(self.cfg, module_of(&path)) {
             return p;
         }
         // Ids from the path, so that optimizer state finds the parameter again in a resumed run.

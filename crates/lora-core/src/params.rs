@@ -45,13 +45,28 @@ impl<B: Backend> ParamRef<'_, B> {
     /// Whether it belongs to the adapter: a `lora_A` / `lora_B` module's parameter (the factors,
     /// `lora_B.bias`), DoRA's `lora_magnitude_vector`, or trained token rows (`token_adapter`).
     pub fn is_adapter(&self) -> bool {
-        self.path.split('.').any(|s| {
-            matches!(
-                s,
-                "lora_A" | "lora_B" | "lora_magnitude_vector" | "token_adapter"
-            )
-        })
+        is_adapter_path(self.path)
     }
+
+    /// The path of the module it belongs to (`lm_head.weight` → `lm_head`).
+    pub fn module(&self) -> &str {
+        module_of(self.path)
+    }
+}
+
+/// [`ParamRef::is_adapter`] for a parameter path.
+pub(crate) fn is_adapter_path(path: &str) -> bool {
+    path.split('.').any(|s| {
+        matches!(
+            s,
+            "lora_A" | "lora_B" | "lora_magnitude_vector" | "token_adapter"
+        )
+    })
+}
+
+/// The module path of a parameter path (`lm_head.weight` → `lm_head`).
+pub(crate) fn module_of(param_path: &str) -> &str {
+    param_path.rsplit_once('.').map_or("", |(m, _)| m)
 }
 
 /// Calls `f` with every float parameter of `module`, in module order.

@@ -16,9 +16,7 @@ use crate::tokens::LoraEmbedding;
 
 /// Whether the parameter at `param_path` belongs to the module `modules_to_save` entry `name`.
 fn is_module_to_save_name(name: &str, param_path: &str) -> bool {
-    param_path
-        .rsplit_once('.')
-        .is_some_and(|(m, _)| m.ends_with(name))
+    crate::params::module_of(param_path).ends_with(name)
 }
 
 /// A model whose linear layers can carry adapters. Implemented by the model crate (a few lines:

@@ -70,22 +70,8 @@ impl<B: Backend> LoraEmbedding<B> {
         let Some(t) = &self.token_adapter else {
             return logits;
         };
-        let [rows, vocab] = logits.dims();
-        let device = logits.device();
         let trained = h.matmul(t.trainable_tokens_delta.val().transpose()); // [rows, n]
-        let idx = t.index_tensor(&device);
-        let placed = Tensor::<B, 2>::zeros([rows, vocab], (&device, logits.dtype())).select_assign(
-            1,
-            idx,
-            trained,
-            IndexingUpdateOp::Add,
-        );
-        let mut cols = vec![false; vocab];
-        for &i in &t.token_indices {
-            cols[i] = true;
-        }
-        let cols = Tensor::<B, 2, Bool>::from_data(TensorData::new(cols, [1, vocab]), &device);
-        logits.mask_where(cols.expand([rows, vocab]), placed)
+        t.replace(logits, 1, trained)
     }
 
     /// Attaches trainable rows for `indices` (PEFT `update_layer`: a copy of the table's rows,
@@ -155,21 +141,8 @@ impl<B: Backend> LoraEmbedding<B> {
         let Some(t) = &self.token_adapter else {
             return w;
         };
-        let device = w.device();
-        let [vocab, hidden] = w.dims();
         let delta = t.trainable_tokens_delta.val().detach().cast(w.dtype());
-        let placed = Tensor::<B, 2>::zeros([vocab, hidden], (&device, w.dtype())).select_assign(
-            0,
-            t.index_tensor(&device),
-            delta,
-            IndexingUpdateOp::Add,
-        );
-        let mut rows = vec![false; vocab];
-        for &i in &t.token_indices {
-            rows[i] = true;
-        }
-        let rows = Tensor::<B, 2, Bool>::from_data(TensorData::new(rows, [vocab, 1]), &device);
-        w.mask_where(rows.expand([vocab, hidden]), placed)
+        t.replace(w, 0, delta)
     }
 
     /// Writes the trained rows into the table and drops them (PEFT `merge_and_unload`). Returns
@@ -188,6 +161,25 @@ impl<B: Backend> LoraEmbedding<B> {
 }
 
 impl<B: Backend> TrainableTokens<B> {
+    /// `t` with its slices along `dim` (rows: 0, columns: 1) at `token_indices` replaced by those
+    /// of `values` (in `token_indices` order): exactly the values, not a sum.
+    fn replace(&self, t: Tensor<B, 2>, dim: usize, values: Tensor<B, 2>) -> Tensor<B, 2> {
+        let (dims, device) = (t.dims(), t.device());
+        let placed = Tensor::<B, 2>::zeros(dims, (&device, t.dtype())).select_assign(
+            dim,
+            self.index_tensor(&device),
+            values,
+            IndexingUpdateOp::Add,
+        );
+        let mut hit = vec![false; dims[dim]];
+        for &i in &self.token_indices {
+            hit[i] = true;
+        }
+        let shape = if dim == 0 { [dims[0], 1] } else { [1, dims[1]] };
+        let hit = Tensor::<B, 2, Bool>::from_data(TensorData::new(hit, shape), &device);
+        t.mask_where(hit.expand(dims), placed)
+    }
+
     /// `token_indices` as an id tensor.
     fn index_tensor(&self, device: &B::Device) -> Tensor<B, 1, Int> {
         let v: Vec<i64> = self.token_indices.iter().map(|&i| i as i64).collect();
