@@ -73,6 +73,9 @@ pub struct FinetuneOptions {
     pub eval_split: Option<f64>,
     /// `cpu` or `cuda[:N]`.
     pub device: String,
+    /// Data parallelism over these devices, one worker thread each (`cuda:0,cuda:1`; a device may
+    /// repeat: two workers on one card). Empty: `device` (with `world_size` workers on it).
+    pub devices: Vec<String>,
     /// Padding-free batches: each step's examples back to back in one row, attending only within
     /// themselves (the same losses and gradients as padded rows, without computing padding).
     /// Unset: on for the CPU; off for CUDA, where every new sequence length costs Burn a kernel
@@ -132,6 +135,7 @@ impl Default for FinetuneOptions {
             eval_data: None,
             eval_split: None,
             device: "cpu".into(),
+            devices: Vec::new(),
             padding_free: None,
             bf16: None,
             lint: "error".into(),
@@ -235,9 +239,13 @@ struct OptionFlags {
     /// Hold out this fraction of --data for evaluation.
     #[arg(long, value_parser = finite)]
     eval_split: Option<f64>,
-    /// cpu | cuda[:N]
+    /// cpu | cuda[:N] (under torchrun, `cuda` is cuda:LOCAL_RANK)
     #[arg(long)]
     device: Option<String>,
+    /// Comma-separated devices, one data-parallel worker thread each (cuda:0,cuda:1,...); sets
+    /// --world-size to their number
+    #[arg(long, value_delimiter = ',', value_name = "DEVICES")]
+    devices: Option<Vec<String>>,
     /// Examples back to back in one row instead of padded rows [default: true on the CPU, false on
     /// CUDA]
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
@@ -366,6 +374,10 @@ struct TrainingFlags {
     /// per-device batch is per worker, so a step takes world-size × accumulation micro-batches).
     #[arg(long)]
     world_size: Option<usize>,
+    /// Seconds a multi-process run (torchrun's WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT in the
+    /// environment) waits for a rank before it stops with an error naming it.
+    #[arg(long)]
+    ddp_timeout: Option<u64>,
 }
 
 /// A float flag's value; NaN and the infinities are refused, as JSON (the layers' format) has none.
@@ -610,14 +622,85 @@ fn check_output_dir(t: &TrainingArguments) -> anyhow::Result<()> {
     crate::data::check_writable_dir(out, "--output-dir")
 }
 
-/// Validates `o` and fine-tunes on `o.device`.
+/// Validates `o` and fine-tunes on `o.device` (or `o.devices`; or as one rank of the process group
+/// torchrun's variables describe).
 pub fn run(o: &FinetuneOptions) -> anyhow::Result<()> {
+    let mut o = o.clone();
+    let group = lora_trainer::ProcessGroup::from_env()?;
+    place(&mut o, group)?;
+    let o = &o;
     o.validate()?;
-    check_output_dir(&o.training)?;
+    let leads = o.training.process_group.as_ref().is_none_or(|g| g.rank == 0);
+    if leads {
+        check_output_dir(&o.training)?;
+    }
+    if !o.devices.is_empty() {
+        #[cfg(feature = "cuda")]
+        {
+            let devs = o
+                .devices
+                .iter()
+                .map(|d| match crate::device::parse(d)? {
+                    crate::device::Device::Cuda(i) => Ok(burn::backend::cuda::CudaDevice::new(i)),
+                    crate::device::Device::Cpu => unreachable!("place() keeps CUDA lists only"),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            return run_on::<burn::backend::Autodiff<burn::backend::Cuda>>(o, &devs);
+        }
+        #[cfg(not(feature = "cuda"))]
+        return Err(crate::device::no_cuda(&o.devices.join(",")));
+    }
     crate::on_device!(&o.device,
-        cpu => run_on::<burn::backend::Autodiff<burn::backend::Flex>>(o, &Default::default()),
-        cuda(dev) => run_on::<burn::backend::Autodiff<burn::backend::Cuda>>(o, &dev),
+        cpu => run_on::<burn::backend::Autodiff<burn::backend::Flex>>(o, &[Default::default()]),
+        cuda(dev) => run_on::<burn::backend::Autodiff<burn::backend::Cuda>>(o, &[dev]),
     )
+}
+
+/// Fits the options to the launch: `--devices` sets the world size (a list of `cpu` is that many
+/// workers on the CPU); under torchrun (`group`) the world size is WORLD_SIZE and a bare
+/// `--device cuda` is this rank's card, `cuda:LOCAL_RANK`.
+fn place(o: &mut FinetuneOptions, group: Option<lora_trainer::ProcessGroup>) -> anyhow::Result<()> {
+    let world_flag = o.training.world_size;
+    if !o.devices.is_empty() {
+        let parsed = o
+            .devices
+            .iter()
+            .map(|d| crate::device::parse(d).map_err(|_| anyhow::anyhow!("--devices {d:?}: use cpu, cuda or cuda:N, comma-separated")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let cpu = parsed.iter().filter(|d| **d == crate::device::Device::Cpu).count();
+        if cpu != 0 && cpu != parsed.len() {
+            bail!("--devices {}: mixes the CPU and CUDA; give one kind", o.devices.join(","));
+        }
+        if world_flag > 1 && world_flag != parsed.len() {
+            bail!(
+                "--world-size {world_flag} with --devices {} ({} devices): give one of them",
+                o.devices.join(","),
+                parsed.len()
+            );
+        }
+        if group.is_some() {
+            bail!("--devices under torchrun (WORLD_SIZE is set): each process takes one device; use --device");
+        }
+        o.training.world_size = parsed.len();
+        o.device = o.devices[0].clone();
+        if cpu != 0 {
+            o.devices.clear();
+        }
+    }
+    if let Some(g) = group {
+        if world_flag > 1 && world_flag != g.world_size {
+            bail!(
+                "--world-size {world_flag} but WORLD_SIZE={} in the environment: under torchrun                  the world size is WORLD_SIZE; drop --world-size",
+                g.world_size
+            );
+        }
+        if o.device == "cuda" {
+            o.device = format!("cuda:{}", g.local_rank);
+        }
+        o.training.world_size = g.world_size;
+        o.training.process_group = Some(g);
+    }
+    Ok(())
 }
 
 /// Splits off `ratio` of the examples (a seeded shuffle) for evaluation, keeping input order.
@@ -651,7 +734,10 @@ fn split(
     Ok((train, eval))
 }
 
-fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow::Result<()> {
+fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, devices: &[B::Device]) -> anyhow::Result<()> {
+    let device = &devices[0];
+    // Rank 0 of a multi-process run (or the only process) writes; the others only train.
+    let leads = o.training.process_group.as_ref().is_none_or(|g| g.rank == 0);
     let Some(model_arg) = &o.model else {
         bail!("--model DIR is required (a directory with config.json, *.safetensors and tokenizer.json)");
     };
@@ -749,7 +835,7 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
     // also write the adapter as a plain LoRA for the original model.
     let initial = (o.init_adapter.is_none() && lora_cfg.init_lora_weights.decomposes())
         .then(|| o.training.output_dir.join("initial-adapter"));
-    if let Some(dir) = &initial {
+    if let (Some(dir), true) = (&initial, leads) {
         lora_core::save_adapter(&model, &lora_cfg, dir)
             .with_context(|| format!("saving the initial adapter to {}", dir.display()))?;
     }
@@ -797,17 +883,38 @@ fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, device: &B::Device) -> anyhow
         // Stops the run after the current step (the trainer's contract).
         !interrupted.load(Ordering::SeqCst)
     };
-    let (_, outcome) = train(
-        model,
-        &lora_cfg,
-        &train_ex,
-        &eval_ex,
-        train_data.collator,
-        &o.training,
-        device,
-        &mut on_event,
-    )?;
+    if !leads {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let outcome = if devices.len() > 1 {
+        lora_trainer::train_data_parallel(
+            model,
+            &lora_cfg,
+            &train_ex,
+            &eval_ex,
+            train_data.collator,
+            &o.training,
+            devices,
+            &mut on_event,
+        )?
+        .1
+    } else {
+        train(
+            model,
+            &lora_cfg,
+            &train_ex,
+            &eval_ex,
+            train_data.collator,
+            &o.training,
+            device,
+            &mut on_event,
+        )?
+        .1
+    };
     bar.finish_and_clear();
+    if !leads {
+        return Ok(());
+    }
     let last = outcome.state.global_step;
     if outcome.stopped {
         let out = &o.training.output_dir;
@@ -1344,6 +1451,7 @@ mod tests {
             eval_data: Some("e".into()),
             eval_split: Some(0.1),
             device: "cuda:1".into(),
+            devices: Vec::new(),
             padding_free: Some(false),
             bf16: Some(true),
             lint: "warn".into(),
@@ -1380,6 +1488,8 @@ mod tests {
                 resume_from_checkpoint: Some("latest".into()),
                 overwrite_output_dir: true,
                 world_size: 2,
+                ddp_timeout: 1800,
+                process_group: None,
             },
         };
         assert_eq!(o, want);

@@ -82,6 +82,15 @@ pub struct TrainingArguments {
     /// `per_device_train_batch_size` examples; see `lora_trainer::train_data_parallel`. 1: one
     /// worker, the plain loop.
     pub world_size: usize,
+    /// Seconds a multi-process run waits for a rank (to join, to reach the next collective
+    /// operation, to be heard from) before it stops with an error naming the rank: transformers'
+    /// `ddp_timeout` (default 1800).
+    pub ddp_timeout: u64,
+    /// This process's place in a multi-process run (`torchrun`'s environment, see
+    /// [`crate::ProcessGroup::from_env`]); `None`: every worker is a thread of this process.
+    /// Its `world_size` must equal `world_size` above. Not saved with the arguments.
+    #[serde(skip)]
+    pub process_group: Option<crate::ProcessGroup>,
 }
 
 impl Default for TrainingArguments {
@@ -112,6 +121,8 @@ impl Default for TrainingArguments {
             resume_from_checkpoint: None,
             overwrite_output_dir: false,
             world_size: 1,
+            ddp_timeout: 1800,
+            process_group: None,
         }
     }
 }
@@ -150,6 +161,23 @@ impl TrainingArguments {
             return bad(
                 "gradient_accumulation_steps",
                 "is 0; it must be at least 1".into(),
+            );
+        }
+        if let Some(g) = &self.process_group {
+            if g.world_size != self.world_size {
+                return bad(
+                    "world_size",
+                    format!(
+                        "is {} but the process group (WORLD_SIZE) has {} ranks; they must agree",
+                        self.world_size, g.world_size
+                    ),
+                );
+            }
+        }
+        if self.ddp_timeout == 0 {
+            return bad(
+                "ddp_timeout",
+                "is 0; give the seconds to wait for a rank (transformers' default is 1800)".into(),
             );
         }
         if self.world_size == 0 {

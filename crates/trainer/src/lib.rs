@@ -6,6 +6,7 @@ pub mod checkpoint;
 mod clip;
 mod error;
 mod eval;
+mod launch;
 mod lm;
 mod loraplus;
 mod loss;
@@ -20,6 +21,7 @@ pub use checkpoint::{EvalEntry, LogEntry, TrainerState};
 pub use clip::clip_global_norm;
 pub use error::TrainError;
 pub use eval::{evaluate, EvalResult};
+pub use launch::ProcessGroup;
 pub use lm::{plain_loss_and_grads, CausalLm, TrainableLm};
 pub use loraplus::take_lora_b;
 pub use loss::{

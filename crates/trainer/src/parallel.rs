@@ -20,7 +20,7 @@
 //! gradients a worker holds, so an idle worker (no micro-batch, no gradients) would leave the
 //! others waiting; here the parameters come from the model, the same list on every worker.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -32,6 +32,7 @@ use burn_collective::{
 };
 
 use crate::error::TrainError;
+use crate::launch::{ProcessGroup, Progress};
 
 /// Burn's local collective server is one per backend type and process, and a peer id registers
 /// once: data-parallel runs in one process (tests run in parallel) take turns.
@@ -59,18 +60,36 @@ pub(crate) struct Peer<B: AutodiffBackend> {
     /// Workers in all.
     pub world: usize,
     device: B::Device,
+    /// In a multi-process run, the watchdog's count of this rank's operations.
+    progress: Option<Arc<Progress>>,
+    group: Option<ProcessGroup>,
 }
 
 impl<B: AutodiffBackend> Peer<B> {
     /// Registers worker `id` of `world` on `device`; returns once all `world` have registered.
-    pub fn register(id: usize, world: usize, device: &B::Device) -> Result<Self, TrainError> {
-        let config = CollectiveConfig::default().with_num_devices(world);
-        register::<B::InnerBackend>(PeerId::from(id), device.clone(), config)
-            .map_err(|e| collective_error("registering a data-parallel worker", e))?;
+    /// In one process all `world` workers are its threads; with `group` (a multi-process run)
+    /// this process is rank `id`'s only worker and the others join through rank 0's orchestrator.
+    pub fn register(
+        id: usize,
+        world: usize,
+        device: &B::Device,
+        group: Option<(&ProcessGroup, Arc<Progress>)>,
+    ) -> Result<Self, TrainError> {
+        let (progress, group) = match group {
+            None => {
+                let config = CollectiveConfig::default().with_num_devices(world);
+                register::<B::InnerBackend>(PeerId::from(id), device.clone(), config)
+                    .map_err(|e| collective_error("registering a data-parallel worker", e))?;
+                (None, None)
+            }
+            Some((g, progress)) => (Some(progress), Some(g.clone())),
+        };
         Ok(Self {
             id,
             world,
             device: device.clone(),
+            progress,
+            group,
         })
     }
 
@@ -83,12 +102,26 @@ impl<B: AutodiffBackend> Peer<B> {
         &self,
         t: Tensor<B::InnerBackend, D>,
     ) -> Result<Tensor<B::InnerBackend, D>, TrainError> {
+        if let Some(p) = &self.progress {
+            p.enter();
+        }
+        if let Some(g) = &self.group {
+            register::<B::InnerBackend>(PeerId::from(self.id), self.device.clone(), g.collective_config()?)
+                .map_err(|e| collective_error("registering a data-parallel worker", e))?;
+        }
         let p = all_reduce::<B::InnerBackend>(
             PeerId::from(self.id),
             t.into_primitive().tensor(),
             ReduceOperation::Sum,
         )
         .map_err(|e| collective_error("all-reduce", e))?;
+        if self.group.is_some() {
+            finish_collective::<B::InnerBackend>(PeerId::from(self.id))
+                .map_err(|e| collective_error("finishing a data-parallel worker", e))?;
+        }
+        if let Some(p) = &self.progress {
+            p.leave();
+        }
         Ok(Tensor::from_primitive(TensorPrimitive::Float(p)))
     }
 
@@ -113,6 +146,9 @@ impl<B: AutodiffBackend> Peer<B> {
     /// reduced gradients of every trainable parameter of `model` (in model order; a worker without
     /// a gradient for one adds zeros; one that no worker has a gradient for stays absent, as it
     /// would on one device).
+    ///
+    /// One all-reduce for all of it (DDP's buckets, as one): the losses, the token count, which
+    /// parameters have a gradient, and every gradient, flattened into one tensor on the device.
     pub fn all_reduce_step<M: AutodiffModule<B>>(
         &self,
         model: &M,
@@ -121,16 +157,15 @@ impl<B: AutodiffBackend> Peer<B> {
         tokens: usize,
         mut grads: GradientsParams,
     ) -> Result<(f64, GradientsParams, usize), TrainError> {
-        // Which trainable parameters this worker has a gradient for, in model order.
-        let mut present = Present::<B> {
-            grads: &grads,
+        let mut pack = Pack::<B> {
+            grads: &mut grads,
             flags: Vec::new(),
-            _b: std::marker::PhantomData,
+            parts: Vec::new(),
         };
-        model.visit(&mut present);
-        let flags = present.flags;
-        // One small reduce for everything that is not a gradient: each loss as three f32 parts
-        // (exact: hi + mid + lo == the f64), the token count, the presence flags.
+        model.visit(&mut pack);
+        let Pack { flags, parts, .. } = pack;
+        // Each loss as three f32 parts (exact: hi + mid + lo == the f64), the token count, the
+        // presence flags.
         let mut meta = vec![0f32; 3 * n_micro + 1 + flags.len()];
         for &(k, v) in values {
             let hi = v as f32;
@@ -144,12 +179,15 @@ impl<B: AutodiffBackend> Peer<B> {
         for (i, &f) in flags.iter().enumerate() {
             meta[3 * n_micro + 1 + i] = f32::from(u8::from(f));
         }
-        let n = meta.len();
-        let meta = self
-            .reduce(Tensor::<B::InnerBackend, 1>::from_data(
-                TensorData::new(meta, [n]),
-                &self.device,
-            ))?
+        let m = meta.len();
+        let meta = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(meta, [m]), &self.device);
+        let flat = self.reduce(Tensor::cat(
+            std::iter::once(meta).chain(parts).collect(),
+            0,
+        ))?;
+        let meta = flat
+            .clone()
+            .slice(0..m)
             .into_data()
             .to_vec::<f32>()
             .map_err(|e| TrainError::Collective {
@@ -161,71 +199,77 @@ impl<B: AutodiffBackend> Peer<B> {
         });
         let tokens = meta[3 * n_micro] as usize;
         let anywhere: Vec<bool> = meta[3 * n_micro + 1..].iter().map(|&c| c > 0.0).collect();
-        let mut sum = Sum::<B> {
-            peer: self,
+        let mut unpack = Unpack::<B> {
+            flat,
+            offset: m,
             grads: &mut grads,
             anywhere: &anywhere,
             next: 0,
-            error: None,
         };
-        model.visit(&mut sum);
-        if let Some(e) = sum.error {
-            return Err(e);
-        }
+        model.visit(&mut unpack);
         Ok((loss, grads, tokens))
     }
 
     /// Leaves the collective engine.
     pub fn finish(self) -> Result<(), TrainError> {
+        if self.group.is_some() {
+            return Ok(());
+        }
         finish_collective::<B::InnerBackend>(PeerId::from(self.id))
             .map_err(|e| collective_error("finishing a data-parallel worker", e))
     }
 }
 
-/// Lists, per trainable parameter in model order, whether `grads` holds its gradient.
-struct Present<'a, B> {
-    grads: &'a GradientsParams,
+/// Takes, per trainable parameter in model order, this worker's gradient out of `grads`, flattened
+/// (zeros where it has none), and whether it had one.
+struct Pack<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
     flags: Vec<bool>,
-    _b: std::marker::PhantomData<B>,
+    parts: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Present<'_, B> {
+/// A parameter trains here unless frozen or never loaded (a 4-bit base's placeholder: frozen and
+/// not materialized).
+fn trains<B: AutodiffBackend, const D: usize>(p: &Param<Tensor<B, D>>) -> bool {
+    p.is_initialized() && p.val().is_require_grad()
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Pack<'_, B> {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-        // A parameter never loaded (a 4-bit base's placeholder) is frozen: not materialized.
-        if p.is_initialized() && p.val().is_require_grad() {
-            let has = self.grads.get::<B::InnerBackend, D>(p.id).is_some();
-            self.flags.push(has);
+        if !trains(p) {
+            return;
         }
+        let g = self.grads.remove::<B::InnerBackend, D>(p.id);
+        self.flags.push(g.is_some());
+        let g = g.unwrap_or_else(|| p.val().inner().zeros_like());
+        let n = g.shape().num_elements();
+        self.parts.push(g.reshape([n]));
     }
 }
 
-/// All-reduces, in model order, the gradient of every trainable parameter some worker has one
-/// for (zeros where this worker has none).
-struct Sum<'a, B: AutodiffBackend> {
-    peer: &'a Peer<B>,
+/// Puts back, in model order, the reduced gradient of every trainable parameter some worker had
+/// one for, cut out of the reduced `flat` tensor.
+struct Unpack<'a, B: AutodiffBackend> {
+    flat: Tensor<B::InnerBackend, 1>,
+    offset: usize,
     grads: &'a mut GradientsParams,
     anywhere: &'a [bool],
     next: usize,
-    error: Option<TrainError>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Sum<'_, B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for Unpack<'_, B> {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-        if !(p.is_initialized() && p.val().is_require_grad()) {
+        if !trains(p) {
             return;
         }
-        let i = self.next;
+        let shape = p.val().shape();
+        let n = shape.num_elements();
+        let (start, i) = (self.offset, self.next);
+        self.offset += n;
         self.next += 1;
-        if !self.anywhere[i] || self.error.is_some() {
-            return;
-        }
-        let g = self
-            .grads
-            .remove::<B::InnerBackend, D>(p.id)
-            .unwrap_or_else(|| p.val().inner().zeros_like());
-        match self.peer.reduce(g) {
-            Ok(g) => self.grads.register::<B::InnerBackend, D>(p.id, g),
-            Err(e) => self.error = Some(e),
+        if self.anywhere[i] {
+            let g = self.flat.clone().slice(start..start + n).reshape(shape);
+            self.grads.register::<B::InnerBackend, D>(p.id, g);
         }
     }
 }

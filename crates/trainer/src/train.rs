@@ -13,6 +13,9 @@ use burn::tensor::backend::AutodiffBackend;
 use lora_core::{load_adapter, save_adapter, LoraConfig};
 use lora_data::{Collator, Example, Sampler, SamplerState, IGNORE_INDEX};
 
+use std::sync::Arc;
+
+use crate::launch::{self, ProcessGroup, Progress, Watchdog};
 use crate::parallel::{self, Peer};
 
 use crate::args::TrainingArguments;
@@ -113,7 +116,12 @@ pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
     device: &B::Device,
     on_event: &mut dyn FnMut(&TrainEvent) -> bool,
 ) -> Result<(M, TrainOutcome), TrainError> {
-    let devices = vec![device.clone(); args.world_size.max(1)];
+    // In a multi-process run this process holds one worker (its rank); otherwise all of them.
+    let local = match args.process_group {
+        Some(_) => 1,
+        None => args.world_size.max(1),
+    };
+    let devices = vec![device.clone(); local];
     let (mut models, outcome) = run(
         model,
         lora_cfg,
@@ -159,6 +167,12 @@ pub fn train_data_parallel<B: AutodiffBackend, M: TrainableLm<B>>(
     on_event: &mut dyn FnMut(&TrainEvent) -> bool,
 ) -> Result<(Vec<M>, TrainOutcome), TrainError> {
     args.validate()?;
+    if args.process_group.is_some() {
+        return Err(TrainError::BadOption {
+            option: "process_group".into(),
+            reason: "is set: a multi-process run has one worker per process; call `train`".into(),
+        });
+    }
     if devices.len() != args.world_size {
         return Err(TrainError::BadOption {
             option: "world_size".into(),
@@ -180,6 +194,38 @@ pub fn train_data_parallel<B: AutodiffBackend, M: TrainableLm<B>>(
         on_event,
     )
     .map_err(|e| e.on_full_disk(&args.output_dir))
+}
+
+/// Why a checkpoint of `saved_accum` × `saved_world` micro-batches per step cannot be resumed with
+/// `accum` × `world`, if it cannot. Any world size resumes it that divides its micro-batches per
+/// step, with the accumulation that keeps their number: a step then trains on the same examples.
+/// Checkpoints without a world size are of one worker; without an accumulation, nothing to check.
+fn per_step_differs(
+    saved_accum: Option<usize>,
+    saved_world: Option<usize>,
+    accum: usize,
+    world: usize,
+) -> Option<String> {
+    let saved_accum = saved_accum?;
+    let saved_world = saved_world.unwrap_or(1);
+    let per_step = saved_accum * saved_world;
+    if per_step == accum * world {
+        return None;
+    }
+    let was = format!(
+        "it was trained with {per_step} micro-batches per step (world_size {saved_world} × \
+         gradient_accumulation_steps {saved_accum})"
+    );
+    Some(if per_step.is_multiple_of(world) {
+        format!(
+            "{was}, this run takes {} ({world} × {accum}); with world_size {world} pass \
+             gradient_accumulation_steps {}",
+            accum * world,
+            per_step / world
+        )
+    } else {
+        format!("{was}; world_size {world} does not divide them, use a world size that does")
+    })
 }
 
 /// A step's micro-batches (all workers'): `per_step` of them, fewer when the epoch ends first, as
@@ -262,6 +308,7 @@ fn optimizer_step<B: AutodiffBackend, M: TrainableLm<B>, O: Optimizer<M, B>>(
 }
 
 /// A worker other than 0: the same steps on its share, no output; goes on while worker 0 says so.
+/// Returns its model and the step it stopped at.
 #[allow(clippy::too_many_arguments)] // the run's inputs
 fn follow<B: AutodiffBackend, M: TrainableLm<B>, O: Optimizer<M, B>>(
     id: usize,
@@ -275,8 +322,11 @@ fn follow<B: AutodiffBackend, M: TrainableLm<B>, O: Optimizer<M, B>>(
     collator: &Collator,
     args: &TrainingArguments,
     device: &B::Device,
-) -> Result<M, TrainError> {
-    let peer = Peer::<B>::register(id, world, device)?;
+    group: Option<(&ProcessGroup, Arc<Progress>)>,
+) -> Result<(M, usize), TrainError> {
+    // A worker thread that panics would leave the others waiting in the collective forever.
+    let _stop = launch::ExitOnPanic(id);
+    let peer = Peer::<B>::register(id, world, device, group)?;
     while peer.agree(true)? {
         let micro = draw_step(
             &mut sampler,
@@ -303,7 +353,7 @@ fn follow<B: AutodiffBackend, M: TrainableLm<B>, O: Optimizer<M, B>>(
         step += 1;
     }
     peer.finish()?;
-    Ok(model)
+    Ok((model, step))
 }
 
 #[allow(clippy::too_many_arguments)] // `train`'s arguments
@@ -319,7 +369,13 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
 ) -> Result<(Vec<M>, TrainOutcome), TrainError> {
     args.validate()?;
     let device = &devices[0];
-    let world = devices.len();
+    let group = args.process_group.as_ref();
+    let world = match group {
+        Some(g) => g.world_size,
+        None => devices.len(),
+    };
+    // Only rank 0 of a multi-process run touches the output directory.
+    let leads = group.is_none_or(|g| g.rank == 0);
     if args.weight_decay > 0.0 && lora_cfg.lora_bias() {
         // transformers' Trainer leaves every `bias` out of weight decay; one AdamW here decays all.
         return Err(TrainError::BadOption {
@@ -335,7 +391,7 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
         return Err(TrainError::NoData);
     }
     let out = &args.output_dir;
-    if args.resume_from_checkpoint.is_none() {
+    if args.resume_from_checkpoint.is_none() && leads {
         let previous = checkpoint::previous_run(out);
         if !previous.is_empty() && !args.overwrite_output_dir {
             return Err(TrainError::OutputDirInUse {
@@ -356,7 +412,9 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
             removed.map_err(|e| TrainError::io(&p, e))?;
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    if leads {
+        std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    }
     let bs = args.per_device_train_batch_size;
     let batches_per_epoch = examples.len().div_ceil(bs);
     let total = args.total_steps(batches_per_epoch);
@@ -430,16 +488,11 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
                 &text(saved.train_batch_size),
                 &text(state.train_batch_size),
             ),
-            differs(
-                "gradient_accumulation_steps",
-                &text(saved.gradient_accumulation_steps),
-                &text(state.gradient_accumulation_steps),
-            ),
-            // Checkpoints without it are of one worker.
-            differs(
-                "world_size",
-                &text(Some(saved.world_size.unwrap_or(1))),
-                &text(Some(world)),
+            per_step_differs(
+                saved.gradient_accumulation_steps,
+                saved.world_size,
+                args.gradient_accumulation_steps,
+                world,
             ),
         ]
         .into_iter()
@@ -471,6 +524,48 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
             world_size: (world > 1).then_some(world),
             ..saved
         };
+    }
+
+    // A multi-process run: rank 0 hosts the orchestrator; every rank joins the watchdog.
+    let watchdog = match group {
+        Some(g) => {
+            ProcessGroup::quiet();
+            if g.rank == 0 {
+                launch::start_orchestrator(g.master_port)?;
+            }
+            Some(Watchdog::start(g, Duration::from_secs(args.ddp_timeout))?)
+        }
+        None => None,
+    };
+    let joined = |w: &Option<Watchdog>| group.zip(w.as_ref().map(|w| w.progress.clone()));
+    if let Some(g) = group.filter(|g| g.rank > 0) {
+        let _turn = parallel::exclusive::<B>();
+        let (model, step) = follow(
+            g.rank,
+            world,
+            model,
+            optim,
+            sampler,
+            state.global_step,
+            total,
+            examples,
+            &collator,
+            args,
+            device,
+            joined(&watchdog),
+        )?;
+        if let Some(w) = watchdog {
+            w.finish();
+        }
+        state.global_step = step;
+        return Ok((
+            vec![model],
+            TrainOutcome {
+                state,
+                adapter_dir: out.clone(),
+                stopped: step < total,
+            },
+        ));
     }
 
     let metrics_path = out.join("metrics.jsonl");
@@ -505,12 +600,13 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
                 let step = state.global_step;
                 s.spawn(move || {
                     follow(
-                        id, world, m, o, smp, step, total, examples, collator, args, dev,
+                        id, world, m, o, smp, step, total, examples, collator, args, dev, None,
                     )
+                    .map(|(m, _)| m)
                 })
             })
             .collect();
-        let peer = match (world > 1).then(|| Peer::<B>::register(0, world, device)) {
+        let peer = match (world > 1).then(|| Peer::<B>::register(0, world, device, joined(&watchdog))) {
             Some(Err(e)) => return (Err(e), model, Vec::new()),
             Some(Ok(p)) => Some(p),
             None => None,
@@ -649,6 +745,10 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
                 Ok(()) => Ok(()),
             };
             let finished = released.and_then(|()| p.finish());
+            // The other ranks were released: wait for their word before this process may exit.
+            if let (Ok(()), Some(w)) = (&finished, watchdog) {
+                w.finish();
+            }
             if let (Ok(()), Err(e)) = (&looped, finished) {
                 return (Err(e), model, Vec::new());
             }

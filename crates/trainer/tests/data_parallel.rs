@@ -237,3 +237,46 @@ fn a_stopped_data_parallel_run_resumes_bitwise() {
     assert_eq!(resumed.1.state.step_losses, whole.1.state.step_losses);
     assert_eq!(values(&resumed.0), values(&whole.0), "resumed adapter");
 }
+
+/// A checkpoint of 2 workers × accumulation 1 resumes with 1 worker × accumulation 2 (the same
+/// micro-batches per step, so the same examples per step) and ends where the uninterrupted
+/// 2-worker run ends, up to summation order; a world size that does not divide the checkpoint's
+/// micro-batches per step is refused with the reason, and so is a count that differs.
+#[test]
+fn a_checkpoint_resumes_with_another_world_size() {
+    let _rng = rng_lock();
+    let ex = examples(12);
+    let (t1, t2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = |dir: &Path, world: usize, accumulation: usize| TrainingArguments {
+        max_steps: Some(4),
+        save_steps: 2,
+        ..args(dir, world, accumulation)
+    };
+    let whole = run(&ex, &a(t1.path(), 2, 1), None).unwrap();
+    let (_, stopped) = run(&ex, &a(t2.path(), 2, 1), Some(2)).unwrap();
+    assert_eq!(stopped.state.global_step, 2);
+    let resume = |world: usize, accumulation: usize| TrainingArguments {
+        resume_from_checkpoint: Some("latest".into()),
+        ..a(t2.path(), world, accumulation)
+    };
+    let err = run(&ex, &resume(3, 1), None).expect_err("3 does not divide 2 micro-batches");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("world_size 3 does not divide"),
+        "the refusal says why: {msg}"
+    );
+    let err = run(&ex, &resume(1, 1), None).expect_err("1 × 1 is not 2 micro-batches per step");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("pass gradient_accumulation_steps 2"),
+        "the refusal says what to pass: {msg}"
+    );
+    let resumed = run(&ex, &resume(1, 2), None).unwrap();
+    assert_eq!(resumed.1.state.global_step, 4);
+    let (loss_err, value_err) = compare(
+        (&resumed.0, &resumed.1),
+        (&whole.0, &whole.1),
+        1e-6,
+    );
+    println!("resumed with 1 worker: loss {loss_err:e}, adapter {value_err:e}");
+}
