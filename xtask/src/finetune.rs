@@ -1687,4 +1687,46 @@ mod tests {
             .to_string();
         assert!(err.contains("not a finite number"), "{err}");
     }
+
+    /// `--devices` sets the world size (a list of `cpu` is that many workers on the CPU); under
+    /// torchrun the world is WORLD_SIZE and a bare `--device cuda` is `cuda:LOCAL_RANK`.
+    #[test]
+    fn devices_and_torchrun_place_the_workers() {
+        let placed = |argv: &[&str], group: Option<lora_trainer::ProcessGroup>| {
+            let mut o = resolve(argv).unwrap();
+            place(&mut o, group).map(|()| o)
+        };
+        let o = placed(&["--devices", "cpu,cpu"], None).unwrap();
+        assert_eq!((o.training.world_size, o.device.as_str()), (2, "cpu"));
+        assert!(o.devices.is_empty());
+        let o = placed(&["--devices", "cuda:0,cuda:1,cuda:1"], None).unwrap();
+        assert_eq!((o.training.world_size, o.device.as_str()), (3, "cuda:0"));
+        assert_eq!(o.devices.len(), 3);
+        for (argv, says) in [
+            (&["--devices", "cpu,cuda:0"][..], "mixes the CPU and CUDA"),
+            (&["--devices", "cpu,gpu"][..], "--devices \"gpu\""),
+            (&["--devices", "cpu,cpu", "--world-size", "3"][..], "give one of them"),
+        ] {
+            let err = placed(argv, None).unwrap_err().to_string();
+            assert!(err.contains(says), "{argv:?}: {err}");
+        }
+        let g = lora_trainer::ProcessGroup {
+            rank: 3,
+            local_rank: 1,
+            world_size: 4,
+            master_addr: "node-a".into(),
+            master_port: 29500,
+        };
+        let o = placed(&["--device", "cuda"], Some(g.clone())).unwrap();
+        assert_eq!((o.training.world_size, o.device.as_str()), (4, "cuda:1"));
+        assert_eq!(o.training.process_group, Some(g.clone()));
+        let err = placed(&["--world-size", "2"], Some(g.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("WORLD_SIZE=4"), "{err}");
+        let err = placed(&["--devices", "cuda:0,cuda:1"], Some(g))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("under torchrun"), "{err}");
+    }
 }

@@ -635,3 +635,77 @@ fn verdict(seen: &[Seen], timeout: Duration) -> Option<String> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(vars: &[(&str, &str)]) -> Result<Option<ProcessGroup>, TrainError> {
+        ProcessGroup::from_vars(|k| {
+            vars.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    const RANK1: &[(&str, &str)] = &[
+        ("WORLD_SIZE", "4"),
+        ("RANK", "1"),
+        ("LOCAL_RANK", "1"),
+        ("MASTER_ADDR", "node-a"),
+        ("MASTER_PORT", "29500"),
+    ];
+
+    #[test]
+    fn torchruns_variables_give_the_place() {
+        assert_eq!(
+            group(RANK1).unwrap(),
+            Some(ProcessGroup {
+                rank: 1,
+                local_rank: 1,
+                world_size: 4,
+                master_addr: "node-a".into(),
+                master_port: 29500,
+            })
+        );
+        // No launcher, or a world of one: no group.
+        assert_eq!(group(&[]).unwrap(), None);
+        assert_eq!(group(&[("WORLD_SIZE", "1")]).unwrap(), None);
+        // LOCAL_RANK may be left out (one process per machine).
+        let without: Vec<_> = RANK1
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != "LOCAL_RANK")
+            .collect();
+        assert_eq!(group(&without).unwrap().unwrap().local_rank, 0);
+    }
+
+    #[test]
+    fn a_missing_or_bad_variable_is_named() {
+        let with = |k: &str, v: Option<&str>| -> String {
+            let vars: Vec<(&str, &str)> = RANK1
+                .iter()
+                .copied()
+                .filter(|(name, _)| *name != k)
+                .chain(v.map(|v| (k, v)))
+                .collect();
+            group(&vars).expect_err("refused").to_string()
+        };
+        for (k, v, says) in [
+            ("RANK", None, "is not set"),
+            ("RANK", Some("4"), "must be below 4"),
+            ("RANK", Some("one"), "whole number"),
+            ("MASTER_ADDR", None, "is not set"),
+            ("MASTER_PORT", None, "is not set"),
+            ("MASTER_PORT", Some("65535"), "from 1 to 65534"),
+            ("MASTER_PORT", Some("0"), "from 1 to 65534"),
+            ("WORLD_SIZE", Some("0"), "at least 1"),
+        ] {
+            let msg = with(k, v);
+            assert!(
+                msg.contains(&format!("environment variable {k}")) && msg.contains(says),
+                "{k}={v:?}: {msg}"
+            );
+        }
+    }
+}
