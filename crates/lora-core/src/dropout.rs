@@ -61,8 +61,27 @@ pub(crate) fn keyed_dropout<B: Backend, const D: usize>(
     }
 }
 
-/// A 64-bit key from the backend's seeded generator: three uniform draws, 23 random bits each.
+std::thread_local! {
+    /// This thread's key stream, once [`seed_dropout_keys`] set it: the next key's counter.
+    static KEYS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// From now on this thread's dropout keys (the host-CPU masks, [`keyed_dropout`]) come from
+/// `seed`, a counter hashed, instead of the backend's generator, which is one per process: worker
+/// threads that train on one backend side by side (data parallelism in one process) then each
+/// draw the masks their own seeds fix, whatever the others draw meanwhile. Seeding again restarts
+/// the stream. Masks on other backends still come from `B::seed`.
+pub fn seed_dropout_keys(seed: u64) {
+    KEYS.with(|k| k.set(Some(mix(seed ^ GOLDEN_GAMMA))));
+}
+
+/// A 64-bit key: the next of this thread's stream when [`seed_dropout_keys`] started one, else from
+/// the backend's seeded generator (three uniform draws, 23 random bits each).
 pub(crate) fn draw_key<B: Backend>(device: &B::Device) -> u64 {
+    if let Some(counter) = KEYS.with(|k| k.get()) {
+        KEYS.with(|k| k.set(Some(counter.wrapping_add(GOLDEN_GAMMA))));
+        return mix(counter);
+    }
     let draws = Tensor::<B, 1>::random([3], Distribution::Default, device)
         .into_data()
         .convert::<f32>();

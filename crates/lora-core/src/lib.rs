@@ -20,6 +20,7 @@ pub use adapter::{
     ADAPTER_WEIGHTS, PEFT_PREFIX,
 };
 pub use config::{InitLoraWeights, LayerSelector, LoraConfig, ModuleSelector, TokenIndices};
+pub use dropout::seed_dropout_keys;
 pub use error::LoraError;
 pub use linear::{param_id, Base4bit, LoraLinear, LoraMagnitude, LoraWeight};
 pub use modules::is_module_to_save;

@@ -12,7 +12,7 @@ use lora_data::Batch;
 use qwen2::Qwen2ForCausalLM;
 
 use crate::loss::{chunked_head_loss, label_aware_loss_sum};
-use crate::recompute::{checkpointed_loss_and_grads, embedded, layer_seed};
+use crate::recompute::{checkpointed_loss_and_grads, embedded, layer_seed, seed_layer};
 
 /// A causal language model that can score a batch (training and evaluation).
 pub trait CausalLm<B: Backend> {
@@ -128,7 +128,7 @@ fn head_chunked_loss_and_grads<B: AutodiffBackend>(
     let device = batch.input_ids.device();
     let (mut x, rope, bias) = embedded(model, batch);
     for (i, layer) in model.model.layers.iter().enumerate() {
-        B::seed(&device, layer_seed(seed, i));
+        seed_layer::<B>(&device, layer_seed(seed, i));
         x = layer.forward(x, &rope, &bias, None);
     }
     let hidden = model.model.norm.forward(x);

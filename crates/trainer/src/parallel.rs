@@ -12,9 +12,12 @@
 //! so the copies stay bitwise equal. A worker with no micro-batch in a step (an epoch's last step
 //! can have fewer than W) contributes zeros and still joins the all-reduce.
 //!
-//! The per-micro-batch losses travel exactly (each f64 split into three f32 parts, every other
-//! worker adding zeros), so the logged step loss is the single-device one bit for bit; the
-//! gradients differ from the single-device sum only in summation order (worker sums first).
+//! One all-reduce per step carries everything (DDP's gradient buckets, as one bucket): the
+//! per-micro-batch losses, exactly (each f64 split into three f32 parts, every other worker adding
+//! zeros), so the logged step loss is the single-device one bit for bit; the token count; and every
+//! gradient, flattened on the device. The gradients differ from the single-device sum only in
+//! summation order (worker sums first). Across processes (`crate::launch`) each rank is one node
+//! of the collective engine's global level.
 //!
 //! Not burn-optim's `GradientsParams::all_reduce` (its `collective` feature): it reduces the
 //! gradients a worker holds, so an idle worker (no micro-batch, no gradients) would leave the
@@ -105,6 +108,13 @@ impl<B: AutodiffBackend> Peer<B> {
         if let Some(p) = &self.progress {
             p.enter();
         }
+        // Across processes each operation registers, reduces and leaves. burn-collective 0.21.0
+        // can do one global operation per registration: `SyncService::sync`
+        // (src/global/node/sync.rs) empties a copy of its list of synced peers, never the list,
+        // so a node's second operation waits forever. A registration builds the node (its sync
+        // service included) afresh and leaving drops it (src/local/server.rs), so every operation
+        // starts from an empty list. Each costs an orchestrator round trip and new connections
+        // (docs/training.md has the measured cost); a step makes two (the vote and the step).
         if let Some(g) = &self.group {
             register::<B::InnerBackend>(PeerId::from(self.id), self.device.clone(), g.collective_config()?)
                 .map_err(|e| collective_error("registering a data-parallel worker", e))?;

@@ -27,6 +27,14 @@ pub(crate) fn layer_seed(base: u64, layer: usize) -> u64 {
     z ^ (z >> 29)
 }
 
+/// Seeds layer dropout with `seed`: the backend's generator (device-side masks) and this thread's
+/// dropout keys (host-CPU masks, [`lora_core::seed_dropout_keys`]), so that worker threads sharing
+/// one backend draw the masks of their own micro-batches.
+pub(crate) fn seed_layer<B: burn::tensor::backend::Backend>(device: &B::Device, seed: u64) {
+    B::seed(device, seed);
+    lora_core::seed_dropout_keys(seed);
+}
+
 /// `(loss value, adapter gradients)` of `loss_sum(batch) / norm`, with per-layer recomputation.
 /// Equal to a plain `backward` of the same loss (tested), with less memory.
 pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
@@ -44,7 +52,7 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
     let mut inputs = Vec::with_capacity(model.model.layers.len());
     for (i, layer) in model.model.layers.iter().enumerate() {
         inputs.push(x.clone());
-        B::seed(&device, layer_seed(seed, i));
+        seed_layer::<B>(&device, layer_seed(seed, i));
         x = layer.forward(x, &rope, &mask, None).detach();
     }
 
@@ -65,7 +73,7 @@ pub fn checkpointed_loss_and_grads<B: AutodiffBackend>(
     // Backward, one layer at a time, last to first.
     for (i, layer) in model.model.layers.iter().enumerate().rev() {
         let input = inputs.pop().expect("one input per layer").require_grad();
-        B::seed(&device, layer_seed(seed, i));
+        seed_layer::<B>(&device, layer_seed(seed, i));
         let out = layer.forward(input.clone(), &rope, &mask, None);
         let surrogate = (out * Tensor::<B, 3>::from_inner(g)).sum();
         let mut grads = surrogate.backward();

@@ -151,10 +151,14 @@ pub fn train<B: AutodiffBackend, M: TrainableLm<B>>(
 /// Burn's collective engine (`burn-collective`, in this process); every worker clips the sum and
 /// steps its own AdamW, so the copies stay equal. A worker with no micro-batch in a step (the last
 /// step of an epoch can have fewer than `world_size`) contributes zeros. Only worker 0 logs,
-/// evaluates and writes checkpoints and the adapter. Resuming needs the same `world_size`.
+/// evaluates and writes checkpoints and the adapter. A checkpoint resumes with any `world_size`
+/// that divides its micro-batches per step, with the accumulation that keeps their number.
 ///
-/// Dropout draws from the backend's RNG, which on one shared CPU device is one for all workers:
-/// with `lora_dropout > 0` there a run is not reproducible draw for draw.
+/// Dropout: on the CPU each worker thread draws its masks from its own key stream, seeded per
+/// micro-batch and layer, so the masks are those of one device. Device-side masks (CUDA) come from
+/// the backend's generator, one per process: with `lora_dropout > 0` and several workers in one
+/// process they are random but not reproducible draw for draw (one process per device, as
+/// torchrun launches it, is).
 #[allow(clippy::too_many_arguments)] // `train`'s arguments
 pub fn train_data_parallel<B: AutodiffBackend, M: TrainableLm<B>>(
     model: M,
@@ -267,7 +271,7 @@ fn step_grads<B: AutodiffBackend, M: TrainableLm<B>>(
     device: &B::Device,
     peer: Option<&Peer<B>>,
 ) -> Result<(f64, GradientsParams, usize), TrainError> {
-    B::seed(device, seed);
+    crate::recompute::seed_layer::<B>(device, seed);
     let mut acc = GradientsAccumulator::<M>::new();
     let mut step_loss = 0.0f64;
     let mut tokens = 0usize;

@@ -280,3 +280,42 @@ fn a_checkpoint_resumes_with_another_world_size() {
     );
     println!("resumed with 1 worker: loss {loss_err:e}, adapter {value_err:e}");
 }
+
+/// With dropout on, two worker threads on the one CPU backend equal one worker: each draws the
+/// masks of its own micro-batches (a per-thread key stream seeded per layer and micro-batch), not
+/// whatever the process-wide generator holds when its turn comes.
+#[test]
+fn two_workers_with_dropout_equal_one_worker() {
+    let _rng = rng_lock();
+    let cfg = LoraConfig {
+        lora_dropout: 0.1,
+        ..lora_cfg()
+    };
+    let ex = examples(12);
+    let (t1, t2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let go = |a: &TrainingArguments| {
+        train(
+            model(&cfg),
+            &cfg,
+            &ex,
+            &[],
+            Collator::new(0),
+            a,
+            &Default::default(),
+            &mut |_: &TrainEvent| true,
+        )
+        .unwrap()
+    };
+    let steps = Some(3);
+    let one = go(&TrainingArguments {
+        max_steps: steps,
+        ..args(t1.path(), 1, 4)
+    });
+    let two = go(&TrainingArguments {
+        max_steps: steps,
+        ..args(t2.path(), 2, 2)
+    });
+    assert_eq!(two.1.state.step_losses[0], one.1.state.step_losses[0], "step 1 loss");
+    let (loss_err, value_err) = compare((&two.0, &two.1), (&one.0, &one.1), 1e-6);
+    println!("with dropout 0.1: loss {loss_err:e}, adapter {value_err:e}");
+}
