@@ -10,6 +10,8 @@
 #
 # 1. fixture parity on the device: f32 logits (tolerance 1e-4) and bf16 logits (0.15);
 # 2. the built-in demo fine-tune on the device (30 steps), then one chat answer from its adapter;
+#    2b. data parallelism with two peers on the one card (threads, then torchrun-style processes)
+#    against one peer with twice the accumulation (the trainer's tokens/s);
 # 3. LoRA train steps of a random-weight model with the real Qwen2.5-7B config, bf16 base
 #    (batch 4 x 384 and 1 x 2048, with and without gradient checkpointing): tok/s, MFU against the
 #    card's measured bf16 GEMM rate, peak device memory (nvidia-smi, sampled);
@@ -57,6 +59,31 @@ timeout "$T_SHORT" "$BIN" chat --device "$DEVICE" --model "$WORK/demo/model" --a
   || { echo "chat FAILED"; tail -n 5 "$OUT/stderr.log"; }
 echo "chat: $(cat "$OUT/chat.log")"
 
+log "2b. data parallelism on the one card: 2 peers (threads, then processes) vs 1 with twice the accumulation"
+# The demo's model and data, 30 steps of 2 micro-batches; the trainer's tokens/s of its training
+# steps (logging every 10 steps, the last line's window); step ms = tokens per step / tokens/s.
+dp_run() {  # dp_run NAME ARGS... : one fine-tune, its last log line as a result row
+  local name=$1; shift
+  rm -rf "$WORK/dp-$name"
+  if timeout "$T_SHORT" "$@" --model "$WORK/demo/model" --data "$WORK/demo/data.json" --output-dir "$WORK/dp-$name" \
+      --per-device-train-batch-size 4 --max-steps 30 --logging-steps 10 --save-steps 0 --lint warn \
+      > "$OUT/dp-$name.log" 2>>"$OUT/stderr.log"; then
+    local last; last=$(grep '"loss"' "$OUT/dp-$name.log" | tail -n 1)  # rank 1 logs nothing
+    [ -z "$last" ] || echo "{\"dp\": \"$name\", \"last_log\": $last}" >> "$OUT/results.jsonl"
+  else
+    echo "{\"dp\": \"$name\", \"failed\": true}" >> "$OUT/results.jsonl"; tail -n 5 "$OUT/stderr.log"
+  fi
+}
+ONE=$DEVICE; [ "$DEVICE" = cuda ] && ONE=cuda:0
+dp_run one "$BIN" finetune --device "$ONE" --gradient-accumulation-steps 2
+dp_run threads "$BIN" finetune --devices "$ONE,$ONE" --gradient-accumulation-steps 1
+PORT=$((29500 + RANDOM % 1000))
+(WORLD_SIZE=2 RANK=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$PORT \
+  dp_run processes-rank1 "$BIN" finetune --device "$ONE" --gradient-accumulation-steps 1 >/dev/null) &
+WORLD_SIZE=2 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$PORT \
+  dp_run processes "$BIN" finetune --device "$ONE" --gradient-accumulation-steps 1
+wait
+
 log "3-4. train steps, ours and PyTorch+PEFT"
 [ "$DEVICE" = cpu ] || timeout "$T_SHORT" $PY scripts/peft_gpu_bench.py --matmul-probe --device "$DEVICE" >> "$OUT/results.jsonl" 2>>"$OUT/stderr.log" || true
 for ck in "" "--checkpointing"; do  # the plain runs first: if time runs short, they are the ones kept
@@ -74,6 +101,12 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 probe = next((r["bf16_matmul_tflops"] for r in rows if "bf16_matmul_tflops" in r), None)
 print("parity:", [(r["fixture"], r["dtype"], f'{r["max_abs_error"]:.2e}', r["ok"]) for r in rows if "fixture" in r])
 print("demo:", [r for r in rows if "demo" in r])
+dp = {r["dp"]: r for r in rows if "dp" in r and "last_log" in r}
+one = dp.get("one", {}).get("last_log", {}).get("tokens_per_s")
+for name in ("one", "threads", "processes"):
+    t = dp.get(name, {}).get("last_log", {}).get("tokens_per_s")
+    if t:
+        print(f"data parallel {name:<10} {t:>10.0f} tok/s" + (f"  ({t / one:.2f}x one peer)" if one else ""))
 print(f"bf16 GEMM probe: {probe} TFLOP/s")
 print(f'{"impl":<28}{"shape":<10}{"ckpt":<6}{"tok/s":>10}{"step s":>9}{"peak MiB":>10}{"MFU":>7}')
 bench = [r for r in rows if "step_s_median" in r]
