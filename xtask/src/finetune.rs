@@ -630,7 +630,11 @@ pub fn run(o: &FinetuneOptions) -> anyhow::Result<()> {
     place(&mut o, group)?;
     let o = &o;
     o.validate()?;
-    let leads = o.training.process_group.as_ref().is_none_or(|g| g.rank == 0);
+    let leads = o
+        .training
+        .process_group
+        .as_ref()
+        .is_none_or(|g| g.rank == 0);
     if leads {
         check_output_dir(&o.training)?;
     }
@@ -665,11 +669,21 @@ fn place(o: &mut FinetuneOptions, group: Option<lora_trainer::ProcessGroup>) -> 
         let parsed = o
             .devices
             .iter()
-            .map(|d| crate::device::parse(d).map_err(|_| anyhow::anyhow!("--devices {d:?}: use cpu, cuda or cuda:N, comma-separated")))
+            .map(|d| {
+                crate::device::parse(d).map_err(|_| {
+                    anyhow::anyhow!("--devices {d:?}: use cpu, cuda or cuda:N, comma-separated")
+                })
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let cpu = parsed.iter().filter(|d| **d == crate::device::Device::Cpu).count();
+        let cpu = parsed
+            .iter()
+            .filter(|d| **d == crate::device::Device::Cpu)
+            .count();
         if cpu != 0 && cpu != parsed.len() {
-            bail!("--devices {}: mixes the CPU and CUDA; give one kind", o.devices.join(","));
+            bail!(
+                "--devices {}: mixes the CPU and CUDA; give one kind",
+                o.devices.join(",")
+            );
         }
         if world_flag > 1 && world_flag != parsed.len() {
             bail!(
@@ -737,7 +751,11 @@ fn split(
 fn run_on<B: AutodiffBackend>(o: &FinetuneOptions, devices: &[B::Device]) -> anyhow::Result<()> {
     let device = &devices[0];
     // Rank 0 of a multi-process run (or the only process) writes; the others only train.
-    let leads = o.training.process_group.as_ref().is_none_or(|g| g.rank == 0);
+    let leads = o
+        .training
+        .process_group
+        .as_ref()
+        .is_none_or(|g| g.rank == 0);
     let Some(model_arg) = &o.model else {
         bail!("--model DIR is required (a directory with config.json, *.safetensors and tokenizer.json)");
     };
@@ -1705,7 +1723,10 @@ mod tests {
         for (argv, says) in [
             (&["--devices", "cpu,cuda:0"][..], "mixes the CPU and CUDA"),
             (&["--devices", "cpu,gpu"][..], "--devices \"gpu\""),
-            (&["--devices", "cpu,cpu", "--world-size", "3"][..], "give one of them"),
+            (
+                &["--devices", "cpu,cpu", "--world-size", "3"][..],
+                "give one of them",
+            ),
         ] {
             let err = placed(argv, None).unwrap_err().to_string();
             assert!(err.contains(says), "{argv:?}: {err}");

@@ -147,7 +147,11 @@ fn two_processes_over_loopback_equal_one_process() {
     let (o0, o1) = (finish(r0, "rank 0", limit), finish(r1, "rank 1", limit));
     assert!(o0.status.success(), "rank 0 failed:\n{}", text(&o0.stderr));
     assert!(o1.status.success(), "rank 1 failed:\n{}", text(&o1.stderr));
-    assert!(text(&o0.stdout).contains("done: 4 steps"), "{}", text(&o0.stdout));
+    assert!(
+        text(&o0.stdout).contains("done: 4 steps"),
+        "{}",
+        text(&o0.stdout)
+    );
     assert!(
         !text(&o1.stdout).contains("done:"),
         "rank 1 reports nothing of its own:\n{}",
@@ -158,7 +162,11 @@ fn two_processes_over_loopback_equal_one_process() {
     assert_eq!(l1.len(), 4);
     assert_eq!(l1[0], l2[0], "the first step's loss travels exactly");
     for (i, (a, b)) in l1.iter().zip(&l2).enumerate() {
-        assert!((a - b).abs() <= 1e-6 * a.abs(), "step {}: {a} vs {b}", i + 1);
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs(),
+            "step {}: {a} vs {b}",
+            i + 1
+        );
     }
     let (a1, a2) = (adapter(&one), adapter(&two));
     assert_eq!(a1.len(), a2.len());
@@ -170,7 +178,10 @@ fn two_processes_over_loopback_equal_one_process() {
     }
     println!("two processes against one: adapter within {worst:e}");
     for c in ["checkpoint-2", "checkpoint-4"] {
-        assert!(two.join(c).join("adapter_model.safetensors").is_file(), "{c}");
+        assert!(
+            two.join(c).join("adapter_model.safetensors").is_file(),
+            "{c}"
+        );
     }
 }
 
@@ -246,8 +257,51 @@ fn a_killed_rank_stops_the_other_with_its_name() {
                 ],
             ),
         );
-        assert!(resumed.contains(&format!("(1 this run, resumed at step {latest})")), "{resumed}");
+        assert!(
+            resumed.contains(&format!("(1 this run, resumed at step {latest})")),
+            "{resumed}"
+        );
     }
+}
+
+/// Ctrl-C on rank 0 of a multi-process run stops it at once with status 130 and where to resume
+/// (its orchestrator ends with the signal), and rank 1 stops naming rank 0.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_on_rank_0_stops_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = demo(tmp.path());
+    let out = tmp.path().join("interrupted");
+    let port = free_ports();
+    let a = args(
+        &demo,
+        &out,
+        &[
+            "--max-steps",
+            "100000",
+            "--save-steps",
+            "1",
+            "--gradient-accumulation-steps",
+            "1",
+        ],
+    );
+    let mut ranks = vec![rank(0, 2, port, &a), rank(1, 2, port, &a)];
+    wait_for_checkpoint(&out, &mut ranks);
+    let pid = ranks[0].id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let r1 = ranks.pop().unwrap();
+    let r0 = ranks.pop().unwrap();
+    let limit = Duration::from_secs(120);
+    let (o0, o1) = (finish(r0, "rank 0", limit), finish(r1, "rank 1", limit));
+    let (e0, e1) = (text(&o0.stderr), text(&o1.stderr));
+    assert_eq!(o0.status.code(), Some(130), "rank 0:\n{e0}");
+    assert!(e0.contains("--resume-from-checkpoint latest"), "{e0}");
+    assert!(!o1.status.success(), "rank 1 must fail:\n{e1}");
+    assert!(e1.contains("rank 0 stopped"), "rank 1 names rank 0:\n{e1}");
 }
 
 /// A rank that hangs (stopped with SIGSTOP) makes rank 0 stop after --ddp-timeout with an error

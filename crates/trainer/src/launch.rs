@@ -126,7 +126,8 @@ impl ProcessGroup {
     /// Keeps the collective engine's servers quiet: they log every connection and transfer at INFO
     /// to a subscriber they install unless the process has one; this installs one that drops all.
     pub(crate) fn quiet() {
-        let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
+        let _ =
+            tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
     }
 
     /// The collective engine's settings for this rank: one device here, `world_size` nodes, the
@@ -145,7 +146,8 @@ impl ProcessGroup {
             .ok_or_else(|| TrainError::Collective {
                 reason: format!("MASTER_ADDR {:?} resolves to no address", self.master_addr),
             })?;
-        let udp = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| net("finding this host's address", e))?;
+        let udp =
+            UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| net("finding this host's address", e))?;
         udp.connect(master)
             .map_err(|e| net("finding this host's address", e))?;
         let host = udp
@@ -176,15 +178,19 @@ impl ProcessGroup {
 }
 
 /// Starts `burn-collective`'s global orchestrator on `port` in a thread of its own (rank 0). Its
-/// server stops on SIGINT/SIGTERM; SIGTERM ends this process too, as it would without the server
-/// (torchrun stops its workers with it).
+/// server stops on SIGINT/SIGTERM, and every later operation needs it, so either signal ends this
+/// process (the others then stop, naming rank 0): SIGTERM as it would without the server (torchrun
+/// stops its workers with it), Ctrl-C with status 130 and where to resume from, instead of the
+/// single-process "stop after this step".
 pub(crate) fn start_orchestrator(port: u16) -> Result<(), TrainError> {
     // Fails early, with the port named, when another program holds it.
-    drop(TcpListener::bind(("0.0.0.0", port)).map_err(|e| TrainError::Collective {
-        reason: format!(
-            "MASTER_PORT {port}: rank 0 cannot listen there ({e}); pick a free port"
-        ),
-    })?);
+    drop(
+        TcpListener::bind(("0.0.0.0", port)).map_err(|e| TrainError::Collective {
+            reason: format!(
+                "MASTER_PORT {port}: rank 0 cannot listen there ({e}); pick a free port"
+            ),
+        })?,
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -202,6 +208,16 @@ pub(crate) fn start_orchestrator(port: u16) -> Result<(), TrainError> {
                     if let Ok(mut term) = signal(SignalKind::terminate()) {
                         term.recv().await;
                         std::process::exit(143); // 128 + SIGTERM
+                    }
+                });
+                tokio::spawn(async {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        eprintln!(
+                            "\ninterrupted: a multi-process run stops at once (its orchestrator \
+                             ends with Ctrl-C); resume from its last complete checkpoint with \
+                             --resume-from-checkpoint latest"
+                        );
+                        std::process::exit(130); // 128 + SIGINT
                     }
                 });
                 burn_collective::start_global_orchestrator(port).await
@@ -242,7 +258,10 @@ pub(crate) struct ExitOnPanic(pub usize);
 impl Drop for ExitOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            abort(&format!("worker {} panicked (above); the run stops", self.0))
+            abort(&format!(
+                "worker {} panicked (above); the run stops",
+                self.0
+            ))
         }
     }
 }
@@ -331,11 +350,10 @@ impl Watchdog {
             match listener.accept() {
                 Ok((stream, _)) => {
                     let _ = stream.set_nonblocking(false);
-                    let mut reader = BufReader::new(stream.try_clone().map_err(|e| {
-                        TrainError::Collective {
+                    let mut reader =
+                        BufReader::new(stream.try_clone().map_err(|e| TrainError::Collective {
                             reason: format!("watchdog socket: {e}"),
-                        }
-                    })?);
+                        })?);
                     let mut hello = String::new();
                     let _ = stream.set_read_timeout(Some(timeout));
                     let rank = reader
@@ -451,7 +469,9 @@ impl Watchdog {
                     }
                 }
                 if !finished.load(Ordering::SeqCst) {
-                    abort("rank 0 stopped (its connection closed: the process exited or was killed)")
+                    abort(
+                        "rank 0 stopped (its connection closed: the process exited or was killed)",
+                    )
                 }
             });
         }
@@ -466,9 +486,9 @@ impl Watchdog {
                 {
                     break;
                 }
-                let silent = start.elapsed().saturating_sub(Duration::from_millis(
-                    heard.load(Ordering::SeqCst),
-                ));
+                let silent = start
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(heard.load(Ordering::SeqCst)));
                 if silent > timeout {
                     abort(&format!(
                         "rank 0 has sent nothing for {} s (--ddp-timeout): it hangs, was \

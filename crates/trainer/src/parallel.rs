@@ -116,8 +116,12 @@ impl<B: AutodiffBackend> Peer<B> {
         // starts from an empty list. Each costs an orchestrator round trip and new connections
         // (docs/training.md has the measured cost); a step makes two (the vote and the step).
         if let Some(g) = &self.group {
-            register::<B::InnerBackend>(PeerId::from(self.id), self.device.clone(), g.collective_config()?)
-                .map_err(|e| collective_error("registering a data-parallel worker", e))?;
+            register::<B::InnerBackend>(
+                PeerId::from(self.id),
+                self.device.clone(),
+                g.collective_config()?,
+            )
+            .map_err(|e| collective_error("registering a data-parallel worker", e))?;
         }
         let p = all_reduce::<B::InnerBackend>(
             PeerId::from(self.id),
@@ -190,11 +194,9 @@ impl<B: AutodiffBackend> Peer<B> {
             meta[3 * n_micro + 1 + i] = f32::from(u8::from(f));
         }
         let m = meta.len();
-        let meta = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(meta, [m]), &self.device);
-        let flat = self.reduce(Tensor::cat(
-            std::iter::once(meta).chain(parts).collect(),
-            0,
-        ))?;
+        let meta =
+            Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(meta, [m]), &self.device);
+        let flat = self.reduce(Tensor::cat(std::iter::once(meta).chain(parts).collect(), 0))?;
         let meta = flat
             .clone()
             .slice(0..m)

@@ -610,11 +610,12 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
                 })
             })
             .collect();
-        let peer = match (world > 1).then(|| Peer::<B>::register(0, world, device, joined(&watchdog))) {
-            Some(Err(e)) => return (Err(e), model, Vec::new()),
-            Some(Ok(p)) => Some(p),
-            None => None,
-        };
+        let peer =
+            match (world > 1).then(|| Peer::<B>::register(0, world, device, joined(&watchdog))) {
+                Some(Err(e)) => return (Err(e), model, Vec::new()),
+                Some(Ok(p)) => Some(p),
+                None => None,
+            };
         // Every error of a step breaks out with it, so that the other workers can be released.
         macro_rules! attempt {
             ($steps:lifetime, $e:expr) => {

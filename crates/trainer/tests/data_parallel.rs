@@ -273,11 +273,7 @@ fn a_checkpoint_resumes_with_another_world_size() {
     );
     let resumed = run(&ex, &resume(1, 2), None).unwrap();
     assert_eq!(resumed.1.state.global_step, 4);
-    let (loss_err, value_err) = compare(
-        (&resumed.0, &resumed.1),
-        (&whole.0, &whole.1),
-        1e-6,
-    );
+    let (loss_err, value_err) = compare((&resumed.0, &resumed.1), (&whole.0, &whole.1), 1e-6);
     println!("resumed with 1 worker: loss {loss_err:e}, adapter {value_err:e}");
 }
 
@@ -315,7 +311,10 @@ fn two_workers_with_dropout_equal_one_worker() {
         max_steps: steps,
         ..args(t2.path(), 2, 2)
     });
-    assert_eq!(two.1.state.step_losses[0], one.1.state.step_losses[0], "step 1 loss");
+    assert_eq!(
+        two.1.state.step_losses[0], one.1.state.step_losses[0],
+        "step 1 loss"
+    );
     let (loss_err, value_err) = compare((&two.0, &two.1), (&one.0, &one.1), 1e-6);
     println!("with dropout 0.1: loss {loss_err:e}, adapter {value_err:e}");
 }
