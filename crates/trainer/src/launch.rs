@@ -134,17 +134,18 @@ impl ProcessGroup {
     /// orchestrator at rank 0, this rank's tensors on a free port at the address the others reach
     /// it by.
     pub(crate) fn collective_config(&self) -> Result<CollectiveConfig, TrainError> {
-        let net = |what: &str, e: std::io::Error| TrainError::Collective {
-            reason: format!("{what}: {e}"),
-        };
+        let net = |what: &str, e: std::io::Error| failure(format!("{what}: {e}"));
         // The address this machine reaches rank 0 from is the one rank 0 (and the others, on the
         // same network) reach it by; no packet is sent.
         let master = (self.master_addr.as_str(), self.master_port)
             .to_socket_addrs()
             .map_err(|e| net(&format!("MASTER_ADDR {:?}", self.master_addr), e))?
             .next()
-            .ok_or_else(|| TrainError::Collective {
-                reason: format!("MASTER_ADDR {:?} resolves to no address", self.master_addr),
+            .ok_or_else(|| {
+                failure(format!(
+                    "MASTER_ADDR {:?} resolves to no address",
+                    self.master_addr
+                ))
             })?;
         let udp =
             UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| net("finding this host's address", e))?;
@@ -158,11 +159,7 @@ impl ProcessGroup {
             .and_then(|l| l.local_addr())
             .map_err(|e| net("finding a free port for this rank's tensors", e))?
             .port();
-        let parse = |s: String| {
-            s.parse().map_err(|e| TrainError::Collective {
-                reason: format!("address {s}: {e}"),
-            })
-        };
+        let parse = |s: String| s.parse().map_err(|e| failure(format!("address {s}: {e}")));
         Ok(CollectiveConfig::default()
             .with_num_devices(1)
             .with_num_nodes(self.world_size as u32)
@@ -184,20 +181,16 @@ impl ProcessGroup {
 /// single-process "stop after this step".
 pub(crate) fn start_orchestrator(port: u16) -> Result<(), TrainError> {
     // Fails early, with the port named, when another program holds it.
-    drop(
-        TcpListener::bind(("0.0.0.0", port)).map_err(|e| TrainError::Collective {
-            reason: format!(
-                "MASTER_PORT {port}: rank 0 cannot listen there ({e}); pick a free port"
-            ),
-        })?,
-    );
+    drop(TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
+        failure(format!(
+            "MASTER_PORT {port}: rank 0 cannot listen there ({e}); pick a free port"
+        ))
+    })?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-        .map_err(|e| TrainError::Collective {
-            reason: format!("starting the orchestrator's runtime: {e}"),
-        })?;
+        .map_err(|e| failure(format!("starting the orchestrator's runtime: {e}")))?;
     std::thread::Builder::new()
         .name("collective-orchestrator".into())
         .spawn(move || {
@@ -223,9 +216,7 @@ pub(crate) fn start_orchestrator(port: u16) -> Result<(), TrainError> {
                 burn_collective::start_global_orchestrator(port).await
             })
         })
-        .map_err(|e| TrainError::Collective {
-            reason: format!("starting the orchestrator's thread: {e}"),
-        })?;
+        .map_err(|e| failure(format!("starting the orchestrator's thread: {e}")))?;
     Ok(())
 }
 
@@ -249,6 +240,16 @@ impl Progress {
             self.done.load(Ordering::SeqCst),
         )
     }
+}
+
+/// A failure of the multi-process machinery (sockets, addresses, a rank missing).
+fn failure(reason: String) -> TrainError {
+    TrainError::Collective { reason }
+}
+
+/// The watchdog's table of ranks (a thread that panicked holding it left it usable).
+fn lock(seen: &Mutex<Vec<Seen>>) -> std::sync::MutexGuard<'_, Vec<Seen>> {
+    seen.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Ends the process when the worker thread holding it panics: in one process the other workers
@@ -319,13 +320,12 @@ impl Watchdog {
         finished: Arc<AtomicBool>,
     ) -> Result<Self, TrainError> {
         let port = group.control_port();
-        let listener =
-            TcpListener::bind(("0.0.0.0", port)).map_err(|e| TrainError::Collective {
-                reason: format!(
-                    "rank 0's watchdog cannot listen on port {port} (MASTER_PORT + 1): {e}; pick \
+        let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
+            failure(format!(
+                "rank 0's watchdog cannot listen on port {port} (MASTER_PORT + 1): {e}; pick \
                      a MASTER_PORT whose next port is free too"
-                ),
-            })?;
+            ))
+        })?;
         let now = Instant::now();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::new(Mutex::new(
             (0..group.world_size)
@@ -342,18 +342,17 @@ impl Watchdog {
         // Every other rank connects and says which it is.
         listener
             .set_nonblocking(true)
-            .map_err(|e| TrainError::Collective {
-                reason: format!("watchdog socket: {e}"),
-            })?;
+            .map_err(|e| failure(format!("watchdog socket: {e}")))?;
         let mut joined = 1;
         while joined < group.world_size {
             match listener.accept() {
                 Ok((stream, _)) => {
                     let _ = stream.set_nonblocking(false);
-                    let mut reader =
-                        BufReader::new(stream.try_clone().map_err(|e| TrainError::Collective {
-                            reason: format!("watchdog socket: {e}"),
-                        })?);
+                    let mut reader = BufReader::new(
+                        stream
+                            .try_clone()
+                            .map_err(|e| failure(format!("watchdog socket: {e}")))?,
+                    );
                     let mut hello = String::new();
                     let _ = stream.set_read_timeout(Some(timeout));
                     let rank = reader
@@ -366,44 +365,36 @@ impl Watchdog {
                     };
                     let _ = stream.set_read_timeout(None);
                     {
-                        let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut s = lock(&seen);
                         if s[rank].stream.is_some() {
-                            return Err(TrainError::Collective {
-                                reason: format!(
-                                    "two processes say they are rank {rank}: give each its own RANK"
-                                ),
-                            });
+                            return Err(failure(format!(
+                                "two processes say they are rank {rank}: give each its own RANK"
+                            )));
                         }
                         s[rank].stream = Some(stream);
                         s[rank].heard = Instant::now();
                     }
                     joined += 1;
-                    let seen = seen.clone();
-                    std::thread::spawn(move || listen_to(rank, reader, seen));
+                    let (seen, finished) = (seen.clone(), finished.clone());
+                    std::thread::spawn(move || listen_to(rank, reader, seen, finished));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if now.elapsed() > timeout {
-                        let s = seen.lock().unwrap_or_else(|e| e.into_inner());
+                        let s = lock(&seen);
                         let missing: Vec<String> = (1..group.world_size)
                             .filter(|&r| s[r].stream.is_none())
                             .map(|r| r.to_string())
                             .collect();
-                        return Err(TrainError::Collective {
-                            reason: format!(
-                                "rank(s) {} did not join within {} s (--ddp-timeout); start every \
+                        return Err(failure(format!(
+                            "rank(s) {} did not join within {} s (--ddp-timeout); start every \
                                  rank with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT",
-                                missing.join(", "),
-                                timeout.as_secs()
-                            ),
-                        });
+                            missing.join(", "),
+                            timeout.as_secs()
+                        )));
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => {
-                    return Err(TrainError::Collective {
-                        reason: format!("watchdog socket: {e}"),
-                    })
-                }
+                Err(e) => return Err(failure(format!("watchdog socket: {e}"))),
             }
         }
         {
@@ -433,22 +424,18 @@ impl Watchdog {
             match TcpStream::connect(addr) {
                 Ok(s) => break s,
                 Err(e) if start.elapsed() > timeout => {
-                    return Err(TrainError::Collective {
-                        reason: format!(
-                            "rank 0's watchdog at {}:{} did not answer within {} s: {e}; start \
+                    return Err(failure(format!(
+                        "rank 0's watchdog at {}:{} did not answer within {} s: {e}; start \
                              rank 0 too, with the same MASTER_ADDR and MASTER_PORT",
-                            group.master_addr,
-                            group.control_port(),
-                            timeout.as_secs()
-                        ),
-                    })
+                        group.master_addr,
+                        group.control_port(),
+                        timeout.as_secs()
+                    )))
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         };
-        let io = |e: std::io::Error| TrainError::Collective {
-            reason: format!("rank 0's watchdog: {e}"),
-        };
+        let io = |e: std::io::Error| failure(format!("rank 0's watchdog: {e}"));
         writeln!(stream, "rank {}", group.rank).map_err(io)?;
         let reader = BufReader::new(stream.try_clone().map_err(io)?);
         // When rank 0 was last heard from (it beats too), in milliseconds since `start`.
@@ -524,7 +511,7 @@ impl Watchdog {
             let start = Instant::now();
             loop {
                 let all = {
-                    let s = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    let s = lock(seen);
                     s.iter().skip(1).all(|r| r.finished)
                 };
                 if all || start.elapsed() > self.timeout {
@@ -532,7 +519,7 @@ impl Watchdog {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = lock(seen);
             for r in s.iter_mut() {
                 if let Some(st) = r.stream.take() {
                     let _ = st.shutdown(Shutdown::Both);
@@ -542,11 +529,17 @@ impl Watchdog {
     }
 }
 
-/// Rank 0's reader of rank `rank`'s connection.
-fn listen_to(rank: usize, reader: BufReader<TcpStream>, seen: Arc<Mutex<Vec<Seen>>>) {
+/// Rank 0's reader of rank `rank`'s connection. A connection that closes once rank 0 itself has
+/// finished (every operation done) stops nothing: the run's result is complete.
+fn listen_to(
+    rank: usize,
+    reader: BufReader<TcpStream>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    finished: Arc<AtomicBool>,
+) {
     for line in reader.lines() {
         let Ok(line) = line else { break };
-        let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&seen);
         let r = &mut s[rank];
         r.heard = Instant::now();
         if line == "finished" {
@@ -561,8 +554,8 @@ fn listen_to(rank: usize, reader: BufReader<TcpStream>, seen: Arc<Mutex<Vec<Seen
             }
         }
     }
-    let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
-    if !s[rank].finished {
+    let mut s = lock(&seen);
+    if !s[rank].finished && !finished.load(Ordering::SeqCst) {
         stop_all(
             &mut s,
             &format!(
@@ -598,7 +591,7 @@ fn watch(
         }
         if beat.elapsed() >= BEAT {
             beat = Instant::now();
-            let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = lock(&seen);
             for r in s.iter_mut() {
                 if let Some(st) = r.stream.as_mut() {
                     let _ = writeln!(st, "beat");
@@ -610,7 +603,7 @@ fn watch(
             mine = (entered, done, Instant::now());
         }
         mine.1 = done;
-        let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&seen);
         s[0].entered = mine.0;
         s[0].done = mine.1;
         s[0].since = mine.2;

@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
@@ -12,8 +13,6 @@ use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use lora_core::{load_adapter, save_adapter, LoraConfig};
 use lora_data::{Collator, Example, Sampler, SamplerState, IGNORE_INDEX};
-
-use std::sync::Arc;
 
 use crate::launch::{self, ProcessGroup, Progress, Watchdog};
 use crate::parallel::{self, Peer};
