@@ -659,10 +659,13 @@ fn sixty_four_concurrent_streams_all_complete() {
             n >= 1 && n <= max,
             "request {i}: {n} tokens for max_tokens {max}"
         );
-        assert_eq!(
-            r.finish,
-            if n == max { "length" } else { "stop" },
-            "request {i}"
+        // "length" only at the limit; "stop" below it, or at it when the last token allowed was
+        // the end token (counted, as vLLM counts it).
+        let want: &[&str] = if n == max { &["length", "stop"] } else { &["stop"] };
+        assert!(
+            want.contains(&r.finish.as_str()),
+            "request {i}: finish_reason {:?} with {n} of {max} tokens",
+            r.finish
         );
         assert!(r.deltas <= n);
         // The same request alone afterwards: the same sampled answer, the same counts.
