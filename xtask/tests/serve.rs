@@ -661,7 +661,11 @@ fn sixty_four_concurrent_streams_all_complete() {
         );
         // "length" only at the limit; "stop" below it, or at it when the last token allowed was
         // the end token (counted, as vLLM counts it).
-        let want: &[&str] = if n == max { &["length", "stop"] } else { &["stop"] };
+        let want: &[&str] = if n == max {
+            &["length", "stop"]
+        } else {
+            &["stop"]
+        };
         assert!(
             want.contains(&r.finish.as_str()),
             "request {i}: finish_reason {:?} with {n} of {max} tokens",

@@ -11,8 +11,9 @@
 //! to rank 0 and sends, each second, how many collective operations it has entered and finished.
 //! Rank 0 stops the run, naming the rank, when a connection closes before its rank said it was
 //! done (the process exited or was killed), when a rank has sent nothing for `ddp_timeout`
-//! seconds (stopped, or its machine gone), or when a rank has waited `ddp_timeout` seconds in an
-//! operation that another rank has not reached (the other one hangs). It tells the others why and
+//! seconds (stopped, or its machine gone), when a rank has waited `ddp_timeout` seconds in an
+//! operation that another rank has not reached (the other one hangs), or in one every rank reached
+//! (the engine is stuck). It tells the others why and
 //! every process exits with status 1, as torch's NCCL watchdog aborts a process: a rank blocked in
 //! the collective engine cannot be handed an error. Checkpoints are written atomically, so the last
 //! complete one stays whatever moment the exit comes at.
@@ -645,6 +646,19 @@ fn verdict(seen: &[Seen], timeout: Duration) -> Option<String> {
                 r.entered
             ));
         }
+        // Every rank reached it and it has not completed: the transfer itself is lost.
+        let inside: Vec<String> = seen
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| !o.finished && o.done < r.entered)
+            .map(|(k, _)| k.to_string())
+            .collect();
+        return Some(format!(
+            "collective operation {} has not completed within {secs} s (--ddp-timeout) on \
+             rank(s) {}, though every rank reached it: the collective engine is stuck",
+            r.entered,
+            inside.join(", ")
+        ));
     }
     None
 }
@@ -668,6 +682,46 @@ mod tests {
         ("MASTER_ADDR", "node-a"),
         ("MASTER_PORT", "29500"),
     ];
+
+    /// A rank's row: operations entered and finished, `since` seconds in its current one,
+    /// last heard `heard` seconds ago.
+    fn row(entered: u64, done: u64, since: u64, heard: u64) -> Seen {
+        let ago = |s: u64| Instant::now() - Duration::from_secs(s);
+        Seen {
+            entered,
+            done,
+            since: ago(since),
+            heard: ago(heard),
+            finished: false,
+            stream: None,
+        }
+    }
+
+    #[test]
+    fn the_watchdog_names_the_rank_that_holds_the_others_up() {
+        let t = Duration::from_secs(5);
+        // Healthy: rank 1 is one operation behind, but nobody has waited long.
+        assert_eq!(verdict(&[row(4, 3, 1, 0), row(3, 3, 1, 0)], t), None);
+        // Rank 2 silent past the timeout.
+        let v = verdict(&[row(4, 3, 1, 0), row(4, 3, 1, 1), row(4, 3, 1, 9)], t).unwrap();
+        assert!(v.starts_with("rank 2 has sent nothing for 5 s"), "{v}");
+        // Ranks 0 and 2 wait in operation 4 for 9 s; rank 1 never reached it.
+        let v = verdict(&[row(4, 3, 9, 0), row(3, 3, 1, 0), row(4, 3, 9, 0)], t).unwrap();
+        assert!(
+            v.starts_with("rank(s) 1 did not reach collective operation 4"),
+            "{v}"
+        );
+        // Every rank is inside operation 4 and it never completes.
+        let v = verdict(&[row(4, 3, 9, 0), row(4, 3, 9, 0)], t).unwrap();
+        assert!(
+            v.contains("operation 4 has not completed") && v.contains("rank(s) 0, 1"),
+            "{v}"
+        );
+        // A rank that said it finished is neither silent nor behind.
+        let mut done = row(2, 2, 9, 9);
+        done.finished = true;
+        assert_eq!(verdict(&[row(2, 2, 1, 0), done], t), None);
+    }
 
     #[test]
     fn torchruns_variables_give_the_place() {
