@@ -627,6 +627,9 @@ fn check_output_dir(t: &TrainingArguments) -> anyhow::Result<()> {
 pub fn run(o: &FinetuneOptions) -> anyhow::Result<()> {
     let mut o = o.clone();
     let group = lora_trainer::ProcessGroup::from_env()?;
+    if group.is_some() {
+        crate::out::divert_foreign_stdout().context("keeping stdout for the log lines")?;
+    }
     place(&mut o, group)?;
     let o = &o;
     o.validate()?;

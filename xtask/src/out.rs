@@ -31,6 +31,24 @@ pub fn line(args: fmt::Arguments) {
     let _ = Stdout.write_fmt(format_args!("{args}\n"));
 }
 
+/// Where the command's output goes once [`divert_foreign_stdout`] moved file descriptor 1 away.
+static OUTPUT: std::sync::OnceLock<std::sync::Mutex<std::fs::File>> = std::sync::OnceLock::new();
+
+/// Keeps stdout for this command's own output and points file descriptor 1 at stderr, so that a
+/// dependency printing with `println!` (burn-collective's "Connecting to ws://..." at every
+/// cross-process operation) lands among the diagnostics and stdout stays the command's JSON
+/// lines. Elsewhere than on Unix it does nothing.
+pub fn divert_foreign_stdout() -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        io::stdout().flush()?;
+        let saved = rustix::io::dup(io::stdout())?;
+        rustix::stdio::dup2_stdout(io::stderr())?;
+        let _ = OUTPUT.set(std::sync::Mutex::new(std::fs::File::from(saved)));
+    }
+    Ok(())
+}
+
 /// Whether stdout has been found closed.
 pub fn closed() -> bool {
     CLOSED.load(Ordering::Relaxed)
@@ -48,6 +66,10 @@ impl Write for Stdout {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         if closed() {
             return Ok(());
+        }
+        if let Some(out) = OUTPUT.get() {
+            let mut f = out.lock().unwrap_or_else(|e| e.into_inner());
+            return swallow(f.write_all(buf));
         }
         let mut s = io::stdout().lock();
         let r = s.write_all(buf).and_then(|()| s.flush());

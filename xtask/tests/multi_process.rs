@@ -152,6 +152,12 @@ fn two_processes_over_loopback_equal_one_process() {
         "{}",
         text(&o0.stdout)
     );
+    // The collective engine's own prints go to stderr: stdout stays the command's lines.
+    assert!(
+        !text(&o0.stdout).contains("Connecting to"),
+        "{}",
+        text(&o0.stdout)
+    );
     assert!(
         !text(&o1.stdout).contains("done:"),
         "rank 1 reports nothing of its own:\n{}",
