@@ -496,17 +496,15 @@ impl Watchdog {
         })
     }
 
-    /// The run ended normally on this rank: rank 0 waits (up to the timeout) for the others' word,
-    /// the others give theirs.
+    /// The run ended normally on this rank: the others give rank 0 their word, rank 0 waits (up to
+    /// the timeout) for everyone's before it goes on to write the adapter.
     pub fn finish(mut self) {
         self.finished.store(true, Ordering::SeqCst);
         if let Some(mut s) = self.control.take() {
+            // Before the connection closes (TCP keeps the order): rank 0 then takes the close
+            // for the end it is, not for a death.
             let _ = writeln!(s, "finished");
             let _ = s.shutdown(Shutdown::Write);
-            // Rank 0 closes its end once every rank has finished; then this process may exit.
-            let _ = s.set_read_timeout(Some(self.timeout));
-            let mut rest = String::new();
-            let _ = BufReader::new(s).read_line(&mut rest);
         }
         if let Some(seen) = &self.seen {
             let start = Instant::now();
