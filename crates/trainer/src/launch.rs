@@ -355,7 +355,8 @@ impl Watchdog {
                             .map_err(|e| failure(format!("watchdog socket: {e}")))?,
                     );
                     let mut hello = String::new();
-                    let _ = stream.set_read_timeout(Some(timeout));
+                    // A rank says which it is at once; anything else connecting is dropped.
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
                     let rank = reader
                         .read_line(&mut hello)
                         .ok()
@@ -467,13 +468,15 @@ impl Watchdog {
             let mut beat = stream.try_clone().map_err(io)?;
             let progress = progress.clone();
             let finished = finished.clone();
+            // A write that cannot go through (rank 0 stopped, its buffers full) gives up after a
+            // beat, so that the silence below is still noticed.
+            let _ = beat.set_write_timeout(Some(BEAT));
             std::thread::spawn(move || loop {
                 let (entered, done) = progress.read();
-                if finished.load(Ordering::SeqCst)
-                    || writeln!(beat, "beat {entered} {done}").is_err()
-                {
+                if finished.load(Ordering::SeqCst) {
                     break;
                 }
+                let _ = writeln!(beat, "beat {entered} {done}");
                 let silent = start
                     .elapsed()
                     .saturating_sub(Duration::from_millis(heard.load(Ordering::SeqCst)));
@@ -553,10 +556,10 @@ fn listen_to(
             }
         }
     }
-    let mut s = lock(&seen);
-    if !s[rank].finished && !finished.load(Ordering::SeqCst) {
+    let gone = !lock(&seen)[rank].finished && !finished.load(Ordering::SeqCst);
+    if gone {
         stop_all(
-            &mut s,
+            &seen,
             &format!(
                 "rank {rank} stopped (its connection closed: the process exited or was killed)"
             ),
@@ -564,14 +567,25 @@ fn listen_to(
     }
 }
 
-/// Tells every connected rank why the run stops, and ends this process (rank 0).
-fn stop_all(seen: &mut [Seen], why: &str) -> ! {
-    for r in seen.iter_mut() {
-        if let Some(s) = r.stream.as_mut() {
-            let _ = writeln!(s, "stop {why}");
-        }
-    }
+/// Tells every connected rank why the run stops, and ends this process (rank 0). Takes the table
+/// unlocked: the writes happen outside its lock.
+fn stop_all(seen: &Mutex<Vec<Seen>>, why: &str) -> ! {
+    send_all(seen, &format!("stop {why}"));
     abort(why)
+}
+
+/// Writes `line` to every connected rank, on copies of the connections taken under the table's
+/// lock and written outside it, so that a write that blocks (a rank stopped with a full buffer)
+/// never holds up the readers that would notice a death.
+fn send_all(seen: &Mutex<Vec<Seen>>, line: &str) {
+    let streams: Vec<TcpStream> = lock(seen)
+        .iter()
+        .filter_map(|r| r.stream.as_ref()?.try_clone().ok())
+        .collect();
+    for mut st in streams {
+        let _ = st.set_write_timeout(Some(BEAT));
+        let _ = writeln!(st, "{line}");
+    }
 }
 
 /// Rank 0's check, every beat, for a rank gone silent or left behind.
@@ -590,25 +604,23 @@ fn watch(
         }
         if beat.elapsed() >= BEAT {
             beat = Instant::now();
-            let mut s = lock(&seen);
-            for r in s.iter_mut() {
-                if let Some(st) = r.stream.as_mut() {
-                    let _ = writeln!(st, "beat");
-                }
-            }
+            send_all(&seen, "beat");
         }
         let (entered, done) = progress.read();
         if entered != mine.0 {
             mine = (entered, done, Instant::now());
         }
         mine.1 = done;
-        let mut s = lock(&seen);
-        s[0].entered = mine.0;
-        s[0].done = mine.1;
-        s[0].since = mine.2;
-        s[0].heard = Instant::now();
-        if let Some(why) = verdict(&s, timeout) {
-            stop_all(&mut s, &why);
+        let why = {
+            let mut s = lock(&seen);
+            s[0].entered = mine.0;
+            s[0].done = mine.1;
+            s[0].since = mine.2;
+            s[0].heard = Instant::now();
+            verdict(&s, timeout)
+        };
+        if let Some(why) = why {
+            stop_all(&seen, &why);
         }
     }
 }
