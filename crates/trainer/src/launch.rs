@@ -288,9 +288,9 @@ struct Seen {
     stream: Option<TcpStream>,
 }
 
-/// The watchdog of a multi-process run (see the module's documentation). Dropping it after a run
-/// that ended normally tells rank 0 this rank is done (rank 0 waits for every rank's word, up to
-/// the timeout).
+/// The watchdog of a multi-process run (see the module's documentation). [`Watchdog::finish`]
+/// after a run that ended normally tells rank 0 this rank is done (rank 0 waits for every rank's
+/// word, up to the timeout); dropped without it, the threads watch on until the process ends.
 pub(crate) struct Watchdog {
     pub progress: Arc<Progress>,
     finished: Arc<AtomicBool>,
