@@ -111,6 +111,17 @@ fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
+/// A run that goes on until a rank is killed or stopped, one rank's micro-batch per step, a
+/// checkpoint after every step.
+const LONG_RUN: &[&str] = &[
+    "--max-steps",
+    "100000",
+    "--save-steps",
+    "1",
+    "--gradient-accumulation-steps",
+    "1",
+];
+
 fn demo(tmp: &Path) -> PathBuf {
     let dir = tmp.join("demo");
     xtask_demo(XTASK, &dir);
@@ -220,17 +231,15 @@ fn a_killed_rank_stops_the_other_with_its_name() {
             &demo,
             &out,
             &[
-                "--max-steps",
-                "100000",
-                "--save-steps",
-                "1",
-                "--gradient-accumulation-steps",
-                "1",
-                // The closed connection names the dead rank at once; should it not arrive, its
-                // silence does after this.
-                "--ddp-timeout",
-                "20",
-            ],
+                LONG_RUN,
+                &[
+                    // The closed connection names the dead rank at once; should it not arrive, its
+                    // silence does after this.
+                    "--ddp-timeout",
+                    "20",
+                ],
+            ]
+            .concat(),
         );
         let mut ranks = vec![rank(0, 2, port, &a), rank(1, 2, port, &a)];
         wait_for_checkpoint(&out, &mut ranks);
@@ -285,18 +294,7 @@ fn ctrl_c_on_rank_0_stops_both() {
     let demo = demo(tmp.path());
     let out = tmp.path().join("interrupted");
     let port = free_ports();
-    let a = args(
-        &demo,
-        &out,
-        &[
-            "--max-steps",
-            "100000",
-            "--save-steps",
-            "1",
-            "--gradient-accumulation-steps",
-            "1",
-        ],
-    );
+    let a = args(&demo, &out, LONG_RUN);
     let mut ranks = vec![rank(0, 2, port, &a), rank(1, 2, port, &a)];
     wait_for_checkpoint(&out, &mut ranks);
     let pid = ranks[0].id().to_string();
@@ -325,20 +323,7 @@ fn a_stopped_rank_is_named_after_the_timeout() {
     let demo = demo(tmp.path());
     let out = tmp.path().join("hang");
     let port = free_ports();
-    let a = args(
-        &demo,
-        &out,
-        &[
-            "--max-steps",
-            "100000",
-            "--save-steps",
-            "1",
-            "--gradient-accumulation-steps",
-            "1",
-            "--ddp-timeout",
-            "3",
-        ],
-    );
+    let a = args(&demo, &out, &[LONG_RUN, &["--ddp-timeout", "3"]].concat());
     let mut ranks = vec![rank(0, 2, port, &a), rank(1, 2, port, &a)];
     wait_for_checkpoint(&out, &mut ranks);
     let pid = ranks[1].id().to_string();
