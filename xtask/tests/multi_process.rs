@@ -18,12 +18,18 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// A port `p` with `p + 1` free too (the orchestrator's and the watchdog's).
+/// A port `p` with `p + 1` free too (the orchestrator's and the watchdog's), drawn from below the
+/// range the system takes ports for outgoing connections from (32768 and up on Linux), so that
+/// none of those takes it before the rank binds it.
 fn free_ports() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
     loop {
-        let l = TcpListener::bind(("0.0.0.0", 0)).unwrap();
-        let p = l.local_addr().unwrap().port();
-        if p < u16::MAX && TcpListener::bind(("0.0.0.0", p + 1)).is_ok() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let p = 12_000 + (h.finish() % 20_000) as u16;
+        let both = TcpListener::bind(("0.0.0.0", p)).is_ok()
+            && TcpListener::bind(("0.0.0.0", p + 1)).is_ok();
+        if both {
             return p;
         }
     }
@@ -156,8 +162,15 @@ fn two_processes_over_loopback_equal_one_process() {
     let r0 = rank(0, 2, port, &a);
     let limit = Duration::from_secs(300);
     let (o0, o1) = (finish(r0, "rank 0", limit), finish(r1, "rank 1", limit));
-    assert!(o0.status.success(), "rank 0 failed:\n{}", text(&o0.stderr));
-    assert!(o1.status.success(), "rank 1 failed:\n{}", text(&o1.stderr));
+    let both = || {
+        format!(
+            "rank 0:\n{}\nrank 1:\n{}",
+            text(&o0.stderr),
+            text(&o1.stderr)
+        )
+    };
+    assert!(o0.status.success(), "rank 0 failed: {}", both());
+    assert!(o1.status.success(), "rank 1 failed: {}", both());
     assert!(
         text(&o0.stdout).contains("done: 4 steps"),
         "{}",

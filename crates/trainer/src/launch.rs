@@ -156,10 +156,8 @@ impl ProcessGroup {
             .local_addr()
             .map_err(|e| net("finding this host's address", e))?
             .ip();
-        let port = TcpListener::bind(("0.0.0.0", 0))
-            .and_then(|l| l.local_addr())
-            .map_err(|e| net("finding a free port for this rank's tensors", e))?
-            .port();
+        let port =
+            free_data_port().map_err(|e| net("finding a free port for this rank's tensors", e))?;
         let parse = |s: String| s.parse().map_err(|e| failure(format!("address {s}: {e}")));
         Ok(CollectiveConfig::default()
             .with_num_devices(1)
@@ -173,6 +171,31 @@ impl ProcessGroup {
             // Ring needs every tensor to split world_size ways (a step's one-value vote does not).
             .with_global_all_reduce_strategy(burn_collective::AllReduceStrategy::Tree(2)))
     }
+}
+
+/// A port for this rank's tensor server, free now. The engine binds it itself a moment later, and
+/// the port must still be free then: a port the system hands out for outgoing connections (every
+/// operation opens several) could be taken in between, so it is drawn at random from below the
+/// system's range for those (Linux's `ip_local_port_range`, 32768 and up by default) and checked.
+/// Where that range is unknown or starts low, the system picks.
+fn free_data_port() -> std::io::Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(0);
+    const LOW: u16 = 10_000;
+    if ephemeral_low > LOW + 1_000 {
+        for _ in 0..64 {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            let p = LOW + (h.finish() % u64::from(ephemeral_low - LOW)) as u16;
+            if TcpListener::bind(("0.0.0.0", p)).is_ok() {
+                return Ok(p);
+            }
+        }
+    }
+    Ok(TcpListener::bind(("0.0.0.0", 0))?.local_addr()?.port())
 }
 
 /// Starts `burn-collective`'s global orchestrator on `port` in a thread of its own (rank 0). Its

@@ -56,6 +56,10 @@ fn collective_error(what: &str, e: burn_collective::CollectiveError) -> TrainErr
     }
 }
 
+/// How long a rank whose collective operation failed waits for the watchdog to name a dead rank
+/// before it reports the engine's own error.
+const NAMING_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One worker of a data-parallel run, registered with the collective engine.
 pub(crate) struct Peer<B: AutodiffBackend> {
     /// This worker (0 leads: logs, checkpoints, the adapter).
@@ -115,28 +119,52 @@ impl<B: AutodiffBackend> Peer<B> {
         // service included) afresh and leaving drops it (src/local/server.rs), so every operation
         // starts from an empty list. Each costs an orchestrator round trip and new connections
         // (docs/training.md has the measured cost); a step makes two (the vote and the step).
-        if let Some(g) = &self.group {
-            register::<B::InnerBackend>(
-                PeerId::from(self.id),
-                self.device.clone(),
-                g.collective_config()?,
-            )
-            .map_err(|e| collective_error("registering a data-parallel worker", e))?;
-        }
-        let p = all_reduce::<B::InnerBackend>(
-            PeerId::from(self.id),
-            t.into_primitive().tensor(),
-            ReduceOperation::Sum,
-        )
-        .map_err(|e| collective_error("all-reduce", e))?;
-        if self.group.is_some() {
-            finish_collective::<B::InnerBackend>(PeerId::from(self.id))
-                .map_err(|e| collective_error("finishing a data-parallel worker", e))?;
-        }
+        let id = PeerId::from(self.id);
+        let reduced = match &self.group {
+            None => {
+                all_reduce::<B::InnerBackend>(id, t.into_primitive().tensor(), ReduceOperation::Sum)
+                    .map_err(|e| collective_error("all-reduce", e))
+            }
+            Some(g) => g
+                .collective_config()
+                .and_then(|config| {
+                    register::<B::InnerBackend>(id, self.device.clone(), config)
+                        .map_err(|e| collective_error("registering a data-parallel worker", e))
+                })
+                .and_then(|()| {
+                    all_reduce::<B::InnerBackend>(
+                        id,
+                        t.into_primitive().tensor(),
+                        ReduceOperation::Sum,
+                    )
+                    .map_err(|e| collective_error("all-reduce", e))
+                })
+                .and_then(|p| {
+                    finish_collective::<B::InnerBackend>(id)
+                        .map(|()| p)
+                        .map_err(|e| collective_error("finishing a data-parallel worker", e))
+                })
+                .map_err(|e| {
+                    // The engine names a lost peer by its own node number, not by rank. When a
+                    // rank died, the watchdog learns which from its closed connection and ends
+                    // this process with its name; give it the time to.
+                    std::thread::sleep(NAMING_GRACE);
+                    let what = match e {
+                        TrainError::Collective { reason } => reason,
+                        other => other.to_string(),
+                    };
+                    TrainError::Collective {
+                        reason: format!(
+                            "{what}; the watchdog found no rank dead within {} s",
+                            NAMING_GRACE.as_secs()
+                        ),
+                    }
+                }),
+        }?;
         if let Some(p) = &self.progress {
             p.leave();
         }
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(p)))
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(reduced)))
     }
 
     /// Whether every worker goes on with another step: the leader says `go_on`, the others `true`.

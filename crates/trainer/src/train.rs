@@ -750,7 +750,10 @@ fn run<B: AutodiffBackend, M: TrainableLm<B>>(
             };
             let finished = released.and_then(|()| p.finish());
             // The other ranks were released: wait for their word before this process may exit.
-            if let (Ok(()), Some(w)) = (&finished, watchdog) {
+            // Not after the collective itself failed: a rank may be dead, and the watchdog must
+            // go on watching (it names the rank and ends the process).
+            let engine_failed = matches!(looped, Err(TrainError::Collective { .. }));
+            if let (Ok(()), Some(w), false) = (&finished, watchdog, engine_failed) {
                 w.finish();
             }
             if let (Ok(()), Err(e)) = (&looped, finished) {
