@@ -230,6 +230,27 @@ fn wait_for_checkpoint(dir: &Path, ranks: &mut [Child]) {
     }
 }
 
+/// Ranks 0 and 1 of a [`LONG_RUN`] on the demo into `out`, then `extra`, once rank 0 wrote
+/// `checkpoint-1`.
+fn start_long_pair(demo: &Path, out: &Path, extra: &[&str]) -> Vec<Child> {
+    let port = free_ports();
+    let a = args(demo, out, &[LONG_RUN, extra].concat());
+    let mut ranks = vec![rank(0, 2, port, &a), rank(1, 2, port, &a)];
+    wait_for_checkpoint(out, &mut ranks);
+    ranks
+}
+
+/// Sends `child` the signal `kill -SIG` names (`INT`, `STOP`).
+#[cfg(unix)]
+fn signal(child: &Child, sig: &str) {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args([&format!("-{sig}"), &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
 /// A rank that dies makes the other stop with an error naming it (rank 1 killed: rank 0 says so;
 /// rank 0 killed: rank 1 says so), the last checkpoint stays complete, and a run with another
 /// world size resumes from it.
@@ -239,23 +260,9 @@ fn a_killed_rank_stops_the_other_with_its_name() {
     let demo = demo(tmp.path());
     for (killed, survivor) in [(1usize, 0usize), (0, 1)] {
         let out = tmp.path().join(format!("killed-{killed}"));
-        let port = free_ports();
-        let a = args(
-            &demo,
-            &out,
-            &[
-                LONG_RUN,
-                &[
-                    // The closed connection names the dead rank at once; should it not arrive, its
-                    // silence does after this.
-                    "--ddp-timeout",
-                    "20",
-                ],
-            ]
-            .concat(),
-        );
-        let mut ranks = vec![rank(0, 2, port, &a), rank(1, 2, port, &a)];
-        wait_for_checkpoint(&out, &mut ranks);
+        // The closed connection names the dead rank at once; should it not arrive, its silence
+        // does after this.
+        let mut ranks = start_long_pair(&demo, &out, &["--ddp-timeout", "20"]);
         ranks[killed].kill().unwrap();
         let _ = ranks[killed].wait();
         let other = ranks.remove(survivor);
@@ -306,16 +313,8 @@ fn ctrl_c_on_rank_0_stops_both() {
     let tmp = tempfile::tempdir().unwrap();
     let demo = demo(tmp.path());
     let out = tmp.path().join("interrupted");
-    let port = free_ports();
-    let a = args(&demo, &out, LONG_RUN);
-    let mut ranks = vec![rank(0, 2, port, &a), rank(1, 2, port, &a)];
-    wait_for_checkpoint(&out, &mut ranks);
-    let pid = ranks[0].id().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let mut ranks = start_long_pair(&demo, &out, &[]);
+    signal(&ranks[0], "INT");
     let r1 = ranks.pop().unwrap();
     let r0 = ranks.pop().unwrap();
     let limit = Duration::from_secs(120);
@@ -335,16 +334,8 @@ fn a_stopped_rank_is_named_after_the_timeout() {
     let tmp = tempfile::tempdir().unwrap();
     let demo = demo(tmp.path());
     let out = tmp.path().join("hang");
-    let port = free_ports();
-    let a = args(&demo, &out, &[LONG_RUN, &["--ddp-timeout", "3"]].concat());
-    let mut ranks = vec![rank(0, 2, port, &a), rank(1, 2, port, &a)];
-    wait_for_checkpoint(&out, &mut ranks);
-    let pid = ranks[1].id().to_string();
-    assert!(Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let mut ranks = start_long_pair(&demo, &out, &["--ddp-timeout", "3"]);
+    signal(&ranks[1], "STOP");
     let r0 = ranks.remove(0);
     let o = finish(r0, "rank 0", Duration::from_secs(120));
     let _ = ranks[0].kill();

@@ -19,7 +19,7 @@
 //! complete one stays whatever moment the exit comes at.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -130,72 +130,90 @@ impl ProcessGroup {
         let _ =
             tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
     }
+}
 
-    /// The collective engine's settings for this rank: one device here, `world_size` nodes, the
-    /// orchestrator at rank 0, this rank's tensors on a free port at the address the others reach
-    /// it by.
-    pub(crate) fn collective_config(&self) -> Result<CollectiveConfig, TrainError> {
+/// This rank as a node of the collective engine's global level. What stays the same from one
+/// operation to the next is found once: rank 0's address, the address the others reach this rank
+/// by, and where the system's ports for outgoing connections start; each operation's settings
+/// ([`Node::config`]) add a fresh port for this rank's tensors.
+pub(crate) struct Node {
+    world_size: usize,
+    /// `ws://MASTER_ADDR:MASTER_PORT`.
+    global: String,
+    host: IpAddr,
+    /// The first port of Linux's `ip_local_port_range` (0 when unknown).
+    ephemeral_low: u16,
+}
+
+impl Node {
+    pub fn new(group: &ProcessGroup) -> Result<Self, TrainError> {
         let net = |what: &str, e: std::io::Error| failure(format!("{what}: {e}"));
         // The address this machine reaches rank 0 from is the one rank 0 (and the others, on the
         // same network) reach it by; no packet is sent.
-        let master = (self.master_addr.as_str(), self.master_port)
+        let master = (group.master_addr.as_str(), group.master_port)
             .to_socket_addrs()
-            .map_err(|e| net(&format!("MASTER_ADDR {:?}", self.master_addr), e))?
+            .map_err(|e| net(&format!("MASTER_ADDR {:?}", group.master_addr), e))?
             .next()
             .ok_or_else(|| {
                 failure(format!(
                     "MASTER_ADDR {:?} resolves to no address",
-                    self.master_addr
+                    group.master_addr
                 ))
             })?;
-        let udp =
-            UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| net("finding this host's address", e))?;
-        udp.connect(master)
-            .map_err(|e| net("finding this host's address", e))?;
-        let host = udp
-            .local_addr()
+        let host = UdpSocket::bind(("0.0.0.0", 0))
+            .and_then(|udp| udp.connect(master).map(|()| udp))
+            .and_then(|udp| udp.local_addr())
             .map_err(|e| net("finding this host's address", e))?
             .ip();
-        let port =
-            free_data_port().map_err(|e| net("finding a free port for this rank's tensors", e))?;
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(0);
+        Ok(Self {
+            world_size: group.world_size,
+            global: format!("ws://{}:{}", group.master_addr, group.master_port),
+            host,
+            ephemeral_low,
+        })
+    }
+
+    /// The collective engine's settings for one operation: one device here, `world_size` nodes,
+    /// the orchestrator at rank 0, this rank's tensors on a port free now.
+    pub fn config(&self) -> Result<CollectiveConfig, TrainError> {
+        let port = self
+            .free_port()
+            .map_err(|e| failure(format!("finding a free port for this rank's tensors: {e}")))?;
         let parse = |s: String| s.parse().map_err(|e| failure(format!("address {s}: {e}")));
         Ok(CollectiveConfig::default()
             .with_num_devices(1)
             .with_num_nodes(self.world_size as u32)
-            .with_global_address(parse(format!(
-                "ws://{}:{}",
-                self.master_addr, self.master_port
-            ))?)
-            .with_node_address(parse(format!("ws://{host}:{port}"))?)
+            .with_global_address(parse(self.global.clone())?)
+            .with_node_address(parse(format!("ws://{}:{port}", self.host))?)
             .with_data_service_port(port)
             // Ring needs every tensor to split world_size ways (a step's one-value vote does not).
             .with_global_all_reduce_strategy(burn_collective::AllReduceStrategy::Tree(2)))
     }
-}
 
-/// A port for this rank's tensor server, free now. The engine binds it itself a moment later, and
-/// the port must still be free then: a port the system hands out for outgoing connections (every
-/// operation opens several) could be taken in between, so it is drawn at random from below the
-/// system's range for those (Linux's `ip_local_port_range`, 32768 and up by default) and checked.
-/// Where that range is unknown or starts low, the system picks.
-fn free_data_port() -> std::io::Result<u16> {
-    use std::hash::{BuildHasher, Hasher};
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(0);
-    const LOW: u16 = 10_000;
-    if ephemeral_low > LOW + 1_000 {
-        for _ in 0..64 {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u32(std::process::id());
-            let p = LOW + (h.finish() % u64::from(ephemeral_low - LOW)) as u16;
-            if TcpListener::bind(("0.0.0.0", p)).is_ok() {
-                return Ok(p);
+    /// A port for this rank's tensor server, free now. The engine binds it itself a moment later,
+    /// and the port must still be free then: a port the system hands out for outgoing connections
+    /// (every operation opens several) could be taken in between, so it is drawn at random from
+    /// below the system's range for those (32768 and up by default) and checked. Where that range
+    /// is unknown or starts low, the system picks.
+    fn free_port(&self) -> std::io::Result<u16> {
+        use std::hash::{BuildHasher, Hasher};
+        const LOW: u16 = 10_000;
+        if self.ephemeral_low > LOW + 1_000 {
+            for _ in 0..64 {
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u32(std::process::id());
+                let p = LOW + (h.finish() % u64::from(self.ephemeral_low - LOW)) as u16;
+                if TcpListener::bind(("0.0.0.0", p)).is_ok() {
+                    return Ok(p);
+                }
             }
         }
+        Ok(TcpListener::bind(("0.0.0.0", 0))?.local_addr()?.port())
     }
-    Ok(TcpListener::bind(("0.0.0.0", 0))?.local_addr()?.port())
 }
 
 /// Starts `burn-collective`'s global orchestrator on `port` in a thread of its own (rank 0). Its
@@ -665,32 +683,30 @@ fn verdict(seen: &[Seen], timeout: Duration) -> Option<String> {
         if !waiting {
             continue;
         }
-        let behind: Vec<String> = seen
-            .iter()
-            .enumerate()
-            .filter(|(_, o)| !o.finished && o.entered < r.entered)
-            .map(|(k, _)| k.to_string())
-            .collect();
+        // The ranks still running that `test` picks, as "1, 3".
+        let ranks = |test: &dyn Fn(&Seen) -> bool| {
+            let picked: Vec<String> = seen
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| !o.finished && test(o))
+                .map(|(k, _)| k.to_string())
+                .collect();
+            picked.join(", ")
+        };
+        let behind = ranks(&|o| o.entered < r.entered);
         if !behind.is_empty() {
             return Some(format!(
-                "rank(s) {} did not reach collective operation {} within {secs} s (--ddp-timeout): \
-                 hung or much slower than the others",
-                behind.join(", "),
+                "rank(s) {behind} did not reach collective operation {} within {secs} s \
+                 (--ddp-timeout): hung or much slower than the others",
                 r.entered
             ));
         }
         // Every rank reached it and it has not completed: the transfer itself is lost.
-        let inside: Vec<String> = seen
-            .iter()
-            .enumerate()
-            .filter(|(_, o)| !o.finished && o.done < r.entered)
-            .map(|(k, _)| k.to_string())
-            .collect();
         return Some(format!(
             "collective operation {} has not completed within {secs} s (--ddp-timeout) on \
              rank(s) {}, though every rank reached it: the collective engine is stuck",
             r.entered,
-            inside.join(", ")
+            ranks(&|o| o.done < r.entered)
         ));
     }
     None

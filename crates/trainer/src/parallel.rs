@@ -35,7 +35,7 @@ use burn_collective::{
 };
 
 use crate::error::TrainError;
-use crate::launch::{ProcessGroup, Progress};
+use crate::launch::{Node, ProcessGroup, Progress};
 
 /// Burn's local collective server is one per backend type and process, and a peer id registers
 /// once: data-parallel runs in one process (tests run in parallel) take turns.
@@ -69,7 +69,8 @@ pub(crate) struct Peer<B: AutodiffBackend> {
     device: B::Device,
     /// In a multi-process run, the watchdog's count of this rank's operations.
     progress: Option<Arc<Progress>>,
-    group: Option<ProcessGroup>,
+    /// In a multi-process run, this rank as a node of the engine's global level.
+    node: Option<Node>,
 }
 
 impl<B: AutodiffBackend> Peer<B> {
@@ -82,21 +83,21 @@ impl<B: AutodiffBackend> Peer<B> {
         device: &B::Device,
         group: Option<(&ProcessGroup, Arc<Progress>)>,
     ) -> Result<Self, TrainError> {
-        let (progress, group) = match group {
+        let (progress, node) = match group {
             None => {
                 let config = CollectiveConfig::default().with_num_devices(world);
                 register::<B::InnerBackend>(PeerId::from(id), device.clone(), config)
                     .map_err(|e| collective_error("registering a data-parallel worker", e))?;
                 (None, None)
             }
-            Some((g, progress)) => (Some(progress), Some(g.clone())),
+            Some((g, progress)) => (Some(progress), Some(Node::new(g)?)),
         };
         Ok(Self {
             id,
             world,
             device: device.clone(),
             progress,
-            group,
+            node,
         })
     }
 
@@ -120,13 +121,13 @@ impl<B: AutodiffBackend> Peer<B> {
         // starts from an empty list. Each costs an orchestrator round trip and new connections
         // (docs/training.md has the measured cost); a step makes two (the vote and the step).
         let id = PeerId::from(self.id);
-        let reduced = match &self.group {
+        let reduced = match &self.node {
             None => {
                 all_reduce::<B::InnerBackend>(id, t.into_primitive().tensor(), ReduceOperation::Sum)
                     .map_err(|e| collective_error("all-reduce", e))
             }
-            Some(g) => g
-                .collective_config()
+            Some(node) => node
+                .config()
                 .and_then(|config| {
                     register::<B::InnerBackend>(id, self.device.clone(), config)
                         .map_err(|e| collective_error("registering a data-parallel worker", e))
@@ -252,7 +253,7 @@ impl<B: AutodiffBackend> Peer<B> {
 
     /// Leaves the collective engine.
     pub fn finish(self) -> Result<(), TrainError> {
-        if self.group.is_some() {
+        if self.node.is_some() {
             return Ok(());
         }
         finish_collective::<B::InnerBackend>(PeerId::from(self.id))

@@ -67,11 +67,20 @@ fn run(
     a: &TrainingArguments,
     stop_after: Option<usize>,
 ) -> Result<(Qwen2ForCausalLM<Ad>, TrainOutcome), TrainError> {
-    let cfg = lora_cfg();
+    run_with(&lora_cfg(), ex, a, stop_after)
+}
+
+/// [`run`] with the LoRA config `cfg`.
+fn run_with(
+    cfg: &LoraConfig,
+    ex: &[Example],
+    a: &TrainingArguments,
+    stop_after: Option<usize>,
+) -> Result<(Qwen2ForCausalLM<Ad>, TrainOutcome), TrainError> {
     let mut cb = |e: &TrainEvent| !matches!((e, stop_after), (TrainEvent::Step { step, .. }, Some(s)) if *step >= s);
     train(
-        model(&cfg),
-        &cfg,
+        model(cfg),
+        cfg,
         ex,
         &[],
         Collator::new(0),
@@ -289,19 +298,7 @@ fn two_workers_with_dropout_equal_one_worker() {
     };
     let ex = examples(12);
     let (t1, t2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let go = |a: &TrainingArguments| {
-        train(
-            model(&cfg),
-            &cfg,
-            &ex,
-            &[],
-            Collator::new(0),
-            a,
-            &Default::default(),
-            &mut |_: &TrainEvent| true,
-        )
-        .unwrap()
-    };
+    let go = |a: &TrainingArguments| run_with(&cfg, &ex, a, None).unwrap();
     let steps = Some(3);
     let one = go(&TrainingArguments {
         max_steps: steps,
